@@ -1,0 +1,1 @@
+//! Maglev table builder (placeholder, being written).

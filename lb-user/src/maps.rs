@@ -1,0 +1,263 @@
+//! Loads the embedded eBPF object and gives typed access to its maps.
+//!
+//! This is the only module that knows map names and layouts on the user side;
+//! everything above it (table builder, daemon, stats) goes through
+//! [`DataPlane`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    programs::{SchedClassifier, Xdp},
+};
+use lb_common::{
+    AddrKey, Backend, Config, Conn, Counters, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
+    MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT_ADDRS,
+    MAP_TX_PORTS, PROG_TC, PROG_XDP, Service, ServiceKey,
+};
+
+/// The eBPF object, built by `build.rs` through aya-build.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Where production pins live.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
+
+/// How to load the object.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Directory under bpffs where maps are pinned (and reused if present).
+    pub pin_dir: PathBuf,
+    pub conns_capacity: u32,
+    pub maglev_capacity: u32,
+}
+
+impl LoadOptions {
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.into(),
+            conns_capacity: lb_common::DEFAULT_CONNS_CAPACITY,
+            maglev_capacity: lb_common::DEFAULT_MAGLEV_CAPACITY,
+        }
+    }
+}
+
+/// A loaded data plane: the programs (loaded, not attached) and typed maps.
+pub struct DataPlane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    config: Array<MapData, Config>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    conns: HashMap<MapData, FlowKey, Conn>,
+    snat_addrs: HashMap<MapData, AddrKey, u32>,
+    tx_ports: DevMapHash<MapData>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reason_stats: PerCpuArray<MapData, Counters>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+impl DataPlane {
+    /// Loads the embedded object. Maps already pinned under `pin_dir` are
+    /// reused (a restart keeps the connection table); new ones are pinned there.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        std::fs::create_dir_all(&opts.pin_dir)
+            .with_context(|| format!("creating pin directory {}", opts.pin_dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&opts.pin_dir)
+            .set_max_entries(MAP_CONNS, opts.conns_capacity)
+            .set_max_entries(MAP_MAGLEV, opts.maglev_capacity)
+            .load(EBPF_OBJECT)
+            .context("loading the xdplb eBPF object (are you root, is bpffs mounted?)")?;
+        for name in [PROG_XDP, PROG_TC] {
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("eBPF object has no program {name}"))?;
+            match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => bail!("program {name} has an unexpected type"),
+            }
+            .with_context(|| format!("the kernel verifier rejected {name}"))?;
+        }
+        let mut dp = Self {
+            config: take(&mut ebpf, MAP_CONFIG)?,
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            maglev: take(&mut ebpf, MAP_MAGLEV)?,
+            conns: take(&mut ebpf, MAP_CONNS)?,
+            snat_addrs: take(&mut ebpf, MAP_SNAT_ADDRS)?,
+            tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
+            service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            reason_stats: take(&mut ebpf, MAP_REASON_STATS)?,
+            pin_dir: opts.pin_dir.clone(),
+            ebpf,
+        };
+        let cfg = dp.config()?;
+        if cfg.abi_version == 0 {
+            dp.set_config(&Config::with_defaults())?;
+        } else if cfg.abi_version != lb_common::ABI_VERSION {
+            bail!(
+                "pinned maps in {} have ABI version {}, this build speaks {}; \
+                 run `xdplb down` to remove the old state first",
+                opts.pin_dir.display(),
+                cfg.abi_version,
+                lb_common::ABI_VERSION
+            );
+        }
+        Ok(dp)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn xdp(&mut self) -> &mut Xdp {
+        match self.ebpf.program_mut(PROG_XDP) {
+            Some(aya::programs::Program::Xdp(p)) => p,
+            _ => unreachable!("checked at load"),
+        }
+    }
+
+    pub fn tc(&mut self) -> &mut SchedClassifier {
+        match self.ebpf.program_mut(PROG_TC) {
+            Some(aya::programs::Program::SchedClassifier(p)) => p,
+            _ => unreachable!("checked at load"),
+        }
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
+        self.config.set(0, cfg, 0).context("writing CONFIG")
+    }
+
+    pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<()> {
+        self.services.insert(key, svc, 0).context("writing SERVICES")
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
+        match self.services.get(key, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading SERVICES"),
+        }
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services.remove(key).context("removing from SERVICES")
+    }
+
+    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
+        self.services.iter().map(|r| r.context("iterating SERVICES")).collect()
+    }
+
+    pub fn set_backend(&mut self, index: u32, b: &Backend) -> Result<()> {
+        self.backends
+            .set(index, b, 0)
+            .with_context(|| format!("writing BACKENDS[{index}]"))
+    }
+
+    pub fn backend(&self, index: u32) -> Result<Backend> {
+        Ok(self.backends.get(&index, 0)?)
+    }
+
+    /// Writes one half of a service's Maglev table; `slots` must hold exactly
+    /// `svc.maglev_size` backend indexes. Flip with [`Self::set_service`].
+    pub fn write_maglev_half(&mut self, svc: &Service, half: u32, slots: &[u32]) -> Result<()> {
+        if slots.len() != svc.maglev_size as usize {
+            bail!("Maglev table has {} slots, service expects {}", slots.len(), svc.maglev_size);
+        }
+        let base = svc.maglev_base + half * svc.maglev_size;
+        for (i, b) in slots.iter().enumerate() {
+            self.maglev
+                .set(base + i as u32, b, 0)
+                .with_context(|| format!("writing MAGLEV[{}]", base + i as u32))?;
+        }
+        Ok(())
+    }
+
+    pub fn maglev_slot(&self, index: u32) -> Result<u32> {
+        Ok(self.maglev.get(&index, 0)?)
+    }
+
+    pub fn add_snat_addr(&mut self, key: &AddrKey) -> Result<()> {
+        self.snat_addrs.insert(key, 1, 0).context("writing SNAT_ADDRS")
+    }
+
+    /// Lets XDP redirect to `ifindex` (XDP mode only; TC uses bpf_redirect_neigh).
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))
+    }
+
+    pub fn conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
+        match self.conns.get(key, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading CONNS"),
+        }
+    }
+
+    pub fn insert_conn(&mut self, key: &FlowKey, c: &Conn) -> Result<()> {
+        self.conns.insert(key, c, 0).context("writing CONNS")
+    }
+
+    pub fn conns(&self) -> Result<Vec<(FlowKey, Conn)>> {
+        self.conns.iter().map(|r| r.context("iterating CONNS")).collect()
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        sum(&self.service_stats.get(&id, 0)?)
+    }
+
+    pub fn backend_counters(&self, index: u32) -> Result<Counters> {
+        sum(&self.backend_stats.get(&index, 0)?)
+    }
+
+    pub fn reason_counters(&self, reason: u32) -> Result<Counters> {
+        sum(&self.reason_stats.get(&reason, 0)?)
+    }
+
+    /// Every reason's packet count, indexed like `lb_common::reason::NAMES`.
+    pub fn reasons(&self) -> Result<Vec<u64>> {
+        (0..lb_common::reason::COUNT)
+            .map(|r| self.reason_counters(r).map(|c| c.packets))
+            .collect()
+    }
+
+    /// Removes every pin under the pin directory (maps only; links are the
+    /// caller's). Used by tests and by `xdplb down`.
+    pub fn unpin_all(pin_dir: &Path) -> Result<()> {
+        if pin_dir.exists() {
+            std::fs::remove_dir_all(pin_dir)
+                .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn sum(v: &PerCpuValues<Counters>) -> Result<Counters> {
+    Ok(v.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+        new_flows: a.new_flows + c.new_flows,
+    }))
+}
