@@ -70,6 +70,9 @@ impl DataPlane {
     /// Loads the embedded object. Maps already pinned under `pin_dir` are
     /// reused (a restart keeps the connection table); new ones are pinned there.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this xdplb was built with AYA_BUILD_SKIP=1 and embeds no eBPF object; rebuild without it (`cargo xtask build`)");
+        }
         std::fs::create_dir_all(&opts.pin_dir)
             .with_context(|| format!("creating pin directory {}", opts.pin_dir.display()))?;
         let mut ebpf = EbpfLoader::new()
