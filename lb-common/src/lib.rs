@@ -260,7 +260,8 @@ pub mod reason {
     pub const DROP_NO_BACKEND: u32 = 17;
     pub const DROP_SNAT_EXHAUSTED: u32 = 18;
     pub const DROP_CONN_INSERT: u32 = 19;
-    pub const COUNT: u32 = 20;
+    pub const FWD_STACK_NO_TXPORT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -284,6 +285,7 @@ pub mod reason {
         "drop_no_backend",
         "drop_snat_exhausted",
         "drop_conn_insert",
+        "fwd_stack_no_txport",
     ];
 }
 

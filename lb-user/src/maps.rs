@@ -77,8 +77,8 @@ impl DataPlane {
             .with_context(|| format!("creating pin directory {}", opts.pin_dir.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
-            .set_max_entries(MAP_CONNS, opts.conns_capacity)
-            .set_max_entries(MAP_MAGLEV, opts.maglev_capacity)
+            .map_max_entries(MAP_CONNS, opts.conns_capacity)
+            .map_max_entries(MAP_MAGLEV, opts.maglev_capacity)
             .load(EBPF_OBJECT)
             .context("loading the xdplb eBPF object (are you root, is bpffs mounted?)")?;
         for name in [PROG_XDP, PROG_TC] {

@@ -1,1 +1,189 @@
-fn main(){}
+//! Developer verbs for xdplb: `cargo xtask <verb>` (alias in .cargo/config.toml).
+//!
+//! Every verb prints each command before running it, so what it does can be
+//! repeated by hand.
+
+mod bench;
+mod build;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for xdplb: install the toolchain, build, test, benchmark.
+///
+/// Start with `cargo xtask setup` (as root), then `cargo xtask test`.
+/// Each verb prints the commands it runs; `cargo xtask <verb> --help` explains it.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    /// Also print the quick probe commands (dpkg-query, --version checks, ldd).
+    #[arg(long, short, global = true)]
+    verbose: bool,
+
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install what building and testing need (idempotent; seconds when done before).
+    ///
+    /// Checks, and installs only what is missing:
+    ///   - Debian packages (apt-get; root): build-essential iproute2 ethtool bpftool
+    ///     iputils-ping curl tcpdump
+    ///   - the nightly toolchain with rust-src, clippy, rustfmt (rustup)
+    ///   - clippy on the toolchain cargo xtask runs on (stable by default)
+    ///   - bpf-linker 0.13.0 built against nightly's own LLVM (about two minutes,
+    ///     once): a prefix in ~/.cache/xdplb/llvm-prefix links nightly's
+    ///     lib/libLLVM.so.*, and `cargo install` builds against it
+    ///   - bpffs mounted at /sys/fs/bpf (root)
+    ///   - that it runs as root (the packet and end-to-end tests need it)
+    ///
+    /// Every run re-verifies with cheap probes, so a deleted binary or a nightly
+    /// update is noticed. ~/.cache/xdplb/setup-v1.stamp records what was
+    /// installed. Anything that cannot be provided is named with the reason, and
+    /// the exit status is non-zero.
+    ///
+    /// Example:
+    ///   cargo xtask setup
+    ///   cargo xtask setup --force     # rebuild bpf-linker anyway
+    #[command(verbatim_doc_comment)]
+    Setup {
+        /// Rebuild bpf-linker even if the installed one looks right.
+        #[arg(long)]
+        force: bool,
+    },
+
+    /// Build only the eBPF object (lb-ebpf) on nightly, to read compiler output.
+    ///
+    /// Runs, from the workspace root:
+    ///   cargo +nightly build --package lb-ebpf --target bpfel-unknown-none \
+    ///       -Z build-std=core [--release]
+    /// with CARGO_ENCODED_RUSTFLAGS set as aya-build sets them
+    /// (--cfg=bpf_target_arch, -Cdebuginfo=2, -Clink-arg=--btf), and prints the
+    /// object's path: target/bpfel-unknown-none/{debug,release}/lb-ebpf.
+    /// Needs nightly with rust-src and bpf-linker (checked first; see `setup`).
+    /// No root needed. The daemon embeds its own --release copy, built by
+    /// lb-user's build script; this verb is for iterating on the data plane.
+    ///
+    /// Example:
+    ///   cargo xtask build-ebpf --release
+    ///   llvm-objdump -S --no-show-raw-insn target/bpfel-unknown-none/release/lb-ebpf
+    #[command(verbatim_doc_comment)]
+    BuildEbpf {
+        /// Optimised build, the profile the daemon embeds.
+        #[arg(long)]
+        release: bool,
+    },
+
+    /// Release build of the daemon/CLI (target/release/xdplb) with the eBPF object inside.
+    ///
+    /// Checks the toolchain (see `setup`), then runs `cargo build --release` for the
+    /// default members. lb-user's build script compiles lb-ebpf on nightly through
+    /// aya-build and embeds the object. No root needed.
+    ///
+    /// Example:
+    ///   cargo xtask build && ./target/release/xdplb --help
+    #[command(verbatim_doc_comment)]
+    Build,
+
+    /// Run every check CI runs: fmt, unit, packet, (swarm), clippy. Needs root.
+    ///
+    /// Layers, in order; all run even if one fails, then a summary is printed:
+    ///   1. cargo +nightly fmt --all -- --check
+    ///   2. unit tests, no root:  cargo test --workspace --exclude lb-ebpf --exclude tests
+    ///   3. packet and namespace tests, root:  cargo test --package tests -- --test-threads=1
+    ///   4. swarm end-to-end:     skipped until issue 7
+    ///   5. cargo clippy --workspace --exclude lb-ebpf --all-targets -- -D warnings
+    ///   6. cargo +nightly clippy --package lb-ebpf --target bpfel-unknown-none ...
+    ///
+    /// Runs `setup` first (only the toolchain part when not root; the packet
+    /// layer then fails with a message saying root is needed). Everything uses
+    /// the dev profile so layers share builds. Exit status non-zero if any layer
+    /// failed. This is exactly what .ci/run runs.
+    ///
+    /// Example:
+    ///   cargo xtask test
+    ///   AYA_BUILD_SKIP=1 cargo test -p lb-user   # pure-logic unit tests only, fast
+    #[command(verbatim_doc_comment)]
+    Test,
+
+    /// Benchmark the data plane (and, later, against HAProxy). Needs root.
+    ///
+    /// Runs `cargo run --release --package tests --bin bench -- [--quick] [ARGS...]`
+    /// after `setup`. Figures are meant to be printed beside the harness floor
+    /// (an empty XDP program measured the same way). The bench binary arrives
+    /// with its own issue; until then this verb says so and fails.
+    ///
+    /// Example:
+    ///   cargo xtask bench --quick
+    ///   cargo xtask bench -- --help      # the bench binary's own flags
+    #[command(verbatim_doc_comment)]
+    Bench {
+        /// A short run for a quick look (fewer iterations).
+        #[arg(long)]
+        quick: bool,
+        /// Passed to the bench binary unchanged.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+
+    /// The guided demo on a namespace testbed (stub until issue 4). Needs root.
+    ///
+    /// For now: runs `setup` and the release build, then says the demo arrives
+    /// with issue 4 (testbed and end-to-end scenarios), and exits 0.
+    ///
+    /// Example:
+    ///   cargo xtask demo
+    ///   cargo xtask demo --keep
+    #[command(verbatim_doc_comment)]
+    Demo {
+        /// Leave the testbed (namespaces, daemon) running afterwards, to poke
+        /// around with `ip netns exec`. No effect until issue 4.
+        #[arg(long)]
+        keep: bool,
+    },
+
+    /// End-to-end run on a real Docker Swarm (stub until issue 7).
+    ///
+    /// Will build images from scratch (no registry) and scale a dnsrr service
+    /// behind xdplb. Today it only says so and exits 0.
+    ///
+    /// Example:
+    ///   cargo xtask swarm-e2e
+    #[command(verbatim_doc_comment)]
+    SwarmE2e,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cmd::set_verbose(cli.verbose);
+    match dispatch(cli.verb) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` keeps the context chain on one line and leaves out the
+            // backtrace anyhow would print under RUST_BACKTRACE=1: the printed
+            // commands above already say where we were.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(verb: Verb) -> Result<()> {
+    match verb {
+        Verb::Setup { force } => setup::ensure(setup::Scope::Full, force, setup::Report::Each),
+        Verb::BuildEbpf { release } => build::build_ebpf(release).map(drop),
+        Verb::Build => build::build(),
+        Verb::Test => test::test(),
+        Verb::Bench { quick, args } => bench::bench(quick, &args),
+        Verb::Demo { keep } => demo::demo(keep),
+        Verb::SwarmE2e => demo::swarm_e2e(),
+    }
+}

@@ -1,0 +1,285 @@
+//! The connection table: forward and reverse entries, expiry, backend choice
+//! for new flows (Maglev) and SNAT port allocation.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use lb_common::{
+    hash::flow_hash, reason, Backend, Config, Conn, FlowKey, Service, BACKEND_ACTIVE,
+    BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_CLOSING,
+    TCP_STATE_OPEN,
+};
+
+use crate::{
+    core::Out,
+    maps::{new_flow_slot, NewFlow, Scratch, BACKENDS, CONNS, MAGLEV},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn timeout(c: &Conn, proto: u8, cfg: &Config) -> u64 {
+    if proto != PROTO_TCP {
+        cfg.udp_timeout_ns
+    } else if c.tcp_state == TCP_STATE_CLOSING {
+        cfg.closing_timeout_ns
+    } else {
+        cfg.tcp_timeout_ns
+    }
+}
+
+#[inline(always)]
+fn expired(c: &Conn, proto: u8, cfg: &Config, now: u64) -> bool {
+    now > c.last_seen_ns && now - c.last_seen_ns > timeout(c, proto, cfg)
+}
+
+#[inline(always)]
+fn state_after(old: u8, flags: u8) -> u8 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        TCP_STATE_CLOSING
+    } else {
+        old
+    }
+}
+
+/// Writes into `out` the key that packets of the flow of `c` carry when
+/// travelling the other way (for a forward entry: the reply key; for a
+/// reverse entry: the client's key).
+#[inline(always)]
+fn mirror_key(c: &Conn, proto: u8, family: u8, out: &mut FlowKey) {
+    out.src = c.new_dst;
+    out.dst = c.new_src;
+    out.sport_be = c.new_dport_be;
+    out.dport_be = c.new_sport_be;
+    out.proto = proto;
+    out.family = family;
+    out._pad = [0; 2];
+}
+
+/// Reply path: the reverse entry for `key`, refreshed.
+#[inline(always)]
+pub fn reply(key: &FlowKey, tcp_flags: u8) -> Option<&'static Conn> {
+    let p = CONNS.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful map lookup; concurrent
+    // updates of these plain fields can at worst lose a timestamp refresh.
+    let c = unsafe { &mut *p };
+    if c.flags & CONN_F_REVERSE == 0 {
+        return None;
+    }
+    c.last_seen_ns = now();
+    c.tcp_state = state_after(c.tcp_state, tcp_flags);
+    Some(c)
+}
+
+/// Is the backend of an existing flow still usable for it?
+#[inline(always)]
+fn keeps_flow(c: &Conn, svc: &Service) -> bool {
+    match BACKENDS.get(c.backend) {
+        Some(b) => {
+            (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING)
+                && b.service == svc.id
+                && b.addr == c.new_dst
+                && b.port_be == c.new_dport_be
+        }
+        None => false,
+    }
+}
+
+/// Forward path: the entry for `s.key`, created if needed, and whether it is
+/// new. `Err` is the verdict for a packet that cannot be forwarded.
+#[inline(always)]
+pub fn forward(
+    s: &mut Scratch,
+    svc: &Service,
+    cfg: &Config,
+    tcp_flags: u8,
+) -> Result<(&'static Conn, bool), Out> {
+    if let Some(p) = CONNS.get_ptr_mut(&s.key) {
+        // SAFETY: the pointer comes from a successful map lookup; see `reply`.
+        let c = unsafe { &mut *p };
+        let now = now();
+        let fresh_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let reusable = c.flags & CONN_F_REVERSE == 0
+            && c.service == svc.id
+            && !expired(c, s.key.proto, cfg, now)
+            && !(fresh_syn && c.tcp_state == TCP_STATE_CLOSING);
+        if reusable && keeps_flow(c, svc) {
+            c.last_seen_ns = now;
+            c.tcp_state = state_after(c.tcp_state, tcp_flags);
+            return Ok((c, false));
+        }
+        // Expired, a reused 5-tuple, or its backend is down/gone: drop the
+        // old port reservation, then pick again as a new flow.
+        if c.flags & CONN_F_REVERSE == 0 {
+            mirror_key(c, s.key.proto, s.key.family, &mut s.key2);
+            let _ = CONNS.remove(&s.key2);
+        }
+    }
+    match new_flow(s, svc, cfg, tcp_flags) {
+        0 => {
+            let nf = new_flow_slot().ok_or(Out::drop(reason::DROP_CONN_INSERT))?;
+            Ok((&nf.fwd, true))
+        }
+        drop_reason => Err(Out::drop(drop_reason)),
+    }
+}
+
+/// Creates both entries of a new flow for `s.key`; the forward entry is left
+/// in `NEW_FLOW.fwd`. Returns 0, or the drop reason.
+///
+/// Out of line (a BPF subprogram with its own stack frame) so only new flows
+/// pay for it. BPF passes at most five arguments, all in registers, hence the
+/// plain return code.
+#[inline(never)]
+fn new_flow(s: &mut Scratch, svc: &Service, cfg: &Config, tcp_flags: u8) -> u32 {
+    let Some(nf) = new_flow_slot() else {
+        return reason::DROP_CONN_INSERT;
+    };
+    let now = now();
+    let hash = flow_hash(&s.key);
+    let Some((index, backend)) = pick(svc, hash) else {
+        return reason::DROP_NO_BACKEND;
+    };
+    let Some(port_be) = snat_port(s, nf, svc, cfg, index, backend, hash, now) else {
+        return reason::DROP_SNAT_EXHAUSTED;
+    };
+    nf.fwd = Conn {
+        new_src: svc.snat_addr,
+        new_dst: backend.addr,
+        new_sport_be: port_be,
+        new_dport_be: backend.port_be,
+        backend: index,
+        service: svc.id,
+        flags: 0,
+        tcp_state: state_after(TCP_STATE_OPEN, tcp_flags),
+        _pad: [0; 2],
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    if CONNS.insert(&s.key, &nf.fwd, 0).is_err() {
+        // `s.key2` still holds the reverse key reserved by `snat_port`.
+        let _ = CONNS.remove(&s.key2);
+        return reason::DROP_CONN_INSERT;
+    }
+    0
+}
+
+/// Maglev: the backend in the active half at `hash % size`, or one of the
+/// next `MAGLEV_PROBES - 1` slots if that one is not `active` any more.
+#[inline(always)]
+fn pick(svc: &Service, hash: u32) -> Option<(u32, &'static Backend)> {
+    let size = svc.maglev_size;
+    if size == 0 {
+        return None;
+    }
+    let base = svc.maglev_base + (svc.active_half & 1) * size;
+    let first = hash % size;
+    let mut i = 0;
+    while i < MAGLEV_PROBES {
+        let mut slot = first + i;
+        if slot >= size {
+            slot -= size;
+        }
+        if let Some(&index) = MAGLEV.get(base + slot) {
+            if index != 0 {
+                if let Some(b) = BACKENDS.get(index) {
+                    if b.state == BACKEND_ACTIVE && b.service == svc.id {
+                        return Some((index, b));
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Reserves a SNAT port by inserting the reverse entry (`s.key2` ->
+/// `nf.rev`). Returns the port in network byte order.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined; a struct would cost BPF stack")]
+fn snat_port(
+    s: &mut Scratch,
+    nf: &mut NewFlow,
+    svc: &Service,
+    cfg: &Config,
+    index: u32,
+    backend: &Backend,
+    hash: u32,
+    now: u64,
+) -> Option<u16> {
+    let lo = svc.snat_port_lo as u32;
+    let hi = svc.snat_port_hi as u32;
+    if hi < lo || lo == 0 {
+        return None;
+    }
+    let range = hi - lo + 1;
+    let first = hash % range;
+    nf.rev = Conn {
+        new_src: s.key.dst,
+        new_dst: s.key.src,
+        new_sport_be: s.key.dport_be,
+        new_dport_be: s.key.sport_be,
+        backend: index,
+        service: svc.id,
+        flags: CONN_F_REVERSE,
+        tcp_state: TCP_STATE_OPEN,
+        _pad: [0; 2],
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    s.key2 = FlowKey {
+        src: backend.addr,
+        dst: svc.snat_addr,
+        sport_be: backend.port_be,
+        dport_be: 0,
+        proto: s.key.proto,
+        family: s.key.family,
+        _pad: [0; 2],
+    };
+    let mut i = 0;
+    while i < SNAT_PROBES && i < range {
+        let mut off = first + i;
+        if off >= range {
+            off -= range;
+        }
+        let port_be = ((lo + off) as u16).to_be();
+        s.key2.dport_be = port_be;
+        if CONNS.insert(&s.key2, &nf.rev, BPF_NOEXIST as u64).is_ok() {
+            return Some(port_be);
+        }
+        if reservation_is_stale(s, cfg, now) && CONNS.insert(&s.key2, &nf.rev, 0).is_ok() {
+            return Some(port_be);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The reverse entry at `s.key2` is stale when its forward entry is gone,
+/// expired, or now points elsewhere, or when it belongs to `s.key` itself
+/// (the flow being picked again).
+#[inline(always)]
+fn reservation_is_stale(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
+    // SAFETY: read-only use of a map value pointer (RCU-protected).
+    let Some(rev) = (unsafe { CONNS.get(&s.key2) }) else {
+        return true;
+    };
+    mirror_key(rev, s.key2.proto, s.key2.family, &mut s.key3);
+    if s.key3 == s.key {
+        return true;
+    }
+    // SAFETY: read-only use of a map value pointer (RCU-protected).
+    match unsafe { CONNS.get(&s.key3) } {
+        Some(f) => {
+            f.flags & CONN_F_REVERSE != 0
+                || f.new_sport_be != s.key2.dport_be
+                || f.new_dst != s.key2.src
+                || expired(f, s.key2.proto, cfg, now)
+        }
+        None => true,
+    }
+}

@@ -1,0 +1,155 @@
+//! The one core both hooks run: parse, reply path, service lookup,
+//! connection table, rewrite, forward. docs/DATAPLANE.md walks through it.
+
+use aya_ebpf::bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT};
+use lb_common::{reason, AddrKey, Config, Service, ServiceKey};
+
+use crate::{
+    conntrack,
+    ctx::Packet,
+    fwd, icmp,
+    maps::{self, Scratch, CONFIG, SERVICES, SNAT_ADDRS},
+    nat, parse, stats,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// To the stack: unchanged for `pass_*` reasons, rewritten for `fwd_stack_*`.
+    Pass,
+    Drop,
+    Tx,
+    /// Already redirected by a helper; `ret` holds its return code.
+    Redirect,
+}
+
+/// What happens to a packet, and why (the `REASON_STATS` index).
+#[derive(Clone, Copy)]
+pub struct Out {
+    pub verdict: Verdict,
+    pub reason: u32,
+    pub ret: u32,
+}
+
+impl Out {
+    /// Leave the packet untouched and let the stack have it.
+    #[inline(always)]
+    pub fn pass(reason: u32) -> Self {
+        Self { verdict: Verdict::Pass, reason, ret: 0 }
+    }
+    /// Hand a rewritten packet to the stack, which forwards it.
+    #[inline(always)]
+    pub fn stack(reason: u32) -> Self {
+        Self::pass(reason)
+    }
+    #[inline(always)]
+    pub fn drop(reason: u32) -> Self {
+        Self { verdict: Verdict::Drop, reason, ret: 0 }
+    }
+    #[inline(always)]
+    pub fn tx() -> Self {
+        Self { verdict: Verdict::Tx, reason: reason::FWD_TX, ret: 0 }
+    }
+    #[inline(always)]
+    pub fn redirect(ret: u32) -> Self {
+        Self { verdict: Verdict::Redirect, reason: reason::FWD_REDIRECT, ret }
+    }
+
+    #[inline(always)]
+    pub fn xdp_action(self) -> u32 {
+        match self.verdict {
+            Verdict::Pass => xdp_action::XDP_PASS,
+            Verdict::Drop => xdp_action::XDP_DROP,
+            Verdict::Tx => xdp_action::XDP_TX,
+            Verdict::Redirect => self.ret,
+        }
+    }
+
+    #[inline(always)]
+    pub fn tc_action(self) -> i32 {
+        match self.verdict {
+            // TC never returns Tx: `Tc::redirect` always redirects.
+            Verdict::Pass | Verdict::Tx => TC_ACT_OK as i32,
+            Verdict::Drop => TC_ACT_SHOT as i32,
+            Verdict::Redirect => self.ret as i32,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn run<C: Packet>(ctx: &mut C) -> Out {
+    ctx.prepare();
+    let len = ctx.frame_len();
+    let out = match maps::scratch() {
+        Some(s) => match process(ctx, s, len) {
+            Ok(out) | Err(out) => out,
+        },
+        // A per-CPU array slot always exists; kept for the verifier.
+        None => Out::pass(reason::PASS_BAD_HEADER),
+    };
+    stats::reason(out.reason, len);
+    out
+}
+
+#[inline(always)]
+fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out> {
+    parse::l3(ctx, &mut s.l3).map_err(Out::pass)?;
+    if parse::is_icmp(&s.l3) {
+        return icmp::translate(ctx, s);
+    }
+    let tcp_flags = parse::l4(ctx, &s.l3, &mut s.key).map_err(Out::pass)?;
+    // CONFIG is an array: the lookup of index 0 cannot fail once loaded.
+    let cfg: &Config = CONFIG.get(0).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
+
+    if is_reply(s, cfg) {
+        let c = conntrack::reply(&s.key, tcp_flags).ok_or(Out::pass(reason::PASS_REPLY_NO_CONN))?;
+        if s.l3.ttl <= 1 {
+            return Err(Out::pass(reason::PASS_TTL_EXPIRED));
+        }
+        nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c)
+            .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+        stats::flow(c.service, c.backend, len, false);
+        return Ok(fwd::forward(ctx, s, c));
+    }
+
+    let svc = service(s).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
+    if s.l3.ttl <= 1 {
+        return Err(Out::pass(reason::PASS_TTL_EXPIRED));
+    }
+    let (c, new_flow) = conntrack::forward(s, svc, cfg, tcp_flags)?;
+    nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c)
+        .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+    stats::flow(svc.id, c.backend, len, new_flow);
+    Ok(fwd::forward(ctx, s, c))
+}
+
+/// Could this be a backend's reply to one of our SNAT (address, port) pairs?
+#[inline(always)]
+fn is_reply(s: &mut Scratch, cfg: &Config) -> bool {
+    let dport = u16::from_be(s.key.dport_be);
+    if cfg.snat_port_min == 0 || dport < cfg.snat_port_min || dport > cfg.snat_port_max {
+        return false;
+    }
+    s.addr_key = AddrKey { addr: s.key.dst, family: s.key.family, _pad: [0; 3] };
+    SNAT_ADDRS.get_ptr(&s.addr_key).is_some()
+}
+
+/// The service for the packet's destination: exact address first, then the
+/// wildcard (all-zero address).
+#[inline(always)]
+fn service(s: &mut Scratch) -> Option<&'static Service> {
+    s.svc_key = ServiceKey {
+        addr: s.key.dst,
+        port_be: s.key.dport_be,
+        proto: s.key.proto,
+        family: s.key.family,
+    };
+    // SAFETY: a hash-map value is replaced as a whole element (RCU), so the
+    // Service read through this pointer is one consistent version: that is
+    // what makes a Maglev flip atomic for the data plane.
+    if let Some(svc) = unsafe { SERVICES.get(&s.svc_key) } {
+        return Some(svc);
+    }
+    s.svc_key.addr = [0; 16];
+    // SAFETY: as above.
+    unsafe { SERVICES.get(&s.svc_key) }
+}

@@ -1,0 +1,219 @@
+//! The two hooks behind one interface: packet bounds, checksum patching and
+//! the final forwarding step are the only things XDP and TC do differently.
+
+use ::core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT},
+    helpers::generated::bpf_redirect_neigh,
+    programs::{TcContext, XdpContext},
+    EbpfContext as _,
+};
+use lb_common::csum;
+
+use crate::{core::Out, maps::TX_PORTS};
+
+/// `BPF_F_IPV6` for `bpf_l4_csum_replace`: the pseudo-header is IPv6, so a
+/// CHECKSUM_COMPLETE skb->csum must not be adjusted. Kernel 6.16, commit
+/// ead7f9b8de65 ("bpf: Fix L4 csum update on IPv6 in CHECKSUM_COMPLETE").
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// Bytes a TC program must see linearly: Ethernet + IPv6 + ICMPv6 + inner
+/// IPv6 + a full inner TCP header (14 + 40 + 8 + 40 + 20).
+const TC_PULL_LEN: u32 = 122;
+
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Frame length for byte counters.
+    fn frame_len(&self) -> u64;
+    fn ingress_ifindex(&self) -> u32;
+    /// The raw context pointer, for helpers such as `bpf_fib_lookup`.
+    fn raw(&self) -> *mut ::core::ffi::c_void;
+    /// Makes the headers directly readable (TC: `bpf_skb_pull_data`).
+    fn prepare(&mut self);
+    /// Patches the TCP/UDP checksum at `off` for a change of pseudo-header
+    /// words (`acc_pseudo`: addresses) and of header words (`acc_plain`: ports).
+    fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, v6: bool);
+    /// Sends the rewritten packet out of `fib.ifindex`.
+    fn redirect(&mut self, fib: &bpf_fib_lookup) -> Out;
+    /// The FIB knows the route but not the neighbour.
+    fn redirect_no_neigh(&mut self, fib: &bpf_fib_lookup) -> Out;
+}
+
+/// Bounds-checked pointer into the packet: the one place the verifier sees a
+/// packet access checked.
+#[inline(always)]
+pub fn ptr_at<C: Packet, T>(ctx: &C, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+pub fn ptr_at_mut<C: Packet, T>(ctx: &C, offset: usize) -> Option<*mut T> {
+    ptr_at::<C, T>(ctx, offset).map(|p| p as *mut T)
+}
+
+/// Reads a big-endian u16 at `offset`.
+#[inline(always)]
+pub fn read16<C: Packet>(ctx: &C, offset: usize) -> Option<u16> {
+    let p = ptr_at::<C, [u8; 2]>(ctx, offset)?;
+    // SAFETY: `ptr_at` checked that 2 bytes at `offset` are inside the packet.
+    Some(u16::from_be_bytes(unsafe { *p }))
+}
+
+/// Writes a big-endian u16 at `offset`.
+#[inline(always)]
+pub fn write16<C: Packet>(ctx: &C, offset: usize, v: u16) -> Option<()> {
+    let p = ptr_at_mut::<C, [u8; 2]>(ctx, offset)?;
+    // SAFETY: `ptr_at_mut` checked that 2 bytes at `offset` are inside the packet.
+    unsafe { *p = v.to_be_bytes() };
+    Some(())
+}
+
+pub struct Xdp(pub XdpContext);
+
+impl Packet for Xdp {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        (self.0.data_end() - self.0.data()) as u64
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut ::core::ffi::c_void {
+        self.0.as_ptr()
+    }
+    #[inline(always)]
+    fn prepare(&mut self) {}
+
+    /// XDP frames carry complete checksums: patch the field in place.
+    #[inline(always)]
+    fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, _v6: bool) {
+        if let Some(old) = read16(self, off) {
+            let acc = acc_pseudo + acc_plain;
+            let new = if udp { csum::apply_udp(old, acc) } else { csum::apply(old, acc) };
+            write16(self, off, new);
+        }
+    }
+
+    #[inline(always)]
+    fn redirect(&mut self, fib: &bpf_fib_lookup) -> Out {
+        if let Some(eth) = ptr_at_mut::<Self, [u8; 12]>(self, 0) {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&fib.dmac);
+            macs[6..].copy_from_slice(&fib.smac);
+            // SAFETY: `ptr_at_mut` checked the 12 MAC bytes are in the packet.
+            unsafe { *eth = macs };
+        }
+        if fib.ifindex == self.ingress_ifindex() {
+            return Out::tx();
+        }
+        match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
+            Ok(action) => Out::redirect(action),
+            Err(_) => Out::stack(lb_common::reason::FWD_STACK_NO_TXPORT),
+        }
+    }
+
+    /// The stack resolves the neighbour and forwards the rewritten packet.
+    #[inline(always)]
+    fn redirect_no_neigh(&mut self, _fib: &bpf_fib_lookup) -> Out {
+        Out::stack(lb_common::reason::FWD_STACK_NO_NEIGH)
+    }
+}
+
+pub struct Tc(pub TcContext);
+
+impl Packet for Tc {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        self.0.len() as u64
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the context the kernel handed us.
+        unsafe { (*self.0.skb.skb).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut ::core::ffi::c_void {
+        self.0.as_ptr()
+    }
+
+    #[inline(always)]
+    fn prepare(&mut self) {
+        let len = self.0.len();
+        let want = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
+        if self.data_end() - self.data() < want as usize {
+            // A failure leaves the headers unreadable; parsing then passes
+            // the packet as truncated, which is the safe outcome.
+            let _ = self.0.pull_data(want);
+        }
+    }
+
+    /// skbs may be CHECKSUM_PARTIAL (veth from a local sender), where only the
+    /// pseudo-header part may change: the kernel helper knows which case
+    /// applies, so TC always goes through it.
+    #[inline(always)]
+    fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, v6: bool) {
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+        if acc_pseudo != 0 {
+            let ip6 = if v6 { BPF_F_IPV6 } else { 0 };
+            let _ = self.0.l4_csum_replace(
+                off,
+                0,
+                to_wsum(acc_pseudo),
+                BPF_F_PSEUDO_HDR as u64 | mangled | ip6,
+            );
+        }
+        if acc_plain != 0 {
+            let _ = self.0.l4_csum_replace(off, 0, to_wsum(acc_plain), mangled);
+        }
+    }
+
+    #[inline(always)]
+    fn redirect(&mut self, fib: &bpf_fib_lookup) -> Out {
+        self.redirect_no_neigh(fib)
+    }
+
+    /// `bpf_redirect_neigh` fills in the MACs and resolves unknown neighbours.
+    #[inline(always)]
+    fn redirect_no_neigh(&mut self, fib: &bpf_fib_lookup) -> Out {
+        // SAFETY: plain helper call; a null params pointer asks the kernel to
+        // do its own next-hop lookup.
+        let rc = unsafe { bpf_redirect_neigh(fib.ifindex, ::core::ptr::null_mut(), 0, 0) };
+        if rc == TC_ACT_REDIRECT as i64 {
+            Out::redirect(rc as u32)
+        } else {
+            Out::stack(lb_common::reason::FWD_STACK_FIB)
+        }
+    }
+}
+
+/// Converts a big-endian word accumulator into the `__wsum` the checksum
+/// helpers expect (sums of native little-endian loads on bpfel).
+#[inline(always)]
+fn to_wsum(acc: u32) -> u64 {
+    csum::fold(acc).swap_bytes() as u64
+}

@@ -1,0 +1,46 @@
+//! xdplb data plane: connection-hashed L4 forwarding with full NAT.
+//!
+//! The XDP and TC entry points are thin; both call [`core::run`] through the
+//! [`ctx::Packet`] trait, which hides how each hook patches checksums and
+//! forwards. docs/DATAPLANE.md is the packet-by-packet contract.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod core;
+mod ctx;
+mod fwd;
+mod icmp;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn xdplb_xdp(ctx: XdpContext) -> u32 {
+    let mut pkt = ctx::Xdp(ctx);
+    core::run(&mut pkt).xdp_action()
+}
+
+#[classifier]
+pub fn xdplb_tc(ctx: TcContext) -> i32 {
+    let mut pkt = ctx::Tc(ctx);
+    core::run(&mut pkt).tc_action()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &::core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach this point,
+    // so it is never executed; it only satisfies no_std.
+    unsafe { ::core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

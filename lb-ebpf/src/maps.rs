@@ -1,0 +1,91 @@
+//! Every map of the data plane. Names and capacities come from lb-common so
+//! userspace opens the same ones; maps are pinned by name so a daemon restart
+//! or a program upgrade keeps the connection table.
+
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use crate::parse::L3;
+use lb_common::{
+    AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, DEFAULT_CONNS_CAPACITY,
+    DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, MAX_TX_PORTS,
+};
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_CAPACITY, 0);
+
+/// Shared (not per-CPU) LRU: a reply may be processed on another CPU than
+/// the request that created the flow.
+#[map(name = "CONNS")]
+pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::pinned(DEFAULT_CONNS_CAPACITY, 0);
+
+#[map(name = "SNAT_ADDRS")]
+pub static SNAT_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SNAT_ADDRS, 0);
+
+#[map(name = "TX_PORTS")]
+pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
+
+#[map(name = "SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "REASON_STATS")]
+pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(lb_common::reason::COUNT, 0);
+
+/// Per-CPU scratch space for structs too big for the 512-byte BPF stack once
+/// everything is inlined. A program runs to completion on its CPU (softirq,
+/// no preemption), so one slot per CPU is never shared.
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's network layer.
+    pub l3: L3,
+    /// The packet's 5-tuple (for ICMP errors: the quoted packet's).
+    pub key: FlowKey,
+    /// A derived key (reverse key, or the reversed quoted tuple).
+    pub key2: FlowKey,
+    /// A second derived key (stale-reservation check).
+    pub key3: FlowKey,
+    pub svc_key: ServiceKey,
+    pub addr_key: AddrKey,
+    pub fib: bpf_fib_lookup,
+}
+
+/// The two entries of a flow being created (per CPU, like `Scratch`; kept
+/// apart so a returned `&Conn` never aliases the `&mut Scratch`).
+#[repr(C)]
+pub struct NewFlow {
+    pub fwd: Conn,
+    pub rev: Conn,
+}
+
+#[map(name = "NEW_FLOW")]
+pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn new_flow_slot() -> Option<&'static mut NewFlow> {
+    // SAFETY: as for `scratch`.
+    NEW_FLOW.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: per-CPU slot from a successful lookup, used by one program run
+    // at a time on this CPU (see `Scratch`).
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}

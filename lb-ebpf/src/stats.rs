@@ -1,0 +1,36 @@
+//! Per-CPU counters: per reason, per service, per backend.
+
+use crate::maps::{BACKEND_STATS, REASON_STATS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn reason(reason: u32, bytes: u64) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// Counts a forwarded packet against its service and backend.
+#[inline(always)]
+pub fn flow(service: u32, backend: u32, bytes: u64, new_flow: bool) {
+    let n = new_flow as u64;
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += n;
+        }
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += n;
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! `cargo xtask bench`: run the benchmark binary of the `tests` crate.
+
+use anyhow::{bail, Result};
+
+use crate::{
+    cmd::{cargo, run, workspace_root},
+    setup::{self, Report, Scope},
+};
+
+/// Whether the `tests` crate has a `bench` binary yet.
+fn bench_binary_exists() -> bool {
+    let tests = workspace_root().join("tests");
+    tests.join("src/bin/bench.rs").exists()
+        || tests.join("src/bin/bench/main.rs").exists()
+        || std::fs::read_to_string(tests.join("Cargo.toml"))
+            .is_ok_and(|manifest| manifest.contains("name = \"bench\""))
+}
+
+pub fn bench(quick: bool, args: &[String]) -> Result<()> {
+    if !bench_binary_exists() {
+        bail!(
+            "the benchmark binary (tests/src/bin/bench.rs) does not exist yet; \
+             it arrives with the benchmark issue (xdplb vs HAProxy)"
+        );
+    }
+    setup::ensure(Scope::Full, false, Report::Summary)?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--package",
+        "tests",
+        "--bin",
+        "bench",
+        "--",
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.args(args);
+    run(&mut cmd)
+}

@@ -1,0 +1,156 @@
+//! `cargo xtask test`: every check CI runs, in one command.
+//!
+//! Order: formatting (instant), unit tests (no root), packet tests (root),
+//! end-to-end (later), then clippy. Every layer runs even when an earlier one
+//! failed, so one run shows everything that is wrong; the summary at the end
+//! says which layers ran and how they went.
+//!
+//! Build reuse: everything uses the dev profile, so the unit and packet layers
+//! share their artifacts (the eBPF object inside is always `--release`, built
+//! once by aya-build). Clippy compiles workspace crates again through
+//! clippy-driver; for that check-only build `AYA_BUILD_SKIP=1` saves a second
+//! eBPF build (the lints do not need the object's bytes).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::{
+    build::{ebpf_rustflags, BPF_TARGET},
+    cmd::{cargo, is_root, nightly_cargo, status},
+    setup::{self, Report, Scope},
+};
+
+enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(String),
+}
+
+struct Layer {
+    name: &'static str,
+    outcome: Outcome,
+    secs: f64,
+}
+
+fn timed(name: &'static str, f: impl FnOnce() -> Result<Outcome>) -> Layer {
+    println!("\n==> {name}");
+    let started = Instant::now();
+    let outcome = f().unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
+    Layer {
+        name,
+        outcome,
+        secs: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn passed_if(ok: bool, what: &str) -> Outcome {
+    if ok {
+        Outcome::Passed
+    } else {
+        Outcome::Failed(format!("{what} failed (output above)"))
+    }
+}
+
+pub fn test() -> Result<()> {
+    let root = is_root();
+    // Without root, install nothing system-wide; the packet layer reports the problem.
+    let scope = if root { Scope::Full } else { Scope::Toolchain };
+    setup::ensure(scope, false, Report::Summary)?;
+
+    let mut layers = Vec::new();
+
+    // rustfmt.toml uses group_imports / imports_granularity, which only nightly
+    // rustfmt applies (stable ignores them with a warning).
+    layers.push(timed("rustfmt (nightly, all crates)", || {
+        let ok = status(nightly_cargo().args(["fmt", "--all", "--", "--check"]))?.success();
+        Ok(passed_if(
+            ok,
+            "`cargo +nightly fmt --all -- --check`; fix with `cargo +nightly fmt --all`",
+        ))
+    }));
+
+    // lb-ebpf only builds for the BPF target; `tests` holds the root-only layers.
+    layers.push(timed("unit tests (no root)", || {
+        let ok = status(cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--exclude",
+            "tests",
+        ]))?
+        .success();
+        Ok(passed_if(ok, "unit tests"))
+    }));
+
+    layers.push(timed(
+        "packet + namespace tests (root, tests crate)",
+        || {
+            if !root {
+                return Ok(Outcome::Failed(
+                    "needs root: these tests load BPF programs (BPF_PROG_TEST_RUN) and create \
+                 network namespaces; run `cargo xtask test` as root"
+                        .into(),
+                ));
+            }
+            // One at a time: the tests share pinned paths and namespace names.
+            let ok =
+                status(cargo().args(["test", "--package", "tests", "--", "--test-threads=1"]))?
+                    .success();
+            Ok(passed_if(ok, "tests crate"))
+        },
+    ));
+
+    layers.push(timed("swarm end-to-end", || {
+        Ok(Outcome::Skipped(
+            "arrives with issue 7 (real Docker Swarm)".into(),
+        ))
+    }));
+
+    layers.push(timed("clippy (host crates, all targets)", || {
+        let ok = status(
+            cargo()
+                .env("AYA_BUILD_SKIP", "1")
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "lb-ebpf",
+                    "--all-targets",
+                ])
+                .args(["--", "-D", "warnings"]),
+        )?
+        .success();
+        Ok(passed_if(ok, "clippy on the host crates"))
+    }));
+
+    layers.push(timed("clippy (lb-ebpf, nightly, bpfel)", || {
+        let ok = status(
+            nightly_cargo()
+                .env("CARGO_ENCODED_RUSTFLAGS", ebpf_rustflags())
+                .args(["clippy", "--package", "lb-ebpf", "--target", BPF_TARGET])
+                .args(["-Z", "build-std=core", "--", "-D", "warnings"]),
+        )?
+        .success();
+        Ok(passed_if(ok, "clippy on the eBPF crate"))
+    }));
+
+    println!("\nxtask test summary");
+    let mut failed = Vec::new();
+    for layer in &layers {
+        let (word, note) = match &layer.outcome {
+            Outcome::Passed => ("ok", String::new()),
+            Outcome::Failed(why) => {
+                failed.push(layer.name);
+                ("FAILED", format!("  {why}"))
+            }
+            Outcome::Skipped(why) => ("skipped", format!("  {why}")),
+        };
+        println!("  {word:<8} {:<46} {:>6.1} s{note}", layer.name, layer.secs);
+    }
+    if !failed.is_empty() {
+        bail!("{} layer(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
