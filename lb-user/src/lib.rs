@@ -1,6 +1,12 @@
 //! xdplb control plane: loads the data plane and drives its maps.
 //!
-//! Modules follow the data flow: `maglev` (table builder, pure) -> `maps`
-//! (the only place that touches BPF maps).
+//! Modules follow the data flow (DESIGN.md): `config` -> `discovery` ->
+//! `health` -> `state` -> `maglev` (table builder) -> `maps` (the only place
+//! that touches BPF maps). Everything except `maps` is pure or talks only to
+//! the network, so it is unit-tested without root.
+pub mod config;
+pub mod discovery;
+pub mod health;
 pub mod maglev;
 pub mod maps;
+pub mod state;
