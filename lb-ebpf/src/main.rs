@@ -44,3 +44,34 @@ fn panic(_info: &::core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Baselines for `cargo xtask bench`, never attached by the daemon. Measured
+/// in the same run as the balancer, they give the harness floor (empty) and a
+/// minimal rewriting forwarder (MAC swap + XDP_TX).
+mod baseline {
+    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+    use crate::ctx::{ptr_at_mut, Xdp};
+
+    #[xdp]
+    pub fn bench_empty(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    #[xdp]
+    pub fn bench_macswap(ctx: XdpContext) -> u32 {
+        let pkt = Xdp(ctx);
+        let Some(eth) = ptr_at_mut::<Xdp, [u8; 12]>(&pkt, 0) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: `ptr_at_mut` checked the 12 MAC bytes are in the packet.
+        unsafe {
+            let m = *eth;
+            let mut swapped = [0u8; 12];
+            swapped[..6].copy_from_slice(&m[6..]);
+            swapped[6..].copy_from_slice(&m[..6]);
+            *eth = swapped;
+        }
+        xdp_action::XDP_TX
+    }
+}

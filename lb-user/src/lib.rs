@@ -4,9 +4,11 @@
 //! `health` -> `state` -> `maglev` (table builder) -> `maps` (the only place
 //! that touches BPF maps). Everything except `maps` is pure or talks only to
 //! the network, so it is unit-tested without root.
+pub mod attach;
 pub mod config;
 pub mod discovery;
 pub mod health;
 pub mod maglev;
 pub mod maps;
 pub mod state;
+pub mod table;

@@ -196,6 +196,12 @@ impl DataPlane {
         Ok(())
     }
 
+    pub fn set_maglev_slot(&mut self, index: u32, backend: u32) -> Result<()> {
+        self.maglev
+            .set(index, backend, 0)
+            .with_context(|| format!("writing MAGLEV[{index}]"))
+    }
+
     pub fn maglev_slot(&self, index: u32) -> Result<u32> {
         Ok(self.maglev.get(&index, 0)?)
     }

@@ -27,7 +27,8 @@ pub fn bench(quick: bool, args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args([
         "run",
-        "--release",
+        // The dev profile: the kernel-reported durations do not depend on
+        // userspace optimisation, and the test build is reused.
         "--package",
         "tests",
         "--bin",

@@ -1,0 +1,373 @@
+//! From "these backends, in these states" to kernel maps, atomically.
+//!
+//! The writer owns the allocation of service ids, backend indexes and Maglev
+//! regions. For each change it fills the *inactive* half of the service's
+//! Maglev region (only the slots that differ from what that half held), then
+//! replaces the whole `SERVICES` value with `active_half` flipped: a hash-map
+//! element replace is atomic for the data plane, so a packet sees either the
+//! old table or the new one, never a mix.
+//!
+//! On start it adopts what is pinned: ids, indexes, regions and both halves,
+//! so a restarted daemon changes nothing until the world changes.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr, UdpSocket},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{
+    AddrKey, BACKEND_ACTIVE, BACKEND_EMPTY, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
+    MAX_SERVICES, PROTO_TCP, PROTO_UDP, Service, ServiceKey,
+};
+
+use crate::{
+    maglev::{self, MaglevBackend},
+    maps::DataPlane,
+};
+
+/// What a service looks like to the writer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub udp: bool,
+    pub maglev_size: u32,
+    pub snat_ports: (u16, u16),
+    /// Fixed SNAT source address; `None` = the address the kernel would use
+    /// to reach the first backend (found with a connected UDP socket, which
+    /// sends nothing).
+    pub snat_addr: Option<IpAddr>,
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> ServiceKey {
+        let (addr, family) = addr_bytes(self.listen.ip());
+        ServiceKey {
+            addr,
+            port_be: self.listen.port().to_be(),
+            proto: if self.udp { PROTO_UDP } else { PROTO_TCP },
+            family,
+        }
+    }
+}
+
+/// Address as stored in the maps: wire bytes, IPv4 in the first four.
+pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut a = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            a[..4].copy_from_slice(&v4.octets());
+            (a, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// The inverse of [`addr_bytes`].
+pub fn ip_from_bytes(a: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        IpAddr::from(*a)
+    } else {
+        IpAddr::from([a[0], a[1], a[2], a[3]])
+    }
+}
+
+struct ServiceState {
+    spec: ServiceSpec,
+    svc: Service,
+    /// Userspace copy of both halves, so only changed slots are written.
+    halves: [Vec<u32>; 2],
+    /// Backend index per address.
+    backends: BTreeMap<SocketAddr, u32>,
+}
+
+pub struct Writer {
+    dp: DataPlane,
+    services: BTreeMap<String, ServiceState>,
+    maglev_capacity: u32,
+    /// Backend indexes in use (index -> owning service id).
+    used_backends: HashMap<u32, u32>,
+}
+
+/// What one `apply` did, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub flipped: bool,
+    pub slots_written: usize,
+    pub active: usize,
+}
+
+impl Writer {
+    /// Wraps a loaded data plane and adopts any pinned state for `specs`.
+    pub fn new(dp: DataPlane, maglev_capacity: u32, specs: &[ServiceSpec]) -> Result<Self> {
+        let mut w = Self { dp, services: BTreeMap::new(), maglev_capacity, used_backends: HashMap::new() };
+        w.adopt(specs)?;
+        Ok(w)
+    }
+
+    pub fn data_plane(&self) -> &DataPlane {
+        &self.dp
+    }
+
+    pub fn data_plane_mut(&mut self) -> &mut DataPlane {
+        &mut self.dp
+    }
+
+    /// The service's current `SERVICES` value.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name).map(|s| &s.svc)
+    }
+
+    /// Backend index of `addr` in service `name`.
+    pub fn backend_index(&self, name: &str, addr: SocketAddr) -> Option<u32> {
+        self.services.get(name)?.backends.get(&addr).copied()
+    }
+
+    /// Adopts pinned services that match `specs` (same key and table size),
+    /// allocates the rest, and removes pinned services no longer configured.
+    fn adopt(&mut self, specs: &[ServiceSpec]) -> Result<()> {
+        let pinned: HashMap<ServiceKey, Service> = self.dp.services()?.into_iter().collect();
+        let mut pinned_backends: HashMap<u32, Vec<(u32, Backend)>> = HashMap::new();
+        if !pinned.is_empty() {
+            for index in 1..MAX_BACKENDS {
+                let b = self.dp.backend(index)?;
+                if b.state != BACKEND_EMPTY {
+                    pinned_backends.entry(b.service).or_default().push((index, b));
+                }
+            }
+        }
+        let mut taken_ids = Vec::new();
+        let mut regions: Vec<(u32, u32)> = Vec::new();
+        for spec in specs {
+            let key = spec.key();
+            let Some(svc) = pinned.get(&key).filter(|s| s.maglev_size == spec.maglev_size) else {
+                continue;
+            };
+            let mut halves = [Vec::new(), Vec::new()];
+            for (h, half) in halves.iter_mut().enumerate() {
+                let base = svc.maglev_base + h as u32 * svc.maglev_size;
+                *half = (0..svc.maglev_size)
+                    .map(|i| self.dp.maglev_slot(base + i))
+                    .collect::<Result<_>>()?;
+            }
+            let mut backends = BTreeMap::new();
+            for (index, b) in pinned_backends.remove(&svc.id).unwrap_or_default() {
+                let addr = SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be));
+                backends.insert(addr, index);
+                self.used_backends.insert(index, svc.id);
+            }
+            tracing::info!(
+                service = %spec.name,
+                id = svc.id,
+                backends = backends.len(),
+                "adopted pinned service state (connection table kept)"
+            );
+            taken_ids.push(svc.id);
+            regions.push((svc.maglev_base, 2 * svc.maglev_size));
+            // The SNAT range may have been reconfigured; ports of live flows
+            // stay valid (their reverse entries keep them).
+            let mut svc = *svc;
+            svc.snat_port_lo = spec.snat_ports.0;
+            svc.snat_port_hi = spec.snat_ports.1;
+            self.dp.set_service(&key, &svc)?;
+            self.services.insert(
+                spec.name.clone(),
+                ServiceState { spec: spec.clone(), svc, halves, backends },
+            );
+        }
+        // Pinned services that are no longer configured (or changed shape).
+        for (key, svc) in &pinned {
+            if !taken_ids.contains(&svc.id) {
+                tracing::info!(id = svc.id, "removing pinned service that is no longer configured");
+                self.dp.remove_service(key)?;
+                for (index, _) in pinned_backends.remove(&svc.id).unwrap_or_default() {
+                    self.dp.set_backend(index, &Backend::default())?;
+                }
+            }
+        }
+        for spec in specs {
+            if self.services.contains_key(&spec.name) {
+                continue;
+            }
+            let id = (1..MAX_SERVICES)
+                .find(|i| !taken_ids.contains(i))
+                .context("no free service id: too many services")?;
+            taken_ids.push(id);
+            let need = 2 * spec.maglev_size;
+            let base = first_fit(&regions, need, self.maglev_capacity).with_context(|| {
+                format!(
+                    "Maglev map full: service {} needs {need} slots; raise the capacity or lower maglev_size",
+                    spec.name
+                )
+            })?;
+            regions.push((base, need));
+            let svc = Service {
+                id,
+                flags: 0,
+                maglev_base: base,
+                maglev_size: spec.maglev_size,
+                active_half: 0,
+                snat_port_lo: spec.snat_ports.0,
+                snat_port_hi: spec.snat_ports.1,
+                snat_addr: spec.snat_addr.map(|a| addr_bytes(a).0).unwrap_or_default(),
+            };
+            let size = spec.maglev_size as usize;
+            // Zero both halves: a region may hold another service's old table.
+            let zeros = vec![0u32; size];
+            let mut stale = [vec![u32::MAX; size], vec![u32::MAX; size]];
+            for (h, half) in stale.iter_mut().enumerate() {
+                write_diff(&mut self.dp, &svc, h as u32, half, &zeros)?;
+            }
+            self.dp.set_service(&spec.key(), &svc)?;
+            self.services.insert(
+                spec.name.clone(),
+                ServiceState { spec: spec.clone(), svc, halves: stale, backends: BTreeMap::new() },
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the data plane match `backends` (address -> data-plane state,
+    /// `lb_common::BACKEND_*`) for service `name`. Backends missing from the
+    /// list are removed; only `active` ones enter the Maglev table.
+    pub fn apply(&mut self, name: &str, backends: &BTreeMap<SocketAddr, u8>) -> Result<ApplyReport> {
+        let st = self.services.get_mut(name).with_context(|| format!("unknown service {name}"))?;
+        let id = st.svc.id;
+
+        // SNAT address: fixed, or what the kernel would use towards a backend.
+        if st.spec.snat_addr.is_none() {
+            if let Some(first) = backends.keys().next() {
+                let ip = source_addr_towards(*first)?;
+                let (bytes, family) = addr_bytes(ip);
+                if st.svc.snat_addr != bytes {
+                    tracing::info!(service = name, snat = %ip, "SNAT source address chosen (route towards the backends)");
+                    st.svc.snat_addr = bytes;
+                    self.dp.add_snat_addr(&AddrKey { addr: bytes, family, _pad: [0; 3] })?;
+                }
+            }
+        } else if let Some(ip) = st.spec.snat_addr {
+            let (bytes, family) = addr_bytes(ip);
+            self.dp.add_snat_addr(&AddrKey { addr: bytes, family, _pad: [0; 3] })?;
+        }
+
+        // Backend indexes: keep known ones, free the departed, allocate new.
+        let departed: Vec<(SocketAddr, u32)> = st
+            .backends
+            .iter()
+            .filter(|(a, _)| !backends.contains_key(a))
+            .map(|(a, i)| (*a, *i))
+            .collect();
+        for (addr, _) in &departed {
+            st.backends.remove(addr);
+        }
+        for addr in backends.keys() {
+            if !st.backends.contains_key(addr) {
+                let index = (1..MAX_BACKENDS)
+                    .find(|i| !self.used_backends.contains_key(i))
+                    .context("no free backend index")?;
+                self.used_backends.insert(index, id);
+                st.backends.insert(*addr, index);
+            }
+        }
+        // States first (a new backend is written before any table points at it).
+        for (addr, state) in backends {
+            let (a, family) = addr_bytes(addr.ip());
+            let b = Backend { addr: a, port_be: addr.port().to_be(), family, state: *state, service: id };
+            self.dp.set_backend(st.backends[addr], &b)?;
+        }
+
+        let members: Vec<MaglevBackend> = backends
+            .iter()
+            .filter(|(_, s)| **s == BACKEND_ACTIVE)
+            .map(|(a, _)| MaglevBackend { key: a.to_string(), index: st.backends[a], weight: 1 })
+            .collect();
+        let table = maglev::build_table(&members, st.svc.maglev_size)?;
+        let active = st.svc.active_half as usize & 1;
+        let mut report = ApplyReport { active: members.len(), ..Default::default() };
+        let snat_changed = {
+            let pinned = self.dp.service(&st.spec.key())?;
+            pinned.map(|p| p.snat_addr != st.svc.snat_addr).unwrap_or(true)
+        };
+        if table != st.halves[active] {
+            let inactive = 1 - active;
+            report.slots_written =
+                write_diff(&mut self.dp, &st.svc, inactive as u32, &mut st.halves[inactive], &table)?;
+            st.svc.active_half = inactive as u32;
+            report.flipped = true;
+        }
+        if report.flipped || snat_changed {
+            self.dp.set_service(&st.spec.key(), &st.svc)?;
+        }
+        // Departed backends are cleared only after the flip: no table points
+        // at them any more, and flows pinned to them re-pick.
+        for (_, index) in departed {
+            self.dp.set_backend(index, &Backend::default())?;
+            self.used_backends.remove(&index);
+        }
+        Ok(report)
+    }
+}
+
+/// Writes the slots of `half` that differ from `table`; returns how many.
+fn write_diff(dp: &mut DataPlane, svc: &Service, half: u32, cur: &mut Vec<u32>, table: &[u32]) -> Result<usize> {
+    let base = svc.maglev_base + half * svc.maglev_size;
+    let mut n = 0;
+    for (i, (old, new)) in cur.iter_mut().zip(table).enumerate() {
+        if old != new {
+            dp.set_maglev_slot(base + i as u32, *new)?;
+            *old = *new;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Lowest base where `need` slots fit between the regions in use.
+fn first_fit(regions: &[(u32, u32)], need: u32, capacity: u32) -> Option<u32> {
+    let mut r: Vec<_> = regions.to_vec();
+    r.sort();
+    let mut base = 0u32;
+    for (b, len) in r {
+        if base + need <= b {
+            return Some(base);
+        }
+        base = base.max(b + len);
+    }
+    (base.checked_add(need)? <= capacity).then_some(base)
+}
+
+/// The source address the kernel would pick to reach `dst` (a connected UDP
+/// socket sends nothing).
+pub fn source_addr_towards(dst: SocketAddr) -> Result<IpAddr> {
+    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let s = UdpSocket::bind(bind)?;
+    s.connect(dst).with_context(|| format!("no route towards backend {dst}"))?;
+    let ip = s.local_addr()?.ip();
+    if ip.is_unspecified() {
+        bail!("no source address towards backend {dst}");
+    }
+    Ok(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_fit_fills_gaps_and_respects_capacity() {
+        assert_eq!(first_fit(&[], 10, 100), Some(0));
+        assert_eq!(first_fit(&[(0, 10), (30, 10)], 20, 100), Some(10));
+        assert_eq!(first_fit(&[(0, 10), (30, 10)], 21, 100), Some(40));
+        assert_eq!(first_fit(&[(0, 90)], 20, 100), None);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_map_bytes() {
+        for ip in ["10.0.1.7", "fd00::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (b, f) = addr_bytes(ip);
+            assert_eq!(ip_from_bytes(&b, f), ip);
+        }
+    }
+}
