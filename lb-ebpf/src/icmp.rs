@@ -20,7 +20,7 @@ use crate::{
     maps::CONNS,
     nat,
     maps::Scratch,
-    parse::l4_csum_off,
+    parse::{l4_csum_off, L3_OFF},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -29,15 +29,17 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// ICMP and ICMPv6 headers are both 8 bytes before the quoted packet.
 const ICMP_HDR_LEN: usize = Icmpv4Hdr::LEN;
 const ICMP_CHECK: usize = offset_of!(Icmpv4Hdr, check);
+/// Bytes of the quoted TCP/UDP header an error must carry (RFC 792).
+const QUOTED_L4_MIN: usize = 8;
 
 /// Out of line: a BPF subprogram with its own stack frame, so the ICMP
 /// temporaries never share the 512-byte stack with the TCP/UDP path's.
 #[inline(never)]
 pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     let l3 = &s.l3;
-    let ty = ptr_at::<C, u8>(ctx, l3.l4_off()).ok_or(Out::pass(reason::PASS_TRUNCATED))?;
-    // SAFETY: `ptr_at` bounds-checked the type byte.
-    let ty = unsafe { *ty };
+    let hdr = ptr_at::<C, Icmpv4Hdr>(ctx, l3.l4_off()).ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+    // SAFETY: `ptr_at` bounds-checked the whole 8-byte ICMP/ICMPv6 header.
+    let ty = unsafe { (*hdr).type_ };
     let v6 = l3.is_v6();
     let is_error = if v6 {
         ty == ICMPV6_DEST_UNREACH || ty == ICMPV6_PACKET_TOO_BIG
@@ -55,8 +57,15 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     } else {
         inner_v4(ctx, inner_off, &mut s.key)?
     };
-    let ports = ptr_at::<C, [u8; 4]>(ctx, inner_l4_off).ok_or(Out::pass(reason::PASS_TRUNCATED))?;
-    // SAFETY: `ptr_at` bounds-checked the 4 port bytes.
+    // The quote must hold 8 bytes of TCP/UDP (RFC 792) inside the outer IP
+    // packet: bytes past its length (Ethernet padding) are not part of the
+    // message and not covered by its checksum.
+    let ip_end = L3_OFF + s.l3.ip_len as usize;
+    if inner_l4_off + QUOTED_L4_MIN > ip_end {
+        return Err(Out::pass(reason::PASS_TRUNCATED));
+    }
+    let ports = ptr_at::<C, [u8; QUOTED_L4_MIN]>(ctx, inner_l4_off).ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+    // SAFETY: `ptr_at` bounds-checked the 8 quoted bytes.
     let ports = unsafe { *ports };
     s.key.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
     s.key.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
@@ -110,7 +119,8 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     // The quoted L4 checksum is only there if the router quoted enough bytes
     // (RFC 792 promises 8; Linux quotes far more).
     let l4_check = l4_csum_off(inner_l4_off, ikey.proto);
-    if let Some(old) = read16(ctx, l4_check) {
+    let quoted_check = if l4_check + 2 <= ip_end { read16(ctx, l4_check) } else { None };
+    if let Some(old) = quoted_check {
         let acc = acc_addr + acc_ports;
         let new = if ikey.proto == PROTO_UDP { csum::apply_udp(old, acc) } else { csum::apply(old, acc) };
         write16(ctx, l4_check, new).ok_or(bad)?;

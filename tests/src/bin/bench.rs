@@ -16,12 +16,12 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{PROTO_TCP, PROTO_UDP};
 use tests::packet::{
-    BACK_MAC, CLIENT_V4, CLIENT_V6, FRONT_MAC, Hook, PacketLab, Pkt, SNAT_PORTS, TCP_ACK, TCP_SYN,
-    VIP_V4, VIP_V6, backend_v4, backend_v6,
+    backend_v4, backend_v6, Hook, PacketLab, Pkt, BACK_MAC, CLIENT_V4, CLIENT_V6, FRONT_MAC,
+    SNAT_PORTS, TCP_ACK, TCP_SYN, VIP_V4, VIP_V6,
 };
 
 struct Args {
@@ -90,19 +90,30 @@ fn run_once(lab: &mut PacketLab, hook: Hook, frame: &[u8], out: &mut [u8]) -> Re
 }
 
 fn run_prog_once(prog: &Xdp, frame: &[u8], out: &mut [u8]) -> Result<(u32, u64)> {
-    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), repeat: 1, ..Default::default() };
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(out),
+        repeat: 1,
+        ..Default::default()
+    };
     let r = prog.test_run(opts)?;
     Ok((r.return_value, r.duration.as_nanos() as u64))
 }
 
 fn summarize(mut d: Vec<u64>, verdict: u32) -> Stats {
     d.sort_unstable();
-    Stats { median: d[d.len() / 2], p90: d[d.len() * 9 / 10], verdict }
+    Stats {
+        median: d[d.len() / 2],
+        p90: d[d.len() * 9 / 10],
+        verdict,
+    }
 }
 
 fn measure(lab: &mut PacketLab, case: &Case, runs: usize) -> Result<Stats> {
     let mut out = vec![0u8; 2048];
-    let warm = (runs / 10).min(case.frames.len().saturating_sub(runs)).max(0);
+    let warm = (runs / 10)
+        .min(case.frames.len().saturating_sub(runs))
+        .max(0);
     let mut durations = Vec::with_capacity(runs);
     let mut verdict = 0;
     for i in 0..warm + runs {
@@ -145,9 +156,14 @@ fn client(ip: IpAddr, port: u16) -> SocketAddr {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let started = Instant::now();
-    let mut lab = PacketLab::try_new("bench").context("setting up the bench lab (are you root?)")?;
-    let backends_v4: Vec<SocketAddr> = (11..=20).map(|n| SocketAddr::new(backend_v4(n).into(), 8080)).collect();
-    let backends_v6: Vec<SocketAddr> = (11..=20).map(|n| SocketAddr::new(backend_v6(n).into(), 8080)).collect();
+    let mut lab =
+        PacketLab::try_new("bench").context("setting up the bench lab (are you root?)")?;
+    let backends_v4: Vec<SocketAddr> = (11..=20)
+        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
+        .collect();
+    let backends_v6: Vec<SocketAddr> = (11..=20)
+        .map(|n| SocketAddr::new(backend_v6(n).into(), 8080))
+        .collect();
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
     let vip6 = SocketAddr::new(VIP_V6.into(), 80);
     let vip4_udp = SocketAddr::new(VIP_V4.into(), 53);
@@ -157,11 +173,21 @@ fn main() -> Result<()> {
 
     let c4 = client(CLIENT_V4.into(), 33000);
     let c6 = client(CLIENT_V6.into(), 33000);
-    let syn4 = Pkt::tcp(c4, vip4, TCP_SYN).with_eth(FRONT_MAC, FRONT_MAC).build();
-    let ack4 = Pkt::tcp(c4, vip4, TCP_ACK).with_eth(FRONT_MAC, FRONT_MAC).build();
-    let ack6 = Pkt::tcp(c6, vip6, TCP_ACK).with_eth(FRONT_MAC, FRONT_MAC).build();
-    let udp4 = Pkt::udp(c4, vip4_udp, b"0123456789abcdef").with_eth(FRONT_MAC, FRONT_MAC).build();
-    let other = Pkt::tcp(c4, SocketAddr::new(VIP_V4.into(), 81), TCP_ACK).with_eth(FRONT_MAC, FRONT_MAC).build();
+    let syn4 = Pkt::tcp(c4, vip4, TCP_SYN)
+        .with_eth(FRONT_MAC, FRONT_MAC)
+        .build();
+    let ack4 = Pkt::tcp(c4, vip4, TCP_ACK)
+        .with_eth(FRONT_MAC, FRONT_MAC)
+        .build();
+    let ack6 = Pkt::tcp(c6, vip6, TCP_ACK)
+        .with_eth(FRONT_MAC, FRONT_MAC)
+        .build();
+    let udp4 = Pkt::udp(c4, vip4_udp, b"0123456789abcdef")
+        .with_eth(FRONT_MAC, FRONT_MAC)
+        .build();
+    let other = Pkt::tcp(c4, SocketAddr::new(VIP_V4.into(), 81), TCP_ACK)
+        .with_eth(FRONT_MAC, FRONT_MAC)
+        .build();
 
     // Establish the flows, then learn the reply tuple of the IPv4 one.
     let mut out = vec![0u8; 2048];
@@ -171,14 +197,26 @@ fn main() -> Result<()> {
     let key4 = Pkt::tcp(c4, vip4, TCP_ACK).flow_key();
     let conn = lab.conn(&key4).context("the IPv4 flow was not created")?;
     let backend = SocketAddr::new(
-        IpAddr::from([conn.new_dst[0], conn.new_dst[1], conn.new_dst[2], conn.new_dst[3]]),
+        IpAddr::from([
+            conn.new_dst[0],
+            conn.new_dst[1],
+            conn.new_dst[2],
+            conn.new_dst[3],
+        ]),
         u16::from_be(conn.new_dport_be),
     );
     let snat = SocketAddr::new(
-        IpAddr::from([conn.new_src[0], conn.new_src[1], conn.new_src[2], conn.new_src[3]]),
+        IpAddr::from([
+            conn.new_src[0],
+            conn.new_src[1],
+            conn.new_src[2],
+            conn.new_src[3],
+        ]),
         u16::from_be(conn.new_sport_be),
     );
-    let reply4 = Pkt::tcp(backend, snat, TCP_ACK).with_eth(BACK_MAC, BACK_MAC).build();
+    let reply4 = Pkt::tcp(backend, snat, TCP_ACK)
+        .with_eth(BACK_MAC, BACK_MAC)
+        .build();
 
     // New flows: a distinct client port per run (wrapping the client
     // address when the ports run out), so every SYN misses the table.
@@ -187,7 +225,9 @@ fn main() -> Result<()> {
         .map(|i| {
             let ip = Ipv4Addr::new(10, 0, 0, 3 + (i / 60_000) as u8);
             let port = 1024 + (i % 60_000) as u16;
-            Pkt::tcp(client(ip.into(), port), vip4, TCP_SYN).with_eth(FRONT_MAC, FRONT_MAC).build()
+            Pkt::tcp(client(ip.into(), port), vip4, TCP_SYN)
+                .with_eth(FRONT_MAC, FRONT_MAC)
+                .build()
         })
         .collect();
 
@@ -199,7 +239,10 @@ fn main() -> Result<()> {
     let empty = measure_baseline(&mut lab, "bench_empty", &ack4, args.runs)?;
     let macswap = measure_baseline(&mut lab, "bench_macswap", &ack4, args.runs)?;
     println!();
-    println!("{:<34} {:>5} {:>9} {:>9} {:>12} {:>10}", "case", "hook", "median", "p90", "vs empty", "verdict");
+    println!(
+        "{:<34} {:>5} {:>9} {:>9} {:>12} {:>10}",
+        "case", "hook", "median", "p90", "vs empty", "verdict"
+    );
     let row = |name: &str, hook: &str, s: &Stats| {
         println!(
             "{:<34} {:>5} {:>6} ns {:>6} ns {:>11.2}x {:>10}",
@@ -214,15 +257,51 @@ fn main() -> Result<()> {
     row("baseline: empty XDP program", "xdp", &empty);
     row("baseline: MAC swap + XDP_TX", "xdp", &macswap);
     let cases = [
-        Case { name: "established IPv4 TCP", hook: Hook::Xdp, frames: vec![ack4.clone()] },
-        Case { name: "new-flow IPv4 SYN", hook: Hook::Xdp, frames: syns },
-        Case { name: "non-service IPv4 packet (pass)", hook: Hook::Xdp, frames: vec![other.clone()] },
-        Case { name: "reply path IPv4 TCP", hook: Hook::Xdp, frames: vec![reply4.clone()] },
-        Case { name: "established IPv6 TCP", hook: Hook::Xdp, frames: vec![ack6.clone()] },
-        Case { name: "established IPv4 UDP", hook: Hook::Xdp, frames: vec![udp4.clone()] },
-        Case { name: "established IPv4 TCP", hook: Hook::Tc, frames: vec![ack4] },
-        Case { name: "non-service IPv4 packet (pass)", hook: Hook::Tc, frames: vec![other] },
-        Case { name: "reply path IPv4 TCP", hook: Hook::Tc, frames: vec![reply4] },
+        Case {
+            name: "established IPv4 TCP",
+            hook: Hook::Xdp,
+            frames: vec![ack4.clone()],
+        },
+        Case {
+            name: "new-flow IPv4 SYN",
+            hook: Hook::Xdp,
+            frames: syns,
+        },
+        Case {
+            name: "non-service IPv4 packet (pass)",
+            hook: Hook::Xdp,
+            frames: vec![other.clone()],
+        },
+        Case {
+            name: "reply path IPv4 TCP",
+            hook: Hook::Xdp,
+            frames: vec![reply4.clone()],
+        },
+        Case {
+            name: "established IPv6 TCP",
+            hook: Hook::Xdp,
+            frames: vec![ack6.clone()],
+        },
+        Case {
+            name: "established IPv4 UDP",
+            hook: Hook::Xdp,
+            frames: vec![udp4.clone()],
+        },
+        Case {
+            name: "established IPv4 TCP",
+            hook: Hook::Tc,
+            frames: vec![ack4],
+        },
+        Case {
+            name: "non-service IPv4 packet (pass)",
+            hook: Hook::Tc,
+            frames: vec![other],
+        },
+        Case {
+            name: "reply path IPv4 TCP",
+            hook: Hook::Tc,
+            frames: vec![reply4],
+        },
     ];
     let mut established = None;
     for case in &cases {

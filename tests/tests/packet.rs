@@ -1,0 +1,1439 @@
+//! Packet tests: the data plane against the real kernel with
+//! `BPF_PROG_TEST_RUN`, one frame at a time, checking the action, the exact
+//! output bytes, every checksum, and the map side effects. docs/DATAPLANE.md
+//! is the contract under test.
+//!
+//! Run as root, one test at a time (each test moves its thread into its own
+//! network namespace):
+//! `cargo test -p tests --test packet -- --test-threads=1`
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_common::{
+    hash::flow_hash, reason, Conn, Counters, FlowKey, BACKEND_ACTIVE, BACKEND_DOWN,
+    BACKEND_DRAINING, CONN_F_REVERSE, PROTO_TCP, PROTO_UDP, TCP_STATE_OPEN,
+};
+use tests::packet::*;
+
+/// Runs a test body once for XDP and once for TC, as `name::xdp` / `name::tc`.
+macro_rules! both_hooks {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[test]
+            fn xdp() {
+                super::$name(Hook::Xdp)
+            }
+            #[test]
+            fn tc() {
+                super::$name(Hook::Tc)
+            }
+        }
+    )*};
+}
+
+both_hooks!(
+    new_tcp_flow_v4,
+    new_tcp_flow_v6,
+    established_flow_survives_table_flip,
+    reply_path,
+    udp_flow_and_reply,
+    icmp_errors_about_snat_side_are_translated,
+    icmp_errors_about_client_side_are_translated,
+    unknown_service_passes_unchanged,
+    wildcard_service,
+    truncated_frames_pass_unchanged,
+    unparsed_packets_pass_with_their_reason,
+    draining_keeps_flows_and_down_repicks,
+    snat_exhaustion_drops,
+    no_neighbour_and_oversized,
+);
+
+// ---- shared setup ----------------------------------------------------------------
+
+const V4_BACKENDS: [u8; 4] = [11, 12, 13, 14];
+const BACKEND_PORT: u16 = 8080;
+
+fn backends_v4(ns: &[u8], port: u16) -> Vec<SocketAddr> {
+    ns.iter().map(|&n| sock(backend_v4(n), port)).collect()
+}
+
+fn backends_v6(ns: &[u8], port: u16) -> Vec<SocketAddr> {
+    ns.iter().map(|&n| sock(backend_v6(n), port)).collect()
+}
+
+fn tcp_v4_service(lab: &mut PacketLab) -> Svc {
+    lab.add_service(
+        sock(VIP_V4, 80),
+        PROTO_TCP,
+        40000..=40999,
+        &backends_v4(&V4_BACKENDS, BACKEND_PORT),
+    )
+}
+
+fn tcp_v6_service(lab: &mut PacketLab) -> Svc {
+    lab.add_service(
+        sock(VIP_V6, 80),
+        PROTO_TCP,
+        41000..=41999,
+        &backends_v6(&V4_BACKENDS, BACKEND_PORT),
+    )
+}
+
+fn client(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    sock(ip, port)
+}
+
+fn lab(hook: Hook, tag: &str) -> PacketLab {
+    let t = match hook {
+        Hook::Xdp => "x",
+        Hook::Tc => "t",
+    };
+    PacketLab::new(&format!("{tag}-{t}"))
+}
+
+// ---- assertions -------------------------------------------------------------------------
+
+/// Runs `input` and checks the action and the exact output.
+#[track_caller]
+fn expect(lab: &mut PacketLab, hook: Hook, what: &str, input: &[u8], action: u32, want: &[u8]) {
+    let (got_action, out) = lab.run(hook, input);
+    if got_action != action || out != want {
+        panic!(
+            "{what} ({hook:?}): expected action {} and the frame below, saw action {}\n{}input was: {}\n{}",
+            hook.action_name(action),
+            hook.action_name(got_action),
+            diff(&out, want),
+            describe(input),
+            hex(input)
+        );
+    }
+    let c = checksums(&out);
+    assert!(
+        c.all_valid(),
+        "{what} ({hook:?}): output has a broken checksum {c:?}\n{}",
+        hex(&out)
+    );
+}
+
+/// Runs `input` and checks it passed byte-for-byte unchanged under `reason`.
+#[track_caller]
+fn expect_pass(lab: &mut PacketLab, hook: Hook, what: &str, input: &[u8], why: u32) {
+    let before = lab.reasons();
+    let (action, out) = lab.run(hook, input);
+    let after = lab.reasons();
+    assert!(
+        action == hook.pass() && out == input,
+        "{what} ({hook:?}): expected {} with the frame unchanged, saw action {}\n{}",
+        hook.action_name(hook.pass()),
+        hook.action_name(action),
+        diff(&out, input)
+    );
+    let mut want = before.clone();
+    want[why as usize] += 1;
+    assert_eq!(
+        after,
+        want,
+        "{what} ({hook:?}): expected exactly one packet under {}, saw {}",
+        reason::NAMES[why as usize],
+        reason_delta(&before, &after)
+    );
+}
+
+/// Checks that exactly one packet was counted, under one of `whys`.
+#[track_caller]
+fn expect_one_reason(what: &str, before: &[u64], after: &[u64], whys: &[u32]) {
+    let total: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+    let hit = whys
+        .iter()
+        .any(|&w| after[w as usize] == before[w as usize] + 1);
+    assert!(
+        total == 1 && hit,
+        "{what}: expected one packet counted under {:?}, saw {}",
+        whys.iter()
+            .map(|&w| reason::NAMES[w as usize])
+            .collect::<Vec<_>>(),
+        reason_delta(before, after)
+    );
+}
+
+/// The entry `key` must hold, time fields aside.
+#[track_caller]
+fn expect_conn(lab: &PacketLab, what: &str, key: &FlowKey, want: Conn) {
+    let Some(got) = lab.conn(key) else {
+        panic!(
+            "{what}: expected a CONNS entry for {}, found none; CONNS holds:\n{}",
+            show_key(key),
+            lab.dump_conns()
+        );
+    };
+    let masked = Conn {
+        last_seen_ns: 0,
+        created_ns: 0,
+        ..got
+    };
+    assert!(
+        masked == want && got.last_seen_ns != 0 && got.created_ns != 0,
+        "{what}: CONNS[{}]\n  expected {} (times non-zero)\n  saw      {}",
+        show_key(key),
+        show_conn(&want, key.family),
+        show_conn(&got, key.family)
+    );
+}
+
+fn forward_conn(svc: &Svc, input: &Pkt, backend: u32, snat_port: u16) -> Conn {
+    let b = svc.backend_sock(backend);
+    Conn {
+        new_src: addr16(snat_addr_for(input.dst)),
+        new_dst: addr16(b.ip()),
+        new_sport_be: snat_port.to_be(),
+        new_dport_be: b.port().to_be(),
+        backend,
+        service: svc.id(),
+        flags: 0,
+        tcp_state: TCP_STATE_OPEN,
+        ..Default::default()
+    }
+}
+
+fn reverse_conn(svc: &Svc, input: &Pkt, backend: u32) -> Conn {
+    Conn {
+        new_src: addr16(input.dst),
+        new_dst: addr16(input.src),
+        new_sport_be: input.ports().1.to_be(),
+        new_dport_be: input.ports().0.to_be(),
+        backend,
+        service: svc.id(),
+        flags: CONN_F_REVERSE,
+        tcp_state: TCP_STATE_OPEN,
+        ..Default::default()
+    }
+}
+
+/// The key of the reverse entry: backend -> SNAT address:port.
+fn reverse_key(svc: &Svc, input: &Pkt, backend: u32, snat_port: u16) -> FlowKey {
+    flow_key(
+        svc.backend_sock(backend),
+        sock(snat_addr_for(input.dst), snat_port),
+        input.proto(),
+    )
+}
+
+/// `input` as it must leave for `backend` with SNAT port `port`.
+fn forwarded(hook: Hook, input: &Pkt, svc: &Svc, backend: u32, port: u16) -> Pkt {
+    let b = svc.backend_sock(backend);
+    let (es, ed) = hook.fwd_eth(input, b.ip());
+    input
+        .clone()
+        .from(sock(snat_addr_for(input.dst), port))
+        .to(b)
+        .with_ttl(input.ttl - 1)
+        .with_eth(es, ed)
+}
+
+/// Sends a new flow's first packet and checks everything about it.
+/// Returns (backend index, SNAT port).
+#[track_caller]
+fn new_flow(lab: &mut PacketLab, hook: Hook, svc: &Svc, input: &Pkt) -> (u32, u16) {
+    let key = input.flow_key();
+    let backend = svc.slot_backend(&key);
+    let port = svc.first_snat_port(&key);
+    let want = forwarded(hook, input, svc, backend, port);
+    expect(
+        lab,
+        hook,
+        "first packet of a new flow",
+        &input.build(),
+        hook.redirect(),
+        &want.build(),
+    );
+    (backend, port)
+}
+
+fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
+    Counters {
+        packets,
+        bytes,
+        new_flows,
+    }
+}
+
+// ---- 1. new flows -------------------------------------------------------------------------
+
+fn new_tcp_flow(hook: Hook, v6: bool) {
+    let mut lab = lab(hook, if v6 { "new6" } else { "new4" });
+    let svc = if v6 {
+        tcp_v6_service(&mut lab)
+    } else {
+        tcp_v4_service(&mut lab)
+    };
+    let (cip, vip): (IpAddr, IpAddr) = if v6 {
+        (CLIENT_V6.into(), VIP_V6.into())
+    } else {
+        (CLIENT_V4.into(), VIP_V4.into())
+    };
+    let syn = Pkt::tcp(client(cip, 33000), sock(vip, 80), TCP_SYN);
+    let frame = syn.build();
+
+    let key = syn.flow_key();
+    let h = flow_hash(&key);
+    let backend = svc.tables[0][(h % MAGLEV_SIZE) as usize];
+    let port = 40000 + if v6 { 1000 } else { 0 } + (h % 1000) as u16;
+    assert_eq!(
+        (backend, port),
+        (svc.slot_backend(&key), svc.first_snat_port(&key))
+    );
+
+    let before = lab.reasons();
+    let want = forwarded(hook, &syn, &svc, backend, port).build();
+    expect(
+        &mut lab,
+        hook,
+        "SYN of a new flow",
+        &frame,
+        hook.redirect(),
+        &want,
+    );
+    expect_one_reason(
+        "SYN of a new flow",
+        &before,
+        &lab.reasons(),
+        &[reason::FWD_REDIRECT],
+    );
+
+    expect_conn(
+        &lab,
+        "forward entry",
+        &key,
+        forward_conn(&svc, &syn, backend, port),
+    );
+    let rkey = reverse_key(&svc, &syn, backend, port);
+    expect_conn(
+        &lab,
+        "reverse entry",
+        &rkey,
+        reverse_conn(&svc, &syn, backend),
+    );
+    let n = lab.dp().conns().unwrap().len();
+    assert_eq!(
+        n,
+        2,
+        "one flow must create exactly two CONNS entries:\n{}",
+        lab.dump_conns()
+    );
+
+    let len = frame.len() as u64;
+    assert_eq!(
+        lab.service_counters(svc.id()),
+        counters(1, len, 1),
+        "service counters"
+    );
+    assert_eq!(
+        lab.backend_counters(backend),
+        counters(1, len, 1),
+        "backend {backend} counters"
+    );
+    for (other, _) in svc.backends.iter().filter(|b| b.0 != backend) {
+        assert_eq!(
+            lab.backend_counters(*other),
+            counters(0, 0, 0),
+            "backend {other} counters"
+        );
+    }
+
+    // The next packet of the flow: same backend and port, no new flow.
+    let ack = syn.clone().with_flags(TCP_ACK);
+    let want = forwarded(hook, &ack, &svc, backend, port).build();
+    expect(
+        &mut lab,
+        hook,
+        "ACK of the same flow",
+        &ack.build(),
+        hook.redirect(),
+        &want,
+    );
+    assert_eq!(
+        lab.service_counters(svc.id()),
+        counters(2, 2 * len, 1),
+        "service counters"
+    );
+    assert_eq!(
+        lab.dp().conns().unwrap().len(),
+        2,
+        "no new entries:\n{}",
+        lab.dump_conns()
+    );
+}
+
+fn new_tcp_flow_v4(hook: Hook) {
+    new_tcp_flow(hook, false)
+}
+
+fn new_tcp_flow_v6(hook: Hook) {
+    new_tcp_flow(hook, true)
+}
+
+// ---- 2. table flips -----------------------------------------------------------------------
+
+fn established_flow_survives_table_flip(hook: Hook) {
+    let mut lab = lab(hook, "flip");
+    let mut svc = tcp_v4_service(&mut lab);
+    let syn = Pkt::tcp(client(CLIENT_V4, 33001), sock(VIP_V4, 80), TCP_SYN);
+    let (backend, port) = new_flow(&mut lab, hook, &svc, &syn);
+
+    // Every slot of the new table differs from the old one.
+    let indexes: Vec<u32> = svc.backends.iter().map(|b| b.0).collect();
+    lab.write_table(&mut svc, 1, round_robin(&indexes, 1));
+    lab.flip(&mut svc);
+    assert_ne!(
+        svc.slot_backend(&syn.flow_key()),
+        backend,
+        "test bug: the flip must move the slot"
+    );
+
+    let ack = syn.clone().with_flags(TCP_ACK);
+    let want = forwarded(hook, &ack, &svc, backend, port).build();
+    expect(
+        &mut lab,
+        hook,
+        "established flow after a flip",
+        &ack.build(),
+        hook.redirect(),
+        &want,
+    );
+
+    // A new flow uses the new half.
+    let syn2 = Pkt::tcp(client(CLIENT_V4, 33002), sock(VIP_V4, 80), TCP_SYN);
+    let key2 = syn2.flow_key();
+    let b2 = svc.tables[1][svc.slot(&key2)];
+    assert_eq!(b2, svc.slot_backend(&key2));
+    let (got, _) = new_flow(&mut lab, hook, &svc, &syn2);
+    assert_eq!(got, b2);
+
+    // And flipping back restores the old mapping for new flows.
+    lab.flip(&mut svc);
+    let syn3 = Pkt::tcp(client(CLIENT_V4, 33003), sock(VIP_V4, 80), TCP_SYN);
+    let b3 = svc.tables[0][svc.slot(&syn3.flow_key())];
+    let (got, _) = new_flow(&mut lab, hook, &svc, &syn3);
+    assert_eq!(got, b3);
+}
+
+// ---- 3. replies ----------------------------------------------------------------------------
+
+fn reply_path(hook: Hook) {
+    let mut lab = lab(hook, "reply");
+    let svc4 = tcp_v4_service(&mut lab);
+    let svc6 = tcp_v6_service(&mut lab);
+    for (svc, cip, vip) in [
+        (&svc4, IpAddr::from(CLIENT_V4), IpAddr::from(VIP_V4)),
+        (&svc6, CLIENT_V6.into(), VIP_V6.into()),
+    ] {
+        let syn = Pkt::tcp(client(cip, 34000), sock(vip, 80), TCP_SYN);
+        let (backend, port) = new_flow(&mut lab, hook, svc, &syn);
+        let b = svc.backend_sock(backend);
+        let synack = Pkt::tcp(b, sock(snat_addr_for(vip), port), TCP_SYN | TCP_ACK);
+        let (es, ed) = hook.fwd_eth(&synack, cip);
+        let want = synack
+            .clone()
+            .from(sock(vip, 80))
+            .to(client(cip, 34000))
+            .with_ttl(synack.ttl - 1)
+            .with_eth(es, ed);
+        let before = lab.reasons();
+        let sc = lab.service_counters(svc.id());
+        let bc = lab.backend_counters(backend);
+        let what = format!("SYN-ACK from backend {b}");
+        expect(
+            &mut lab,
+            hook,
+            &what,
+            &synack.build(),
+            hook.redirect(),
+            &want.build(),
+        );
+        expect_one_reason(&what, &before, &lab.reasons(), &[reason::FWD_REDIRECT]);
+        let len = synack.build().len() as u64;
+        assert_eq!(
+            lab.service_counters(svc.id()),
+            counters(sc.packets + 1, sc.bytes + len, sc.new_flows),
+            "service counters count replies, without a new flow"
+        );
+        assert_eq!(
+            lab.backend_counters(backend),
+            counters(bc.packets + 1, bc.bytes + len, bc.new_flows),
+            "backend counters count replies, without a new flow"
+        );
+
+        // A reply from another backend to the same SNAT port is no reply of ours.
+        let other = svc.backends.iter().find(|x| x.0 != backend).unwrap().1;
+        let stray = synack.clone().from(other);
+        expect_pass(
+            &mut lab,
+            hook,
+            "reply from the wrong backend",
+            &stray.build(),
+            reason::PASS_REPLY_NO_CONN,
+        );
+    }
+}
+
+// ---- 4. UDP ---------------------------------------------------------------------------------
+
+fn udp_flow_and_reply(hook: Hook) {
+    let mut lab = lab(hook, "udp");
+    let svc4 = lab.add_service(
+        sock(VIP_V4, 53),
+        PROTO_UDP,
+        42000..=42999,
+        &backends_v4(&[15, 16], 53),
+    );
+    let svc6 = lab.add_service(
+        sock(VIP_V6, 53),
+        PROTO_UDP,
+        43000..=43999,
+        &backends_v6(&[15, 16], 53),
+    );
+    let query =
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
+    let cases = [
+        (
+            &svc4,
+            IpAddr::from(CLIENT_V4),
+            IpAddr::from(VIP_V4),
+            false,
+            35000,
+        ),
+        (&svc4, CLIENT_V4.into(), VIP_V4.into(), true, 35001),
+        (&svc6, CLIENT_V6.into(), VIP_V6.into(), false, 35002),
+    ];
+    for (svc, cip, vip, zero, cport) in cases {
+        let mut q = Pkt::udp(client(cip, cport), sock(vip, 53), query);
+        if zero {
+            q = q.with_zero_udp_csum();
+        }
+        let (backend, port) = new_flow(&mut lab, hook, svc, &q);
+        if zero {
+            let (_, out) = lab.run(hook, &q.build());
+            let at = ETH_LEN + 20 + 6;
+            assert_eq!(
+                &out[at..at + 2],
+                &[0, 0],
+                "a UDP/IPv4 checksum of 0 must stay 0\n{}",
+                hex(&out)
+            );
+        }
+        let b = svc.backend_sock(backend);
+        let mut answer = Pkt::udp(b, sock(snat_addr_for(vip), port), b"answer");
+        if zero {
+            answer = answer.with_zero_udp_csum();
+        }
+        let (es, ed) = hook.fwd_eth(&answer, cip);
+        let want = answer
+            .clone()
+            .from(sock(vip, 53))
+            .to(client(cip, cport))
+            .with_ttl(answer.ttl - 1)
+            .with_eth(es, ed);
+        let what = format!("UDP answer from {b} (checksum 0: {zero})");
+        expect(
+            &mut lab,
+            hook,
+            &what,
+            &answer.build(),
+            hook.redirect(),
+            &want.build(),
+        );
+        let f = lab.conn(&q.flow_key()).expect("UDP forward entry");
+        assert_eq!(f.tcp_state, 0, "UDP entries keep tcp_state 0");
+    }
+}
+
+// ---- 5. ICMP errors --------------------------------------------------------------------------
+
+/// A router behind `back` says our SNATed packet was too big.
+fn icmp_errors_about_snat_side_are_translated(hook: Hook) {
+    let mut lab = lab(hook, "icmpb");
+    let svc4 = tcp_v4_service(&mut lab);
+    let svc6 = tcp_v6_service(&mut lab);
+    for (svc, cip, vip, router) in [
+        (
+            &svc4,
+            IpAddr::from(CLIENT_V4),
+            IpAddr::from(VIP_V4),
+            IpAddr::from(BACK_ROUTER_V4),
+        ),
+        (
+            &svc6,
+            CLIENT_V6.into(),
+            VIP_V6.into(),
+            BACK_ROUTER_V6.into(),
+        ),
+    ] {
+        let syn = Pkt::tcp(client(cip, 36000), sock(vip, 80), TCP_SYN).with_ttl(50);
+        let (backend, port) = new_flow(&mut lab, hook, svc, &syn);
+        // What the router saw: the packet as we sent it (TTL already 49).
+        let sent = forwarded(hook, &syn, svc, backend, port);
+        // As the client sent it, but with the TTL it had when quoted.
+        let orig = syn.clone().with_ttl(sent.ttl);
+        let cut = ip_len(vip) + 8;
+        // A full quote gets every inner checksum patched; a quote of the IP
+        // header + 8 bytes ends before the inner TCP checksum, so only the
+        // inner IPv4 header checksum and the ports change.
+        for (label, quote, want_inner) in [
+            ("full quote", sent.build_ip(), orig.build_ip()),
+            (
+                "IP header + 8 bytes",
+                sent.build_ip()[..cut].to_vec(),
+                orig.build_ip()[..cut].to_vec(),
+            ),
+        ] {
+            let input = icmp_too_big(router, snat_addr_for(vip), &quote);
+            let (es, ed) = hook.fwd_eth(&input, cip);
+            let want = icmp_too_big(vip, cip, &want_inner)
+                .with_ttl(input.ttl - 1)
+                .with_eth(es, ed);
+            let before = lab.reasons();
+            let what = format!("ICMP too-big from {router} about flow to {backend}, {label}");
+            expect(
+                &mut lab,
+                hook,
+                &what,
+                &input.build(),
+                hook.redirect(),
+                &want.build(),
+            );
+            expect_one_reason(
+                &what,
+                &before,
+                &lab.reasons(),
+                &[reason::FWD_ICMP, reason::FWD_REDIRECT],
+            );
+        }
+    }
+}
+
+/// A router on the client side says our reply (VIP -> client) was too big.
+fn icmp_errors_about_client_side_are_translated(hook: Hook) {
+    let mut lab = lab(hook, "icmpf");
+    let svc4 = tcp_v4_service(&mut lab);
+    let svc6 = tcp_v6_service(&mut lab);
+    for (svc, cip, vip, router) in [
+        (
+            &svc4,
+            IpAddr::from(CLIENT_V4),
+            IpAddr::from(VIP_V4),
+            IpAddr::from(FRONT_ROUTER_V4),
+        ),
+        (
+            &svc6,
+            CLIENT_V6.into(),
+            VIP_V6.into(),
+            FRONT_ROUTER_V6.into(),
+        ),
+    ] {
+        let syn = Pkt::tcp(client(cip, 36100), sock(vip, 80), TCP_SYN);
+        let (backend, port) = new_flow(&mut lab, hook, svc, &syn);
+        let b = svc.backend_sock(backend);
+        // Our reply as it left towards the client, quoted in full.
+        let reply = Pkt::tcp(sock(vip, 80), client(cip, 36100), TCP_SYN | TCP_ACK).with_ttl(63);
+        // The same packet as the backend sent it.
+        let orig = Pkt::tcp(b, sock(snat_addr_for(vip), port), TCP_SYN | TCP_ACK).with_ttl(63);
+        let input = icmp_too_big(router, vip, &reply.build_ip());
+        let (es, ed) = hook.fwd_eth(&input, b.ip());
+        let want = icmp_too_big(snat_addr_for(vip), b.ip(), &orig.build_ip())
+            .with_ttl(input.ttl - 1)
+            .with_eth(es, ed);
+        let what = format!("ICMP too-big from {router} about a reply to {cip}");
+        expect(
+            &mut lab,
+            hook,
+            &what,
+            &input.build(),
+            hook.redirect(),
+            &want.build(),
+        );
+    }
+}
+
+fn ip_len(a: IpAddr) -> usize {
+    if a.is_ipv4() {
+        20
+    } else {
+        40
+    }
+}
+
+/// Fragmentation needed (IPv4) or packet too big (IPv6), MTU 1400.
+fn icmp_too_big(src: IpAddr, dst: IpAddr, quote: &[u8]) -> Pkt {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Pkt::frag_needed(s, d, 1400, quote),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Pkt::packet_too_big(s, d, 1400, quote),
+        _ => unreachable!(),
+    }
+}
+
+// ---- 6. not ours ----------------------------------------------------------------------------
+
+fn unknown_service_passes_unchanged(hook: Hook) {
+    let mut lab = lab(hook, "nosvc");
+    let svc = tcp_v4_service(&mut lab);
+    tcp_v6_service(&mut lab);
+    let cases = [
+        (
+            "right VIP, wrong port",
+            Pkt::tcp(client(CLIENT_V4, 37000), sock(VIP_V4, 81), TCP_SYN),
+        ),
+        (
+            "wrong VIP, right port",
+            Pkt::tcp(client(CLIENT_V4, 37000), sock([10, 0, 0, 200], 80), TCP_SYN),
+        ),
+        (
+            "right VIP and port, UDP",
+            Pkt::udp(client(CLIENT_V4, 37000), sock(VIP_V4, 80), b"x"),
+        ),
+        (
+            "IPv6 VIP, wrong port",
+            Pkt::tcp(client(CLIENT_V6, 37000), sock(VIP_V6, 443), TCP_SYN),
+        ),
+        ("IPv4 VIP bytes in an IPv6 address", {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&VIP_V4.octets());
+            Pkt::tcp(
+                client(CLIENT_V6, 37000),
+                sock(std::net::Ipv6Addr::from(a), 80),
+                TCP_SYN,
+            )
+        }),
+        (
+            "SNAT address, port outside the SNAT range",
+            Pkt::tcp(sock(backend_v4(11), 8080), sock(SNAT_V4, 22), TCP_SYN),
+        ),
+    ];
+    for (what, p) in cases {
+        expect_pass(&mut lab, hook, what, &p.build(), reason::PASS_NO_SERVICE);
+    }
+    expect_pass(
+        &mut lab,
+        hook,
+        "reply to a SNAT port without a connection",
+        &Pkt::tcp(svc.backend_sock(1), sock(SNAT_V4, 40500), TCP_SYN | TCP_ACK).build(),
+        reason::PASS_REPLY_NO_CONN,
+    );
+    assert!(
+        lab.dp().conns().unwrap().is_empty(),
+        "passing packets create no state:\n{}",
+        lab.dump_conns()
+    );
+}
+
+fn wildcard_service(hook: Hook) {
+    let mut lab = lab(hook, "wild");
+    let exact = tcp_v4_service(&mut lab);
+    let wild = lab.add_service(
+        sock(std::net::Ipv4Addr::UNSPECIFIED, 8443),
+        PROTO_TCP,
+        44000..=44999,
+        &backends_v4(&[17, 18], 443),
+    );
+    // Any address on the wildcard's port, including the exact service's VIP.
+    for dst in [VIP_V4, std::net::Ipv4Addr::new(10, 0, 0, 77)] {
+        let syn = Pkt::tcp(client(CLIENT_V4, 38000), sock(dst, 8443), TCP_SYN);
+        let (backend, port) = new_flow(&mut lab, hook, &wild, &syn);
+        // The reply goes back from the address the client used.
+        let b = wild.backend_sock(backend);
+        let synack = Pkt::tcp(b, sock(SNAT_V4, port), TCP_SYN | TCP_ACK);
+        let (es, ed) = hook.fwd_eth(&synack, CLIENT_V4.into());
+        let want = synack
+            .clone()
+            .from(sock(dst, 8443))
+            .to(client(CLIENT_V4, 38000))
+            .with_ttl(63)
+            .with_eth(es, ed);
+        expect(
+            &mut lab,
+            hook,
+            "reply through the wildcard",
+            &synack.build(),
+            hook.redirect(),
+            &want.build(),
+        );
+    }
+    // The exact service still wins on its own port.
+    let syn = Pkt::tcp(client(CLIENT_V4, 38001), sock(VIP_V4, 80), TCP_SYN);
+    new_flow(&mut lab, hook, &exact, &syn);
+    assert_eq!(lab.service_counters(wild.id()).new_flows, 2);
+    assert_eq!(lab.service_counters(exact.id()).new_flows, 1);
+}
+
+// ---- 7. truncation and unparsed headers -----------------------------------------------------
+
+fn truncated_frames_pass_unchanged(hook: Hook) {
+    let mut lab = lab(hook, "trunc");
+    let svc4 = tcp_v4_service(&mut lab);
+    let svc6 = tcp_v6_service(&mut lab);
+    lab.add_service(
+        sock(VIP_V4, 53),
+        PROTO_UDP,
+        42000..=42999,
+        &backends_v4(&[15], 53),
+    );
+    lab.add_service(
+        sock(VIP_V6, 53),
+        PROTO_UDP,
+        43000..=43999,
+        &backends_v6(&[15], 53),
+    );
+
+    // An established flow, so the ICMP errors below quote a NATed packet.
+    let syn = Pkt::tcp(client(CLIENT_V4, 39000), sock(VIP_V4, 80), TCP_SYN);
+    let (backend, port) = new_flow(&mut lab, hook, &svc4, &syn);
+    let sent = forwarded(hook, &syn, &svc4, backend, port).build_ip();
+    let syn6 = Pkt::tcp(client(CLIENT_V6, 39000), sock(VIP_V6, 80), TCP_SYN);
+    let (b6, p6) = new_flow(&mut lab, hook, &svc6, &syn6);
+    let sent6 = forwarded(hook, &syn6, &svc6, b6, p6).build_ip();
+
+    let frames = [
+        (
+            "TCP/IPv4 SYN",
+            Pkt::tcp(client(CLIENT_V4, 39001), sock(VIP_V4, 80), TCP_SYN).build(),
+        ),
+        (
+            "TCP/IPv6 SYN",
+            Pkt::tcp(client(CLIENT_V6, 39001), sock(VIP_V6, 80), TCP_SYN).build(),
+        ),
+        (
+            "UDP/IPv4",
+            Pkt::udp(client(CLIENT_V4, 39001), sock(VIP_V4, 53), b"").build(),
+        ),
+        (
+            "UDP/IPv6",
+            Pkt::udp(client(CLIENT_V6, 39001), sock(VIP_V6, 53), b"").build(),
+        ),
+        // Quotes of exactly IP header + 8 bytes: every cut loses a needed byte.
+        (
+            "ICMP frag needed",
+            Pkt::frag_needed(BACK_ROUTER_V4, SNAT_V4, 1400, &sent[..28]).build(),
+        ),
+        (
+            "ICMPv6 too big",
+            Pkt::packet_too_big(BACK_ROUTER_V6, SNAT_V6, 1400, &sent6[..48]).build(),
+        ),
+        // Not an error: only the 8-byte ICMP header is needed.
+        (
+            "ICMP echo request",
+            Pkt::icmp(CLIENT_V4.into(), VIP_V4.into(), 8, 0, [0, 1, 0, 1], b"").build(),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, full) in frames {
+        let mut ran = 0u64;
+        let mut wrong = Vec::new();
+        let first = lab.reasons();
+        for len in 0..full.len() {
+            let cut = &full[..len];
+            let before = lab.reasons();
+            let (action, out) = match lab.try_run(hook, cut) {
+                Ok(r) => r,
+                Err(e) => {
+                    assert!(
+                        hook.kernel_may_refuse(cut),
+                        "{what}: BPF_PROG_TEST_RUN refused a {len}-byte frame: {e}"
+                    );
+                    continue;
+                }
+            };
+            let after = lab.reasons();
+            ran += 1;
+            let counted = after[reason::PASS_TRUNCATED as usize]
+                == before[reason::PASS_TRUNCATED as usize] + 1
+                && after.iter().sum::<u64>() == before.iter().sum::<u64>() + 1;
+            if action != hook.pass() || out != cut || !counted {
+                wrong.push(format!(
+                    "    {len} bytes: {}, {}, counted as {}",
+                    hook.action_name(action),
+                    if out == cut { "unchanged" } else { "rewritten" },
+                    reason_delta(&before, &after)
+                ));
+            }
+        }
+        let last = lab.reasons();
+        let total = last.iter().sum::<u64>() - first.iter().sum::<u64>();
+        if !wrong.is_empty() || total != ran {
+            failures.push(format!(
+                "{what} ({} bytes; {ran} cuts run, {total} counted): cuts not passed unchanged \
+                 as pass_truncated:\n{}",
+                full.len(),
+                wrong.join("\n")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "truncated frames ({hook:?}), expected {} unchanged under pass_truncated:\n{}",
+        hook.action_name(hook.pass()),
+        failures.join("\n")
+    );
+    // The untruncated ICMP errors are translated (the quotes are complete).
+    let full = Pkt::frag_needed(BACK_ROUTER_V4, SNAT_V4, 1400, &sent[..28]).build();
+    let (action, _) = lab.run(hook, &full);
+    assert_eq!(
+        action,
+        hook.redirect(),
+        "the complete ICMP error is translated"
+    );
+}
+
+fn unparsed_packets_pass_with_their_reason(hook: Hook) {
+    let mut lab = lab(hook, "unparsed");
+    tcp_v4_service(&mut lab);
+    tcp_v6_service(&mut lab);
+    let syn4 = Pkt::tcp(client(CLIENT_V4, 39500), sock(VIP_V4, 80), TCP_SYN).build();
+    let syn6 = Pkt::tcp(client(CLIENT_V6, 39500), sock(VIP_V6, 80), TCP_SYN).build();
+
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("ARP", arp_frame(), reason::PASS_NOT_IP),
+        ("VLAN-tagged IPv4", vlan_tag(&syn4), reason::PASS_NOT_IP),
+        (
+            "IPv4 with options (IHL 6)",
+            ipv4_with_options(&syn4),
+            reason::PASS_IP_OPTIONS,
+        ),
+        (
+            "IPv4 IHL 4",
+            patch_ipv4(&syn4, |ip| ip[0] = 0x44),
+            reason::PASS_BAD_HEADER,
+        ),
+        (
+            "IPv4 version 5 under the IPv4 ethertype",
+            patch_ipv4(&syn4, |ip| ip[0] = 0x55),
+            reason::PASS_BAD_HEADER,
+        ),
+        (
+            "IPv6 version 4 under the IPv6 ethertype",
+            {
+                let mut f = syn6.clone();
+                f[ETH_LEN] = 0x40;
+                f
+            },
+            reason::PASS_BAD_HEADER,
+        ),
+        (
+            "TCP data offset 4",
+            tcp_data_offset(&syn4, 4),
+            reason::PASS_BAD_HEADER,
+        ),
+        (
+            "IPv6 with hop-by-hop options",
+            ipv6_with_hbh(&syn6),
+            reason::PASS_IPV6_EXT,
+        ),
+        (
+            "IPv4 first fragment (MF)",
+            patch_ipv4(&syn4, |ip| ip[6] |= 0x20),
+            reason::PASS_FRAGMENT,
+        ),
+        (
+            "IPv4 later fragment (offset 185)",
+            patch_ipv4(&syn4, |ip| {
+                ip[6] = 0;
+                ip[7] = 185
+            }),
+            reason::PASS_FRAGMENT,
+        ),
+        (
+            "GRE",
+            patch_ipv4(&syn4, |ip| ip[9] = 47),
+            reason::PASS_OTHER_PROTO,
+        ),
+        (
+            "ICMP echo request to the VIP",
+            Pkt::icmp(CLIENT_V4.into(), VIP_V4.into(), 8, 0, [0, 1, 0, 1], b"ping").build(),
+            reason::PASS_OTHER_PROTO,
+        ),
+        (
+            "ICMPv6 echo request to the VIP",
+            Pkt::icmp(
+                CLIENT_V6.into(),
+                VIP_V6.into(),
+                128,
+                0,
+                [0, 1, 0, 1],
+                b"ping",
+            )
+            .build(),
+            reason::PASS_OTHER_PROTO,
+        ),
+        (
+            "ICMP time exceeded",
+            Pkt::icmp(
+                BACK_ROUTER_V4.into(),
+                SNAT_V4.into(),
+                11,
+                0,
+                [0; 4],
+                &syn4[ETH_LEN..],
+            )
+            .build(),
+            reason::PASS_OTHER_PROTO,
+        ),
+        (
+            "ICMP unreachable about no flow",
+            Pkt::frag_needed(BACK_ROUTER_V4, SNAT_V4, 1400, &syn4[ETH_LEN..]).build(),
+            reason::PASS_ICMP_NO_FLOW,
+        ),
+        (
+            "ICMPv6 too big about no flow",
+            Pkt::packet_too_big(BACK_ROUTER_V6, SNAT_V6, 1400, &syn6[ETH_LEN..]).build(),
+            reason::PASS_ICMP_NO_FLOW,
+        ),
+        (
+            "TTL 1",
+            Pkt::tcp(client(CLIENT_V4, 39501), sock(VIP_V4, 80), TCP_SYN)
+                .with_ttl(1)
+                .build(),
+            reason::PASS_TTL_EXPIRED,
+        ),
+        (
+            "hop limit 1",
+            Pkt::tcp(client(CLIENT_V6, 39501), sock(VIP_V6, 80), TCP_SYN)
+                .with_ttl(1)
+                .build(),
+            reason::PASS_TTL_EXPIRED,
+        ),
+        (
+            "TTL 0",
+            Pkt::tcp(client(CLIENT_V4, 39502), sock(VIP_V4, 80), TCP_SYN)
+                .with_ttl(0)
+                .build(),
+            reason::PASS_TTL_EXPIRED,
+        ),
+    ];
+    let total_before: u64 = lab.reasons().iter().sum();
+    let n = cases.len() as u64;
+    for (what, frame, why) in cases {
+        expect_pass(&mut lab, hook, what, &frame, why);
+    }
+    let total_after: u64 = lab.reasons().iter().sum();
+    assert_eq!(
+        total_after - total_before,
+        n,
+        "every packet is counted under exactly one reason"
+    );
+}
+
+fn arp_frame() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&CLIENT_V4.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&VIP_V4.octets());
+    f
+}
+
+fn vlan_tag(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+fn ipv4_header_checksum(ip: &mut [u8]) {
+    let ihl = (ip[0] & 0x0f).max(5) as usize * 4;
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = lb_common_free_checksum(&ip[..ihl.min(ip.len())]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// RFC 1071 checksum, written here so the tests do not trust lb-common's.
+fn lb_common_free_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Edits the IPv4 header and fixes its checksum.
+fn patch_ipv4(frame: &[u8], f: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    f(&mut out[ETH_LEN..]);
+    ipv4_header_checksum(&mut out[ETH_LEN..]);
+    out
+}
+
+fn ipv4_with_options(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame[..ETH_LEN + 20].to_vec();
+    out.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+    out.extend_from_slice(&frame[ETH_LEN + 20..]);
+    let ip = &mut out[ETH_LEN..];
+    ip[0] = 0x46;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) + 4;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ipv4_header_checksum(ip);
+    out
+}
+
+fn ipv6_with_hbh(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame[..ETH_LEN + 40].to_vec();
+    let next = out[ETH_LEN + 6];
+    // Hop-by-hop: next header, length 0 (8 bytes), PadN of 4 bytes.
+    out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    out.extend_from_slice(&frame[ETH_LEN + 40..]);
+    out[ETH_LEN + 6] = 0;
+    let plen = u16::from_be_bytes([out[ETH_LEN + 4], out[ETH_LEN + 5]]) + 8;
+    out[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&plen.to_be_bytes());
+    out
+}
+
+fn tcp_data_offset(frame: &[u8], doff: u8) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let at = ETH_LEN + 20 + 12;
+    out[at] = (doff << 4) | (out[at] & 0x0f);
+    out
+}
+
+// ---- 8. draining and down backends ------------------------------------------------------------
+
+/// A source port whose new flow lands on a slot holding `backend`.
+fn port_landing_on(svc: &Svc, cip: IpAddr, vip: SocketAddr, backend: u32, skip: &[u16]) -> u16 {
+    (20000..60000u16)
+        .find(|&p| {
+            !skip.contains(&p)
+                && svc.slot_backend(&flow_key(client(cip, p), vip, svc.proto)) == backend
+        })
+        .expect("some source port hashes to every backend")
+}
+
+fn draining_keeps_flows_and_down_repicks(hook: Hook) {
+    let mut lab = lab(hook, "drain");
+    let svc = tcp_v4_service(&mut lab);
+    let vip = sock(VIP_V4, 80);
+    let b = svc.backends[1].0;
+    let p1 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[]);
+    let syn = Pkt::tcp(client(CLIENT_V4, p1), vip, TCP_SYN);
+    let (got, port) = new_flow(&mut lab, hook, &svc, &syn);
+    assert_eq!(got, b);
+
+    lab.set_backend_state(b, BACKEND_DRAINING);
+    let ack = syn.clone().with_flags(TCP_ACK);
+    let want = forwarded(hook, &ack, &svc, b, port).build();
+    expect(
+        &mut lab,
+        hook,
+        "established flow to a draining backend",
+        &ack.build(),
+        hook.redirect(),
+        &want,
+    );
+
+    // A new flow whose slot points at the draining backend probes onwards.
+    let p2 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[p1]);
+    let syn2 = Pkt::tcp(client(CLIENT_V4, p2), vip, TCP_SYN);
+    let key2 = syn2.flow_key();
+    let next = svc.tables[0][(svc.slot(&key2) + 1) % MAGLEV_SIZE as usize];
+    assert_ne!(next, b);
+    let want = forwarded(hook, &syn2, &svc, next, svc.first_snat_port(&key2)).build();
+    expect(
+        &mut lab,
+        hook,
+        "new flow on a draining backend's slot",
+        &syn2.build(),
+        hook.redirect(),
+        &want,
+    );
+
+    // Down: the established flow is re-picked like a new flow.
+    lab.set_backend_state(b, BACKEND_DOWN);
+    let key = syn.flow_key();
+    let repick = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
+    let want = forwarded(hook, &ack, &svc, repick, svc.first_snat_port(&key)).build();
+    expect(
+        &mut lab,
+        hook,
+        "established flow to a down backend",
+        &ack.build(),
+        hook.redirect(),
+        &want,
+    );
+    let f = lab
+        .conn(&key)
+        .expect("the forward entry survives a re-pick");
+    assert_eq!(
+        f.backend,
+        repick,
+        "CONNS must point at the new backend:\n{}",
+        lab.dump_conns()
+    );
+    let rkey = reverse_key(&svc, &syn, repick, svc.first_snat_port(&key));
+    expect_conn(
+        &lab,
+        "reverse entry after the re-pick",
+        &rkey,
+        reverse_conn(&svc, &syn, repick),
+    );
+
+    // Active again: new flows on its slots reach it again.
+    lab.set_backend_state(b, BACKEND_ACTIVE);
+    let p3 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[p1, p2]);
+    let (got, _) = new_flow(
+        &mut lab,
+        hook,
+        &svc,
+        &Pkt::tcp(client(CLIENT_V4, p3), vip, TCP_SYN),
+    );
+    assert_eq!(got, b);
+}
+
+// ---- 9. SNAT exhaustion -------------------------------------------------------------------------
+
+fn snat_exhaustion_drops(hook: Hook) {
+    let mut lab = lab(hook, "snat");
+    let vip = sock(std::net::Ipv4Addr::new(10, 0, 0, 101), 80);
+    let svc = lab.add_service(vip, PROTO_TCP, 45000..=45001, &backends_v4(&[19], 80));
+    let backend = svc.backends[0].0;
+    let mut used = Vec::new();
+    for cport in [46001u16, 46002] {
+        let syn = Pkt::tcp(client(CLIENT_V4, cport), vip, TCP_SYN);
+        let key = syn.flow_key();
+        let first = svc.first_snat_port(&key);
+        // The first free port from the hashed one, wrapping in the range.
+        let port = if used.contains(&first) {
+            (90001 - u32::from(first)) as u16
+        } else {
+            first
+        };
+        let want = forwarded(hook, &syn, &svc, backend, port).build();
+        expect(
+            &mut lab,
+            hook,
+            &format!("flow {} of 2", used.len() + 1),
+            &syn.build(),
+            hook.redirect(),
+            &want,
+        );
+        used.push(port);
+    }
+    used.sort();
+    assert_eq!(used, vec![45000, 45001]);
+
+    let syn = Pkt::tcp(client(CLIENT_V4, 46003), vip, TCP_SYN);
+    let frame = syn.build();
+    let before = lab.reasons();
+    let (action, out) = lab.run(hook, &frame);
+    assert!(
+        action == hook.drop_() && out == frame,
+        "third flow on a 2-port range: expected {} (unchanged), saw {}\n{}",
+        hook.action_name(hook.drop_()),
+        hook.action_name(action),
+        diff(&out, &frame)
+    );
+    expect_one_reason(
+        "third flow",
+        &before,
+        &lab.reasons(),
+        &[reason::DROP_SNAT_EXHAUSTED],
+    );
+    assert!(
+        lab.conn(&syn.flow_key()).is_none(),
+        "a dropped flow leaves no entry:\n{}",
+        lab.dump_conns()
+    );
+    assert_eq!(
+        lab.dp().conns().unwrap().len(),
+        4,
+        "two flows, four entries:\n{}",
+        lab.dump_conns()
+    );
+    assert_eq!(lab.service_counters(svc.id()).new_flows, 2);
+}
+
+// ---- forwarding corner cases ------------------------------------------------------------------------
+
+fn no_neighbour_and_oversized(hook: Hook) {
+    let mut lab = lab(hook, "fib");
+    let svc = tcp_v4_service(&mut lab);
+    let udp = lab.add_service(
+        sock(VIP_V4, 53),
+        PROTO_UDP,
+        42000..=42999,
+        &backends_v4(&[15], 53),
+    );
+
+    // A client without a neighbour entry: XDP hands the rewritten reply to
+    // the stack, TC lets bpf_redirect_neigh resolve it.
+    let stranger = std::net::Ipv4Addr::new(10, 0, 0, 3);
+    let syn = Pkt::tcp(client(stranger, 40100), sock(VIP_V4, 80), TCP_SYN);
+    let (backend, port) = new_flow(&mut lab, hook, &svc, &syn);
+    let synack = Pkt::tcp(
+        svc.backend_sock(backend),
+        sock(SNAT_V4, port),
+        TCP_SYN | TCP_ACK,
+    );
+    let rewritten = synack
+        .clone()
+        .from(sock(VIP_V4, 80))
+        .to(client(stranger, 40100))
+        .with_ttl(63);
+    let before = lab.reasons();
+    let (action, out) = lab.run(hook, &synack.build());
+    let after = lab.reasons();
+    match hook {
+        Hook::Xdp => {
+            assert_eq!(
+                action,
+                XDP_PASS,
+                "no neighbour: XDP_PASS, saw {}",
+                hook.action_name(action)
+            );
+            expect_one_reason(
+                "reply to a client without neighbour",
+                &before,
+                &after,
+                &[reason::FWD_STACK_NO_NEIGH],
+            );
+        }
+        Hook::Tc => {
+            assert_eq!(
+                action,
+                TC_ACT_REDIRECT,
+                "no neighbour: bpf_redirect_neigh, saw {}",
+                hook.action_name(action)
+            );
+            expect_one_reason(
+                "reply to a client without neighbour",
+                &before,
+                &after,
+                &[reason::FWD_REDIRECT],
+            );
+        }
+    }
+    assert_eq!(
+        &out[ETH_LEN..],
+        &rewritten.build()[ETH_LEN..],
+        "the reply is rewritten whatever the forwarding\n{}",
+        diff(&out, &rewritten.build())
+    );
+
+    // Bigger than the egress MTU (1500): the stack must fragment or send
+    // "fragmentation needed", so the rewritten packet goes to it.
+    let big = Pkt::udp(
+        client(CLIENT_V4, 40101),
+        sock(VIP_V4, 53),
+        &vec![0x5a; 1600],
+    );
+    let key = big.flow_key();
+    let b = udp.slot_backend(&key);
+    let want = big
+        .clone()
+        .from(sock(SNAT_V4, udp.first_snat_port(&key)))
+        .to(udp.backend_sock(b))
+        .with_ttl(63);
+    let before = lab.reasons();
+    let (action, out) = lab.run(hook, &big.build());
+    assert_eq!(
+        action,
+        hook.pass(),
+        "oversized: expected {}, saw {}",
+        hook.action_name(hook.pass()),
+        hook.action_name(action)
+    );
+    expect_one_reason(
+        "oversized packet",
+        &before,
+        &lab.reasons(),
+        &[reason::FWD_STACK_FRAG_NEEDED],
+    );
+    assert_eq!(
+        &out[ETH_LEN..],
+        &want.build()[ETH_LEN..],
+        "oversized packet rewritten\n{}",
+        diff(&out, &want.build())
+    );
+    assert!(
+        checksums(&out).all_valid(),
+        "checksums of the oversized packet: {:?}",
+        checksums(&out)
+    );
+}
+
+/// XDP only: a frame that arrives on the interface it must leave by is sent
+/// back out with XDP_TX.
+#[test]
+fn xdp_hairpin_uses_tx() {
+    let mut lab = PacketLab::new("hairpin");
+    let svc = tcp_v4_service(&mut lab);
+    let syn = Pkt::tcp(client(CLIENT_V4, 41000), sock(VIP_V4, 80), TCP_SYN);
+    let key = syn.flow_key();
+    let backend = svc.slot_backend(&key);
+    let want = forwarded(Hook::Xdp, &syn, &svc, backend, svc.first_snat_port(&key)).build();
+    let before = lab.reasons();
+    let back = lab.back_ifindex;
+    let (action, out) = lab.run_xdp_on(back, &syn.build());
+    assert!(
+        action == XDP_TX && out == want,
+        "SYN arriving on `back` for a backend behind `back`: expected XDP_TX, saw {}\n{}",
+        Hook::Xdp.action_name(action),
+        diff(&out, &want)
+    );
+    expect_one_reason("hairpin", &before, &lab.reasons(), &[reason::FWD_TX]);
+
+    // Arriving on `front`: a redirect to `back`.
+    let syn = Pkt::tcp(client(CLIENT_V4, 41001), sock(VIP_V4, 80), TCP_SYN);
+    let front = lab.front_ifindex;
+    let (action, _) = lab.run_xdp_on(front, &syn.build());
+    assert_eq!(
+        action,
+        XDP_REDIRECT,
+        "SYN arriving on `front`: {}",
+        Hook::Xdp.action_name(action)
+    );
+}
+
+/// The harness itself: checksums it calls valid are valid, and a broken one is seen.
+#[test]
+fn harness_checksum_verifier_catches_errors() {
+    let f = Pkt::tcp(client(CLIENT_V4, 1), sock(VIP_V4, 80), TCP_SYN).build();
+    assert_eq!(
+        checksums(&f),
+        Checksums {
+            ip: Some(true),
+            l4: Some(true),
+            inner_ip: None,
+            inner_l4: None
+        }
+    );
+    let mut bad = f.clone();
+    bad[ETH_LEN + 20 + 4] ^= 1;
+    assert_eq!(checksums(&bad).l4, Some(false));
+    let mut bad = f.clone();
+    bad[ETH_LEN + 8] ^= 1;
+    assert_eq!(checksums(&bad).ip, Some(false));
+    let icmp = Pkt::frag_needed(BACK_ROUTER_V4, SNAT_V4, 1400, &f[ETH_LEN..]).build();
+    let c = checksums(&icmp);
+    assert!(
+        c.all_valid() && c.inner_ip == Some(true) && c.inner_l4 == Some(true),
+        "{c:?}"
+    );
+    let six = Pkt::packet_too_big(
+        BACK_ROUTER_V6,
+        SNAT_V6,
+        1400,
+        &Pkt::udp(client(CLIENT_V6, 1), sock(VIP_V6, 53), b"q").build_ip(),
+    )
+    .build();
+    let c = checksums(&six);
+    assert!(
+        c.all_valid() && c.l4 == Some(true) && c.inner_l4 == Some(true),
+        "{c:?}"
+    );
+    let z = Pkt::udp(client(CLIENT_V4, 1), sock(VIP_V4, 53), b"q")
+        .with_zero_udp_csum()
+        .build();
+    assert_eq!(checksums(&z).l4, None);
+}
