@@ -1,7 +1,7 @@
 //! Attaching the data plane to interfaces, pinning the links, and the
 //! one-instance-per-pin-directory lock.
 //!
-//! Links are pinned under `<pin_dir>/links/<iface>.<xdp|tc>`, so forwarding
+//! Links are pinned under `<pin_dir>/links/<iface>@<xdp|tc>`, so forwarding
 //! goes on when the daemon dies (even `kill -9`). A restarted or upgraded
 //! daemon finds the pinned link and swaps its own program in with
 //! `bpf_link_update` (atomic; the pinned maps, connection table included,
@@ -52,23 +52,79 @@ impl std::fmt::Display for Hook {
 /// XDP program or GRO on the peer). Inside a Swarm container the peer lives in
 /// Docker's namespace, out of our control, so virtual interfaces get TC with
 /// `bpf_redirect_neigh`, which always works (DESIGN.md, toolchain facts).
+///
+/// "Physical" means the driver reports a bus address (PCI, virtio, ...)
+/// through the ethtool ioctl; veth, bridge, vxlan and friends report none.
+/// The ioctl, unlike /sys/class/net, answers for this process's network
+/// namespace whatever sysfs shows.
 pub fn auto_hook(iface: &str) -> (Hook, String) {
-    let sys = Path::new("/sys/class/net").join(iface);
-    if sys.join("device").exists() {
-        (Hook::Xdp, format!("{iface} is a physical device: XDP (fastest)"))
-    } else {
-        (
+    match driver_info(iface) {
+        Some((driver, bus)) if !bus.is_empty() => (
+            Hook::Xdp,
+            format!("{iface} is a physical device (driver {driver}, bus {bus}): XDP, the fastest hook"),
+        ),
+        Some((driver, _)) => (
             Hook::Tc,
             format!(
-                "{iface} is a virtual device (veth/bridge/overlay): TC, because XDP redirect into \
-                 a veth needs NAPI on a peer we may not control"
+                "{iface} is a virtual device (driver {driver}): TC, because XDP redirect into a veth \
+                 needs NAPI on a peer that may live in another namespace"
             ),
-        )
+        ),
+        None => (Hook::Tc, format!("{iface}: driver unknown, TC (works on every device)")),
     }
 }
 
+/// (driver, bus_info) from ETHTOOL_GDRVINFO.
+fn driver_info(iface: &str) -> Option<(String, String)> {
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    fn text(b: &[u8]) -> String {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: all-zero is a valid DrvInfo and ifreq (plain C structs).
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: a datagram socket only used for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points at a live DrvInfo.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    (rc == 0).then(|| (text(&info.driver), text(&info.bus_info)))
+}
+
+/// bpffs refuses names with a dot (reserved for its own files), so a dot in
+/// an interface name (`eth0.100`) is written as `%2e`.
 fn link_path(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
-    pin_dir.join("links").join(format!("{iface}.{}", hook.suffix()))
+    let name = iface.replace('%', "%25").replace('.', "%2e");
+    pin_dir.join("links").join(format!("{name}@{}", hook.suffix()))
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
@@ -154,9 +210,9 @@ pub fn pinned_links(pin_dir: &Path) -> Result<Vec<(String, Hook)>> {
     }
     for e in std::fs::read_dir(&links)? {
         let name = e?.file_name().to_string_lossy().into_owned();
-        if let Some((iface, kind)) = name.rsplit_once('.') {
+        if let Some((iface, kind)) = name.rsplit_once('@') {
             let hook = if kind == "xdp" { Hook::Xdp } else { Hook::Tc };
-            out.push((iface.to_string(), hook));
+            out.push((iface.replace("%2e", ".").replace("%25", "%"), hook));
         }
     }
     Ok(out)

@@ -831,13 +831,11 @@ impl HostFacts {
     /// range from `/proc/sys/net/ipv4/ip_local_port_range`. Both are per
     /// network namespace, so run it in the namespace the daemon serves.
     pub fn read() -> anyhow::Result<Self> {
-        const NET: &str = "/sys/class/net";
         const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-        let mut interfaces = Vec::new();
-        for entry in std::fs::read_dir(NET).with_context(|| format!("listing {NET}"))? {
-            let entry = entry.with_context(|| format!("listing {NET}"))?;
-            interfaces.push(entry.file_name().to_string_lossy().into_owned());
-        }
+        // if_nameindex(3) asks the kernel through a socket, so it lists the
+        // interfaces of this process's network namespace even when /sys was
+        // mounted for another one (nsenter, a container's view of sysfs).
+        let mut interfaces = interface_names().context("listing network interfaces")?;
         interfaces.sort();
         let text = std::fs::read_to_string(RANGE).with_context(|| format!("reading {RANGE}"))?;
         let local_port_range = parse_local_port_range(&text)
@@ -847,6 +845,28 @@ impl HostFacts {
             local_port_range,
         })
     }
+}
+
+/// Names of this network namespace's interfaces.
+fn interface_names() -> std::io::Result<Vec<String>> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry,
+    // or null on error; it is freed with if_freenameindex below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    let mut p = list;
+    // SAFETY: walking the array up to its terminating zero entry; each
+    // if_name is a valid NUL-terminated string until if_freenameindex.
+    unsafe {
+        while (*p).if_index != 0 {
+            names.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    Ok(names)
 }
 
 /// Parses the contents of `ip_local_port_range` ("32768\t60999\n").
@@ -996,6 +1016,15 @@ impl fmt::Display for Proto {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
         })
+    }
+}
+
+impl From<Family> for crate::discovery::Family {
+    fn from(f: Family) -> Self {
+        match f {
+            Family::V4 => Self::V4,
+            Family::V6 => Self::V6,
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! that touches BPF maps). Everything except `maps` is pure or talks only to
 //! the network, so it is unit-tested without root.
 pub mod attach;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod discovery;
 pub mod health;
 pub mod maglev;

@@ -1,4 +1,26 @@
-fn main() {
-    eprintln!("xdplb: the daemon arrives with issue 3");
-    std::process::exit(2);
+//! The `xdplb` binary: parses the command line, sets up logging, dispatches.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use lb_user::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_target(false)
+        .init();
+    let res = match cli.command {
+        Command::Run(args) => lb_user::daemon::run_cli(args),
+        Command::Down(args) => lb_user::daemon::down(&args.pin_dir),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line an operator can act on; the chain says what we were doing.
+            eprintln!("xdplb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

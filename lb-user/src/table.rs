@@ -80,6 +80,8 @@ struct ServiceState {
     halves: [Vec<u32>; 2],
     /// Backend index per address.
     backends: BTreeMap<SocketAddr, u32>,
+    /// Backends that were `active` in the pinned maps at adoption.
+    adopted_active: Vec<SocketAddr>,
 }
 
 pub struct Writer {
@@ -119,6 +121,11 @@ impl Writer {
         self.services.get(name).map(|s| &s.svc)
     }
 
+    /// Backends of service `name` that were `active` in the pinned maps.
+    pub fn adopted_active(&self, name: &str) -> Vec<SocketAddr> {
+        self.services.get(name).map(|s| s.adopted_active.clone()).unwrap_or_default()
+    }
+
     /// Backend index of `addr` in service `name`.
     pub fn backend_index(&self, name: &str, addr: SocketAddr) -> Option<u32> {
         self.services.get(name)?.backends.get(&addr).copied()
@@ -152,9 +159,13 @@ impl Writer {
                     .collect::<Result<_>>()?;
             }
             let mut backends = BTreeMap::new();
+            let mut adopted_active = Vec::new();
             for (index, b) in pinned_backends.remove(&svc.id).unwrap_or_default() {
                 let addr = SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be));
                 backends.insert(addr, index);
+                if b.state == BACKEND_ACTIVE {
+                    adopted_active.push(addr);
+                }
                 self.used_backends.insert(index, svc.id);
             }
             tracing::info!(
@@ -173,7 +184,7 @@ impl Writer {
             self.dp.set_service(&key, &svc)?;
             self.services.insert(
                 spec.name.clone(),
-                ServiceState { spec: spec.clone(), svc, halves, backends },
+                ServiceState { spec: spec.clone(), svc, halves, backends, adopted_active },
             );
         }
         // Pinned services that are no longer configured (or changed shape).
@@ -222,7 +233,13 @@ impl Writer {
             self.dp.set_service(&spec.key(), &svc)?;
             self.services.insert(
                 spec.name.clone(),
-                ServiceState { spec: spec.clone(), svc, halves: stale, backends: BTreeMap::new() },
+                ServiceState {
+                    spec: spec.clone(),
+                    svc,
+                    halves: stale,
+                    backends: BTreeMap::new(),
+                    adopted_active: Vec::new(),
+                },
             );
         }
         Ok(())

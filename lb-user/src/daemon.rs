@@ -1,0 +1,353 @@
+//! `xdplb run` and `xdplb down`: validate, lock, load (adopting pinned
+//! state), attach, then keep the maps in step with DNS and health checks
+//! until a signal arrives.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use crate::{
+    attach::{self, Hook, InstanceLock},
+    cli::RunArgs,
+    config::{AttachMode, CheckKind, Config, HostFacts, Proto, ServiceConfig, ShortForm},
+    discovery::{self, HickoryResolve},
+    health::{self, CheckSpec, HealthEvent, SpecKind},
+    maps::{DataPlane, LoadOptions},
+    state::{self, BackendTracker, Transition},
+    table::{ServiceSpec, Writer},
+};
+
+/// `xdplb run`: builds the config from the command line, then runs.
+pub fn run_cli(args: RunArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::from_short_form(ShortForm {
+            interfaces: args.iface.clone(),
+            listen: args.listen.clone().context("--listen is required without --config")?,
+            backends: args.backends.clone().context("--backends is required without --config")?,
+            nameserver: args.nameserver,
+            check: args.check.clone(),
+            attach: args.attach,
+        })?,
+    };
+    if let Some(dir) = &args.pin_dir {
+        cfg.pin_dir = dir.clone();
+        cfg.check_consistency()?;
+    }
+    let facts = HostFacts::read().context("reading interfaces and ip_local_port_range")?;
+    cfg.validate(&facts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run(cfg, args.persist))
+}
+
+/// `xdplb down`: removes pinned links (detaching the programs) and maps.
+pub fn down(pin_dir: &Path) -> Result<()> {
+    if InstanceLock::is_held(pin_dir) {
+        bail!(
+            "an xdplb instance is running with pin directory {}: stop it (SIGTERM) instead",
+            pin_dir.display()
+        );
+    }
+    if !pin_dir.exists() {
+        bail!("nothing to remove: {} does not exist", pin_dir.display());
+    }
+    let links = attach::pinned_links(pin_dir)?;
+    attach::teardown(pin_dir)?;
+    for (iface, hook) in links {
+        tracing::info!("{iface}: {hook} program detached");
+    }
+    tracing::info!("removed pinned state under {}", pin_dir.display());
+    Ok(())
+}
+
+fn spec_of(s: &ServiceConfig) -> ServiceSpec {
+    ServiceSpec {
+        name: s.name.clone(),
+        listen: SocketAddr::new(s.listen.addr, s.listen.port),
+        udp: s.listen.proto == Proto::Udp,
+        maglev_size: s.maglev_size,
+        snat_ports: s.snat.ports,
+        snat_addr: s.snat.addr,
+    }
+}
+
+fn check_spec(s: &ServiceConfig) -> Option<CheckSpec> {
+    let kind = match &s.check.kind {
+        CheckKind::None => return None,
+        CheckKind::Tcp => SpecKind::Tcp,
+        CheckKind::Http { path, expect_status } => {
+            SpecKind::Http { path: path.clone(), expect_status: *expect_status }
+        }
+    };
+    Some(CheckSpec { kind, timeout: s.check.timeout })
+}
+
+/// One service at run time.
+struct Svc {
+    cfg: ServiceConfig,
+    tracker: BackendTracker,
+    checkers: HashMap<SocketAddr, (watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+/// The running balancer. Owns the writer and the per-service state.
+pub async fn run(cfg: Config, persist: bool) -> Result<()> {
+    let lock = InstanceLock::acquire(&cfg.pin_dir)?;
+    let fresh = !cfg.pin_dir.join("links").exists();
+    let started = start(&cfg).await;
+    let (mut writer, mut services) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            if fresh {
+                // Leave nothing behind that we created.
+                let _ = attach::teardown(&cfg.pin_dir);
+            }
+            return Err(e);
+        }
+    };
+
+    let (health_tx, mut health_rx) = mpsc::channel::<(usize, HealthEvent)>(4096);
+    let (dns_tx, mut dns_rx) = mpsc::channel::<(usize, BTreeSet<IpAddr>)>(64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http = health::http_client();
+    let mut tasks = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        let b = &s.cfg.backends;
+        // Seeded with the adopted tasks: a restart that meets NXDOMAIN or a
+        // silent resolver keeps them (discovery needs `empty_polls` answers).
+        let seed: BTreeSet<IpAddr> = s.tracker.backends().map(|b| b.addr.ip()).collect();
+        let (tx, mut rx) = watch::channel(seed);
+        let resolver = HickoryResolve::new(b.nameserver, b.interval.min(discovery::DEFAULT_QUERY_TIMEOUT));
+        tasks.push(tokio::spawn(discovery::run(
+            resolver,
+            b.name.clone(),
+            b.family.into(),
+            b.interval,
+            b.empty_polls,
+            tx,
+            stop_rx.clone(),
+        )));
+        let fwd = dns_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let set = rx.borrow_and_update().clone();
+                if fwd.send((i, set)).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(dns_tx);
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tracing::info!("running; SIGTERM or Ctrl-C stops{}", if persist { " (--persist: state stays)" } else { "" });
+
+    loop {
+        let now = Instant::now();
+        let (i, transitions) = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = int.recv() => { tracing::info!("interrupt received"); break }
+            Some((i, set)) = dns_rx.recv() => {
+                let s = &mut services[i];
+                let port = s.cfg.backends.port;
+                tracing::debug!(service = %s.cfg.name, tasks = set.len(), "DNS answer changed");
+                (Some(i), s.tracker.on_dns(&set, port, now.into_std()))
+            }
+            Some((i, ev)) = health_rx.recv() => {
+                (Some(i), services[i].tracker.on_event(&ev, now.into_std()))
+            }
+            _ = tick.tick() => (None, Vec::new()),
+        };
+        let mut changed: Vec<(usize, Vec<Transition>)> = Vec::new();
+        if let Some(i) = i {
+            changed.push((i, transitions));
+        }
+        for (j, s) in services.iter_mut().enumerate() {
+            let t = s.tracker.on_tick(now.into_std());
+            if !t.is_empty() {
+                changed.push((j, t));
+            }
+        }
+        for (i, transitions) in changed {
+            if transitions.is_empty() {
+                continue;
+            }
+            let s = &mut services[i];
+            for t in &transitions {
+                tracing::info!(service = %s.cfg.name, "{t}");
+            }
+            reconcile_checkers(i, s, &http, &health_tx, &stop_rx);
+            apply(&mut writer, s)?;
+        }
+    }
+
+    let _ = stop_tx.send(true);
+    for s in &mut services {
+        for (_, (tx, _)) in s.checkers.drain() {
+            let _ = tx.send(true);
+        }
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    drop(writer);
+    if persist {
+        tracing::info!(
+            "--persist: programs stay attached and maps pinned under {}; `xdplb down` removes them",
+            cfg.pin_dir.display()
+        );
+    } else {
+        attach::teardown(&cfg.pin_dir)?;
+        tracing::info!("detached and removed pinned state under {}", cfg.pin_dir.display());
+    }
+    drop(lock);
+    Ok(())
+}
+
+/// Loads (adopting pinned maps and links), writes CONFIG, attaches.
+async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
+    let specs: Vec<ServiceSpec> = cfg.services.iter().map(spec_of).collect();
+    let maglev_capacity = specs
+        .iter()
+        .map(|s| 2 * s.maglev_size)
+        .sum::<u32>()
+        .max(lb_common::DEFAULT_MAGLEV_CAPACITY);
+    let mut dp = DataPlane::load(&LoadOptions {
+        pin_dir: cfg.pin_dir.clone(),
+        conns_capacity: cfg.conntrack.capacity,
+        maglev_capacity,
+    })?;
+    let adopted_conns = dp.conns().map(|c| c.len()).unwrap_or(0);
+    if adopted_conns > 0 {
+        tracing::info!(entries = adopted_conns, "adopted pinned connection table");
+    }
+    dp.set_config(&cfg.dataplane_config())?;
+    let mut writer = Writer::new(dp, maglev_capacity, &specs)?;
+    for iface in &cfg.interfaces {
+        let (hook, why) = match cfg.attach {
+            AttachMode::Auto => attach::auto_hook(iface),
+            AttachMode::Xdp => (Hook::Xdp, format!("{iface}: XDP (configured)")),
+            AttachMode::Tc => (Hook::Tc, format!("{iface}: TC (configured)")),
+        };
+        tracing::info!("attach mode for {why}");
+        let msg = attach::attach(writer.data_plane_mut(), iface, hook)?;
+        tracing::info!("{msg}");
+    }
+
+    let now = std::time::Instant::now();
+    let mut services = Vec::new();
+    for s in &cfg.services {
+        let mut tracker = BackendTracker::new(
+            s.backends.name.clone(),
+            check_spec(s).is_some(),
+            s.drain_timeout,
+        );
+        // Adopted backends that were active stay active while their checks
+        // start over: a restart must not take healthy tasks out of rotation.
+        let adopted: Vec<SocketAddr> = writer.adopted_active(&s.name);
+        if !adopted.is_empty() {
+            for t in tracker.adopt_active(&adopted, now) {
+                tracing::info!(service = %s.name, "{t}");
+            }
+        }
+        services.push(Svc { cfg: s.clone(), tracker, checkers: HashMap::new() });
+    }
+    Ok((writer, services))
+}
+
+/// Starts checkers for backends the tracker knows and stops the others.
+fn reconcile_checkers(
+    i: usize,
+    s: &mut Svc,
+    http: &reqwest::Client,
+    tx: &mpsc::Sender<(usize, HealthEvent)>,
+    stop: &watch::Receiver<bool>,
+) {
+    let Some(spec) = check_spec(&s.cfg) else {
+        return;
+    };
+    let wanted: BTreeSet<SocketAddr> = s.tracker.backends().map(|b| b.addr).collect();
+    s.checkers.retain(|addr, (stop_one, _)| {
+        let keep = wanted.contains(addr);
+        if !keep {
+            let _ = stop_one.send(true);
+        }
+        keep
+    });
+    for addr in wanted {
+        if s.checkers.contains_key(&addr) {
+            continue;
+        }
+        let target = SocketAddr::new(addr.ip(), s.cfg.check.port.unwrap_or(addr.port()));
+        let (stop_one, stop_rx) = watch::channel(false);
+        let (ev_tx, mut ev_rx) = mpsc::channel::<HealthEvent>(16);
+        let fwd = tx.clone();
+        let mut global_stop = stop.clone();
+        let c = &s.cfg.check;
+        let checker = tokio::spawn(health::run_checker(
+            http.clone(),
+            target,
+            spec.clone(),
+            c.interval,
+            c.rise,
+            c.fall,
+            ev_tx,
+            stop_rx,
+        ));
+        let handle = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = ev_rx.recv() => match ev {
+                        Some(mut ev) => {
+                            // Events are keyed by the backend address, which
+                            // differs from the check target with check_port.
+                            ev.target = addr;
+                            if fwd.send((i, ev)).await.is_err() { break }
+                        }
+                        None => break,
+                    },
+                    _ = global_stop.changed() => break,
+                }
+            }
+            checker.abort();
+        });
+        s.checkers.insert(addr, (stop_one, handle));
+    }
+}
+
+/// Writes the tracker's view of one service into the maps.
+fn apply(writer: &mut Writer, s: &Svc) -> Result<()> {
+    let backends: BTreeMap<SocketAddr, u8> = s
+        .tracker
+        .backends()
+        .map(|b| (b.addr, state::data_plane_state(b.state)))
+        .collect();
+    let report = writer
+        .apply(&s.cfg.name, &backends)
+        .with_context(|| format!("updating the maps of service {}", s.cfg.name))?;
+    if report.flipped {
+        tracing::info!(
+            service = %s.cfg.name,
+            active = report.active,
+            slots_changed = report.slots_written,
+            "Maglev table flipped"
+        );
+    }
+    Ok(())
+}
