@@ -16,18 +16,42 @@ pub fn add16(acc: u32, old: u16, new: u16) -> u32 {
 /// Adds the change of a 32-bit field (two words).
 #[inline(always)]
 pub fn add32(acc: u32, old: [u8; 4], new: [u8; 4]) -> u32 {
-    let acc = add16(acc, u16::from_be_bytes([old[0], old[1]]), u16::from_be_bytes([new[0], new[1]]));
-    add16(acc, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
+    let acc = add16(
+        acc,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
+    add16(
+        acc,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+    )
 }
 
 /// Adds the change of an address: the first 4 bytes (IPv4) or all 16 (IPv6).
 #[inline(always)]
 pub fn add_addr(acc: u32, old: &[u8; 16], new: &[u8; 16], v6: bool) -> u32 {
-    let mut acc = add32(acc, [old[0], old[1], old[2], old[3]], [new[0], new[1], new[2], new[3]]);
+    let mut acc = add32(
+        acc,
+        [old[0], old[1], old[2], old[3]],
+        [new[0], new[1], new[2], new[3]],
+    );
     if v6 {
-        acc = add32(acc, [old[4], old[5], old[6], old[7]], [new[4], new[5], new[6], new[7]]);
-        acc = add32(acc, [old[8], old[9], old[10], old[11]], [new[8], new[9], new[10], new[11]]);
-        acc = add32(acc, [old[12], old[13], old[14], old[15]], [new[12], new[13], new[14], new[15]]);
+        acc = add32(
+            acc,
+            [old[4], old[5], old[6], old[7]],
+            [new[4], new[5], new[6], new[7]],
+        );
+        acc = add32(
+            acc,
+            [old[8], old[9], old[10], old[11]],
+            [new[8], new[9], new[10], new[11]],
+        );
+        acc = add32(
+            acc,
+            [old[12], old[13], old[14], old[15]],
+            [new[12], new[13], new[14], new[15]],
+        );
     }
     acc
 }
@@ -109,7 +133,10 @@ mod tests {
     fn ipv6_address_change_touches_all_words() {
         let a = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         let b = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0, 0, 2];
-        assert_ne!(fold(add_addr(0, &a, &b, true)), fold(add_addr(0, &a, &b, false)));
+        assert_ne!(
+            fold(add_addr(0, &a, &b, true)),
+            fold(add_addr(0, &a, &b, false))
+        );
     }
 
     #[test]

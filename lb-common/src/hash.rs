@@ -15,8 +15,14 @@ fn word(b: &[u8], i: usize) -> u32 {
 /// murmur3-style mixing step.
 #[inline(always)]
 fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -53,7 +59,11 @@ mod tests {
     use crate::{FAMILY_V4, PROTO_TCP};
 
     fn key(sport: u16) -> FlowKey {
-        let mut k = FlowKey { proto: PROTO_TCP, family: FAMILY_V4, ..Default::default() };
+        let mut k = FlowKey {
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
         k.src[..4].copy_from_slice(&[10, 0, 0, 2]);
         k.dst[..4].copy_from_slice(&[10, 0, 0, 1]);
         k.sport_be = sport.to_be();
@@ -68,7 +78,10 @@ mod tests {
             buckets[(flow_hash(&key(10_000 + p)) % 16) as usize] += 1;
         }
         for (i, b) in buckets.iter().enumerate() {
-            assert!((800..1200).contains(b), "bucket {i} holds {b} of 16000, expected about 1000");
+            assert!(
+                (800..1200).contains(b),
+                "bucket {i} holds {b} of 16000, expected about 1000"
+            );
         }
     }
 

@@ -200,7 +200,10 @@ fn pick(svc: &Service, hash: u32) -> Option<(u32, &'static Backend)> {
 /// Reserves a SNAT port by inserting the reverse entry (`s.key2` ->
 /// `nf.rev`). Returns the port in network byte order.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "inlined; a struct would cost BPF stack")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; a struct would cost BPF stack"
+)]
 fn snat_port(
     s: &mut Scratch,
     nf: &mut NewFlow,

@@ -34,7 +34,11 @@ impl Out {
     /// Leave the packet untouched and let the stack have it.
     #[inline(always)]
     pub fn pass(reason: u32) -> Self {
-        Self { verdict: Verdict::Pass, reason, ret: 0 }
+        Self {
+            verdict: Verdict::Pass,
+            reason,
+            ret: 0,
+        }
     }
     /// Hand a rewritten packet to the stack, which forwards it.
     #[inline(always)]
@@ -43,15 +47,27 @@ impl Out {
     }
     #[inline(always)]
     pub fn drop(reason: u32) -> Self {
-        Self { verdict: Verdict::Drop, reason, ret: 0 }
+        Self {
+            verdict: Verdict::Drop,
+            reason,
+            ret: 0,
+        }
     }
     #[inline(always)]
     pub fn tx() -> Self {
-        Self { verdict: Verdict::Tx, reason: reason::FWD_TX, ret: 0 }
+        Self {
+            verdict: Verdict::Tx,
+            reason: reason::FWD_TX,
+            ret: 0,
+        }
     }
     #[inline(always)]
     pub fn redirect(ret: u32) -> Self {
-        Self { verdict: Verdict::Redirect, reason: reason::FWD_REDIRECT, ret }
+        Self {
+            verdict: Verdict::Redirect,
+            reason: reason::FWD_REDIRECT,
+            ret,
+        }
     }
 
     #[inline(always)]
@@ -68,8 +84,8 @@ impl Out {
     pub fn tc_action(self) -> i32 {
         match self.verdict {
             // TC never returns Tx: `Tc::redirect` always redirects.
-            Verdict::Pass | Verdict::Tx => TC_ACT_OK as i32,
-            Verdict::Drop => TC_ACT_SHOT as i32,
+            Verdict::Pass | Verdict::Tx => TC_ACT_OK,
+            Verdict::Drop => TC_ACT_SHOT,
             Verdict::Redirect => self.ret as i32,
         }
     }
@@ -129,7 +145,11 @@ fn is_reply(s: &mut Scratch, cfg: &Config) -> bool {
     if cfg.snat_port_min == 0 || dport < cfg.snat_port_min || dport > cfg.snat_port_max {
         return false;
     }
-    s.addr_key = AddrKey { addr: s.key.dst, family: s.key.family, _pad: [0; 3] };
+    s.addr_key = AddrKey {
+        addr: s.key.dst,
+        family: s.key.family,
+        _pad: [0; 3],
+    };
     SNAT_ADDRS.get_ptr(&s.addr_key).is_some()
 }
 

@@ -2,9 +2,10 @@
 //! the final forwarding step are the only things XDP and TC do differently.
 
 use ::core::mem::size_of;
-
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT},
+    bindings::{
+        bpf_fib_lookup, xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT,
+    },
     helpers::generated::bpf_redirect_neigh,
     programs::{TcContext, XdpContext},
     EbpfContext as _,
@@ -106,7 +107,11 @@ impl Packet for Xdp {
     fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, _v6: bool) {
         if let Some(old) = read16(self, off) {
             let acc = acc_pseudo + acc_plain;
-            let new = if udp { csum::apply_udp(old, acc) } else { csum::apply(old, acc) };
+            let new = if udp {
+                csum::apply_udp(old, acc)
+            } else {
+                csum::apply(old, acc)
+            };
             write16(self, off, new);
         }
     }

@@ -1,7 +1,6 @@
 //! Forwarding after the rewrite: a FIB lookup, then the hook's way out.
 
 use ::core::mem::{size_of, zeroed};
-
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,

@@ -6,7 +6,6 @@
 //! the inner one.
 
 use ::core::mem::offset_of;
-
 use lb_common::{csum, reason, Conn, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 use network_types::{
     icmp::Icmpv4Hdr,
@@ -17,9 +16,8 @@ use crate::{
     core::{Out, Verdict},
     ctx::{ptr_at, ptr_at_mut, read16, write16, Packet},
     fwd,
-    maps::CONNS,
+    maps::{Scratch, CONNS},
     nat,
-    maps::Scratch,
     parse::{l4_csum_off, L3_OFF},
 };
 
@@ -64,7 +62,8 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     if inner_l4_off + QUOTED_L4_MIN > ip_end {
         return Err(Out::pass(reason::PASS_TRUNCATED));
     }
-    let ports = ptr_at::<C, [u8; QUOTED_L4_MIN]>(ctx, inner_l4_off).ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+    let ports = ptr_at::<C, [u8; QUOTED_L4_MIN]>(ctx, inner_l4_off)
+        .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
     // SAFETY: `ptr_at` bounds-checked the 8 quoted bytes.
     let ports = unsafe { *ports };
     s.key.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
@@ -93,8 +92,10 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     let mut acc_icmp = acc_addr + acc_ports;
     let bad = Out::pass(reason::PASS_TRUNCATED);
     if v6 {
-        let src = ptr_at_mut::<C, [u8; 16]>(ctx, inner_off + offset_of!(Ipv6Hdr, src_addr)).ok_or(bad)?;
-        let dst = ptr_at_mut::<C, [u8; 16]>(ctx, inner_off + offset_of!(Ipv6Hdr, dst_addr)).ok_or(bad)?;
+        let src =
+            ptr_at_mut::<C, [u8; 16]>(ctx, inner_off + offset_of!(Ipv6Hdr, src_addr)).ok_or(bad)?;
+        let dst =
+            ptr_at_mut::<C, [u8; 16]>(ctx, inner_off + offset_of!(Ipv6Hdr, dst_addr)).ok_or(bad)?;
         // SAFETY: both pointers were bounds-checked by `ptr_at_mut`.
         unsafe {
             *src = e.new_dst;
@@ -106,8 +107,10 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
         let new = csum::apply(old, acc_addr);
         write16(ctx, check_off, new).ok_or(bad)?;
         acc_icmp = csum::add16(acc_icmp, old, new);
-        let src = ptr_at_mut::<C, [u8; 4]>(ctx, inner_off + offset_of!(Ipv4Hdr, src_addr)).ok_or(bad)?;
-        let dst = ptr_at_mut::<C, [u8; 4]>(ctx, inner_off + offset_of!(Ipv4Hdr, dst_addr)).ok_or(bad)?;
+        let src =
+            ptr_at_mut::<C, [u8; 4]>(ctx, inner_off + offset_of!(Ipv4Hdr, src_addr)).ok_or(bad)?;
+        let dst =
+            ptr_at_mut::<C, [u8; 4]>(ctx, inner_off + offset_of!(Ipv4Hdr, dst_addr)).ok_or(bad)?;
         // SAFETY: both pointers were bounds-checked by `ptr_at_mut`.
         unsafe {
             *src = [e.new_dst[0], e.new_dst[1], e.new_dst[2], e.new_dst[3]];
@@ -119,10 +122,18 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     // The quoted L4 checksum is only there if the router quoted enough bytes
     // (RFC 792 promises 8; Linux quotes far more).
     let l4_check = l4_csum_off(inner_l4_off, ikey.proto);
-    let quoted_check = if l4_check + 2 <= ip_end { read16(ctx, l4_check) } else { None };
+    let quoted_check = if l4_check + 2 <= ip_end {
+        read16(ctx, l4_check)
+    } else {
+        None
+    };
     if let Some(old) = quoted_check {
         let acc = acc_addr + acc_ports;
-        let new = if ikey.proto == PROTO_UDP { csum::apply_udp(old, acc) } else { csum::apply(old, acc) };
+        let new = if ikey.proto == PROTO_UDP {
+            csum::apply_udp(old, acc)
+        } else {
+            csum::apply(old, acc)
+        };
         write16(ctx, l4_check, new).ok_or(bad)?;
         acc_icmp = csum::add16(acc_icmp, old, new);
     }
@@ -152,7 +163,11 @@ fn inner_v4<C: Packet>(ctx: &C, off: usize, k: &mut FlowKey) -> Result<usize, Ou
     if ip.version() != 4 || ip.ihl() != 20 || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP) {
         return Err(Out::pass(reason::PASS_ICMP_NO_FLOW));
     }
-    *k = FlowKey { proto: ip.proto, family: FAMILY_V4, ..FlowKey::default() };
+    *k = FlowKey {
+        proto: ip.proto,
+        family: FAMILY_V4,
+        ..FlowKey::default()
+    };
     k.src[..4].copy_from_slice(&ip.src_addr);
     k.dst[..4].copy_from_slice(&ip.dst_addr);
     Ok(off + Ipv4Hdr::LEN)

@@ -7,11 +7,12 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
-use crate::parse::L3;
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, DEFAULT_CONNS_CAPACITY,
     DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, MAX_TX_PORTS,
 };
+
+use crate::parse::L3;
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -1,7 +1,6 @@
 //! Full-NAT rewrite of the outer headers, checksums patched incrementally.
 
 use ::core::mem::offset_of;
-
 use lb_common::{csum, Conn, PROTO_UDP};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -23,9 +22,19 @@ const V6_DST: usize = L3_OFF + offset_of!(Ipv6Hdr, dst_addr);
 /// fixes the IPv4 header checksum. Returns the address accumulator, which
 /// every checksum with a pseudo-header must also absorb.
 #[inline(always)]
-pub fn rewrite_ip<C: Packet>(ctx: &mut C, l3: &L3, new_src: &[u8; 16], new_dst: &[u8; 16]) -> Option<u32> {
+pub fn rewrite_ip<C: Packet>(
+    ctx: &mut C,
+    l3: &L3,
+    new_src: &[u8; 16],
+    new_dst: &[u8; 16],
+) -> Option<u32> {
     let v6 = l3.is_v6();
-    let acc_addr = csum::add_addr(csum::add_addr(0, &l3.src, new_src, v6), &l3.dst, new_dst, v6);
+    let acc_addr = csum::add_addr(
+        csum::add_addr(0, &l3.src, new_src, v6),
+        &l3.dst,
+        new_dst,
+        v6,
+    );
     if v6 {
         let src = ptr_at_mut::<C, [u8; 16]>(ctx, V6_SRC)?;
         let dst = ptr_at_mut::<C, [u8; 16]>(ctx, V6_DST)?;
@@ -59,7 +68,13 @@ pub fn rewrite_ip<C: Packet>(ctx: &mut C, l3: &L3, new_src: &[u8; 16], new_dst: 
 /// parsing; kept for the verifier).
 /// Out of line: its own BPF stack frame (see `conntrack::new_flow`).
 #[inline(never)]
-pub fn rewrite<C: Packet>(ctx: &mut C, l3: &L3, sport_be: u16, dport_be: u16, c: &Conn) -> Option<()> {
+pub fn rewrite<C: Packet>(
+    ctx: &mut C,
+    l3: &L3,
+    sport_be: u16,
+    dport_be: u16,
+    c: &Conn,
+) -> Option<()> {
     let acc_addr = rewrite_ip(ctx, l3, &c.new_src, &c.new_dst)?;
     let old_sport = u16::from_be(sport_be);
     let old_dport = u16::from_be(dport_be);

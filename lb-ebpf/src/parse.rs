@@ -2,8 +2,9 @@
 //! not fully understand; the caller passes such packets on untouched.
 
 use ::core::mem::offset_of;
-
-use lb_common::{reason, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    reason, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -116,7 +117,11 @@ fn ipv6<C: Packet>(ctx: &C, out: &mut L3) -> Result<(), u32> {
     let mut i = 0;
     while i < IPV6_EXT.len() {
         if nh == IPV6_EXT[i] {
-            return Err(if nh == 44 { reason::PASS_FRAGMENT } else { reason::PASS_IPV6_EXT });
+            return Err(if nh == 44 {
+                reason::PASS_FRAGMENT
+            } else {
+                reason::PASS_IPV6_EXT
+            });
         }
         i += 1;
     }

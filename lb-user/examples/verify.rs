@@ -6,7 +6,10 @@ fn main() -> anyhow::Result<()> {
     lb_user::maps::DataPlane::unpin_all(&dir)?;
     match res {
         Ok(_) => {
-            println!("loaded and verified: {} bytes of object", lb_user::maps::EBPF_OBJECT.len());
+            println!(
+                "loaded and verified: {} bytes of object",
+                lb_user::maps::EBPF_OBJECT.len()
+            );
             Ok(())
         }
         Err(e) => Err(e),

@@ -14,12 +14,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 use aya::programs::{
-    LinkOrder, TcAttachType,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::{XdpLink, XdpMode},
+    LinkOrder, TcAttachType,
 };
 
 use crate::maps::DataPlane;
@@ -124,7 +124,9 @@ fn driver_info(iface: &str) -> Option<(String, String)> {
 /// an interface name (`eth0.100`) is written as `%2e`.
 fn link_path(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
     let name = iface.replace('%', "%25").replace('.', "%2e");
-    pin_dir.join("links").join(format!("{name}@{}", hook.suffix()))
+    pin_dir
+        .join("links")
+        .join(format!("{name}@{}", hook.suffix()))
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
@@ -144,7 +146,15 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<String> {
     let pin_dir = dp.pin_dir().to_path_buf();
     std::fs::create_dir_all(pin_dir.join("links"))?;
     // A link of the other kind on this interface (attach mode changed) goes.
-    let other = link_path(&pin_dir, iface, if hook == Hook::Xdp { Hook::Tc } else { Hook::Xdp });
+    let other = link_path(
+        &pin_dir,
+        iface,
+        if hook == Hook::Xdp {
+            Hook::Tc
+        } else {
+            Hook::Xdp
+        },
+    );
     if other.exists() {
         std::fs::remove_file(&other).with_context(|| format!("removing {}", other.display()))?;
     }
@@ -159,14 +169,21 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<String> {
         match hook {
             Hook::Xdp => {
                 let link = XdpLink::try_from(fd).context("pinned link is not an XDP link")?;
-                dp.xdp().attach_to_link(link).context("replacing the program on the XDP link")?;
+                dp.xdp()
+                    .attach_to_link(link)
+                    .context("replacing the program on the XDP link")?;
             }
             Hook::Tc => {
-                let link = SchedClassifierLink::try_from(fd).context("pinned link is not a TC link")?;
-                dp.tc().attach_to_link(link).context("replacing the program on the TC link")?;
+                let link =
+                    SchedClassifierLink::try_from(fd).context("pinned link is not a TC link")?;
+                dp.tc()
+                    .attach_to_link(link)
+                    .context("replacing the program on the TC link")?;
             }
         }
-        return Ok(format!("{iface}: adopted pinned {hook} link, program replaced atomically"));
+        return Ok(format!(
+            "{iface}: adopted pinned {hook} link, program replaced atomically"
+        ));
     }
     let fd: FdLink = match hook {
         Hook::Xdp => {
@@ -174,18 +191,30 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<String> {
             let id = prog
                 .attach_to_if_index(idx, XdpMode::default())
                 .with_context(|| format!("attaching XDP to {iface}"))?;
-            prog.take_link(id)?.try_into().context("XDP link is not an fd link (kernel too old?)")?
+            prog.take_link(id)?
+                .try_into()
+                .context("XDP link is not an fd link (kernel too old?)")?
         }
         Hook::Tc => {
             let prog = dp.tc();
             let id = prog
-                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
                 .with_context(|| format!("attaching TC (tcx ingress) to {iface}"))?;
-            prog.take_link(id)?.try_into().context("TC link is not an fd link (kernel without tcx?)")?
+            prog.take_link(id)?
+                .try_into()
+                .context("TC link is not an fd link (kernel without tcx?)")?
         }
     };
-    fd.pin(&path).with_context(|| format!("pinning link at {}", path.display()))?;
-    Ok(format!("{iface}: attached {hook} (ingress), link pinned at {}", path.display()))
+    fd.pin(&path)
+        .with_context(|| format!("pinning link at {}", path.display()))?;
+    Ok(format!(
+        "{iface}: attached {hook} (ingress), link pinned at {}",
+        path.display()
+    ))
 }
 
 /// Removes every pinned link (the kernel detaches each program once no fd

@@ -33,7 +33,7 @@ pub enum Command {
     ///
     /// which asks 127.0.0.11:53 for tasks.web every second and TCP-checks each task.
     /// SIGTERM or Ctrl-C detaches and removes all pinned state unless --persist is given.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove state left by `xdplb run --persist` (or by a killed daemon):
     /// unpins the program links (detaching the programs) and the maps.
     ///
@@ -55,7 +55,11 @@ pub struct RunArgs {
 
     /// Address, port and protocol to balance; 0.0.0.0 or [::] means any local
     /// address. Examples: 0.0.0.0:80, 10.0.0.5:443/tcp, [::]:53/udp
-    #[arg(long, value_name = "ADDR:PORT[/tcp|/udp]", required_unless_present = "config")]
+    #[arg(
+        long,
+        value_name = "ADDR:PORT[/tcp|/udp]",
+        required_unless_present = "config"
+    )]
     pub listen: Option<Listen>,
 
     /// DNS name whose A records are the tasks, and the port they serve on.

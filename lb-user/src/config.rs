@@ -861,7 +861,11 @@ fn interface_names() -> std::io::Result<Vec<String>> {
     // if_name is a valid NUL-terminated string until if_freenameindex.
     unsafe {
         while (*p).if_index != 0 {
-            names.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            names.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             p = p.add(1);
         }
         libc::if_freenameindex(list);

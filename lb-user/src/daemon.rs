@@ -9,9 +9,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
     task::JoinHandle,
     time::Instant,
@@ -34,8 +34,13 @@ pub fn run_cli(args: RunArgs) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::from_short_form(ShortForm {
             interfaces: args.iface.clone(),
-            listen: args.listen.clone().context("--listen is required without --config")?,
-            backends: args.backends.clone().context("--backends is required without --config")?,
+            listen: args
+                .listen
+                .context("--listen is required without --config")?,
+            backends: args
+                .backends
+                .clone()
+                .context("--backends is required without --config")?,
             nameserver: args.nameserver,
             check: args.check.clone(),
             attach: args.attach,
@@ -90,11 +95,18 @@ fn check_spec(s: &ServiceConfig) -> Option<CheckSpec> {
     let kind = match &s.check.kind {
         CheckKind::None => return None,
         CheckKind::Tcp => SpecKind::Tcp,
-        CheckKind::Http { path, expect_status } => {
-            SpecKind::Http { path: path.clone(), expect_status: *expect_status }
-        }
+        CheckKind::Http {
+            path,
+            expect_status,
+        } => SpecKind::Http {
+            path: path.clone(),
+            expect_status: *expect_status,
+        },
     };
-    Some(CheckSpec { kind, timeout: s.check.timeout })
+    Some(CheckSpec {
+        kind,
+        timeout: s.check.timeout,
+    })
 }
 
 /// One service at run time.
@@ -131,7 +143,10 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
         // silent resolver keeps them (discovery needs `empty_polls` answers).
         let seed: BTreeSet<IpAddr> = s.tracker.backends().map(|b| b.addr.ip()).collect();
         let (tx, mut rx) = watch::channel(seed);
-        let resolver = HickoryResolve::new(b.nameserver, b.interval.min(discovery::DEFAULT_QUERY_TIMEOUT));
+        let resolver = HickoryResolve::new(
+            b.nameserver,
+            b.interval.min(discovery::DEFAULT_QUERY_TIMEOUT),
+        );
         tasks.push(tokio::spawn(discovery::run(
             resolver,
             b.name.clone(),
@@ -156,7 +171,14 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tracing::info!("running; SIGTERM or Ctrl-C stops{}", if persist { " (--persist: state stays)" } else { "" });
+    tracing::info!(
+        "running; SIGTERM or Ctrl-C stops{}",
+        if persist {
+            " (--persist: state stays)"
+        } else {
+            ""
+        }
+    );
 
     loop {
         let now = Instant::now();
@@ -214,7 +236,10 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
         );
     } else {
         attach::teardown(&cfg.pin_dir)?;
-        tracing::info!("detached and removed pinned state under {}", cfg.pin_dir.display());
+        tracing::info!(
+            "detached and removed pinned state under {}",
+            cfg.pin_dir.display()
+        );
     }
     drop(lock);
     Ok(())
@@ -266,7 +291,11 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
                 tracing::info!(service = %s.name, "{t}");
             }
         }
-        services.push(Svc { cfg: s.clone(), tracker, checkers: HashMap::new() });
+        services.push(Svc {
+            cfg: s.clone(),
+            tracker,
+            checkers: HashMap::new(),
+        });
     }
     Ok((writer, services))
 }

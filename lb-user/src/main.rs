@@ -8,11 +8,13 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_target(false)
         .init();
     let res = match cli.command {
-        Command::Run(args) => lb_user::daemon::run_cli(args),
+        Command::Run(args) => lb_user::daemon::run_cli(*args),
         Command::Down(args) => lb_user::daemon::down(&args.pin_dir),
     };
     match res {

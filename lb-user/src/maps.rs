@@ -6,16 +6,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, Xdp},
+    Ebpf, EbpfLoader,
 };
 use lb_common::{
-    AddrKey, Backend, Config, Conn, Counters, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT_ADDRS,
-    MAP_TX_PORTS, PROG_TC, PROG_XDP, Service, ServiceKey,
+    AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, MAP_BACKENDS,
+    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS, MAP_SERVICES,
+    MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, PROG_TC, PROG_XDP,
 };
 
 /// The eBPF object, built by `build.rs` through aya-build.
@@ -59,7 +59,10 @@ pub struct DataPlane {
     reason_stats: PerCpuArray<MapData, Counters>,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
     let map = ebpf
         .take_map(name)
         .with_context(|| format!("eBPF object has no map {name}"))?;
@@ -152,7 +155,9 @@ impl DataPlane {
     }
 
     pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<()> {
-        self.services.insert(key, svc, 0).context("writing SERVICES")
+        self.services
+            .insert(key, svc, 0)
+            .context("writing SERVICES")
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
@@ -168,7 +173,10 @@ impl DataPlane {
     }
 
     pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
-        self.services.iter().map(|r| r.context("iterating SERVICES")).collect()
+        self.services
+            .iter()
+            .map(|r| r.context("iterating SERVICES"))
+            .collect()
     }
 
     pub fn set_backend(&mut self, index: u32, b: &Backend) -> Result<()> {
@@ -185,7 +193,11 @@ impl DataPlane {
     /// `svc.maglev_size` backend indexes. Flip with [`Self::set_service`].
     pub fn write_maglev_half(&mut self, svc: &Service, half: u32, slots: &[u32]) -> Result<()> {
         if slots.len() != svc.maglev_size as usize {
-            bail!("Maglev table has {} slots, service expects {}", slots.len(), svc.maglev_size);
+            bail!(
+                "Maglev table has {} slots, service expects {}",
+                slots.len(),
+                svc.maglev_size
+            );
         }
         let base = svc.maglev_base + half * svc.maglev_size;
         for (i, b) in slots.iter().enumerate() {
@@ -207,7 +219,9 @@ impl DataPlane {
     }
 
     pub fn add_snat_addr(&mut self, key: &AddrKey) -> Result<()> {
-        self.snat_addrs.insert(key, 1, 0).context("writing SNAT_ADDRS")
+        self.snat_addrs
+            .insert(key, 1, 0)
+            .context("writing SNAT_ADDRS")
     }
 
     /// Lets XDP redirect to `ifindex` (XDP mode only; TC uses bpf_redirect_neigh).
@@ -230,7 +244,10 @@ impl DataPlane {
     }
 
     pub fn conns(&self) -> Result<Vec<(FlowKey, Conn)>> {
-        self.conns.iter().map(|r| r.context("iterating CONNS")).collect()
+        self.conns
+            .iter()
+            .map(|r| r.context("iterating CONNS"))
+            .collect()
     }
 
     pub fn service_counters(&self, id: u32) -> Result<Counters> {

@@ -312,7 +312,12 @@ impl BackendTracker {
                     drain_deadline: None,
                 },
             );
-            out.push(Transition { addr, from: None, to: Some(State::Active), reason });
+            out.push(Transition {
+                addr,
+                from: None,
+                to: Some(State::Active),
+                reason,
+            });
         }
         out
     }

@@ -15,10 +15,10 @@ use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 use lb_common::{
-    AddrKey, BACKEND_ACTIVE, BACKEND_EMPTY, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
-    MAX_SERVICES, PROTO_TCP, PROTO_UDP, Service, ServiceKey,
+    AddrKey, Backend, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_EMPTY, FAMILY_V4, FAMILY_V6,
+    MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -103,7 +103,12 @@ pub struct ApplyReport {
 impl Writer {
     /// Wraps a loaded data plane and adopts any pinned state for `specs`.
     pub fn new(dp: DataPlane, maglev_capacity: u32, specs: &[ServiceSpec]) -> Result<Self> {
-        let mut w = Self { dp, services: BTreeMap::new(), maglev_capacity, used_backends: HashMap::new() };
+        let mut w = Self {
+            dp,
+            services: BTreeMap::new(),
+            maglev_capacity,
+            used_backends: HashMap::new(),
+        };
         w.adopt(specs)?;
         Ok(w)
     }
@@ -123,7 +128,10 @@ impl Writer {
 
     /// Backends of service `name` that were `active` in the pinned maps.
     pub fn adopted_active(&self, name: &str) -> Vec<SocketAddr> {
-        self.services.get(name).map(|s| s.adopted_active.clone()).unwrap_or_default()
+        self.services
+            .get(name)
+            .map(|s| s.adopted_active.clone())
+            .unwrap_or_default()
     }
 
     /// Backend index of `addr` in service `name`.
@@ -140,7 +148,10 @@ impl Writer {
             for index in 1..MAX_BACKENDS {
                 let b = self.dp.backend(index)?;
                 if b.state != BACKEND_EMPTY {
-                    pinned_backends.entry(b.service).or_default().push((index, b));
+                    pinned_backends
+                        .entry(b.service)
+                        .or_default()
+                        .push((index, b));
                 }
             }
         }
@@ -148,7 +159,10 @@ impl Writer {
         let mut regions: Vec<(u32, u32)> = Vec::new();
         for spec in specs {
             let key = spec.key();
-            let Some(svc) = pinned.get(&key).filter(|s| s.maglev_size == spec.maglev_size) else {
+            let Some(svc) = pinned
+                .get(&key)
+                .filter(|s| s.maglev_size == spec.maglev_size)
+            else {
                 continue;
             };
             let mut halves = [Vec::new(), Vec::new()];
@@ -161,7 +175,8 @@ impl Writer {
             let mut backends = BTreeMap::new();
             let mut adopted_active = Vec::new();
             for (index, b) in pinned_backends.remove(&svc.id).unwrap_or_default() {
-                let addr = SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be));
+                let addr =
+                    SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be));
                 backends.insert(addr, index);
                 if b.state == BACKEND_ACTIVE {
                     adopted_active.push(addr);
@@ -184,13 +199,22 @@ impl Writer {
             self.dp.set_service(&key, &svc)?;
             self.services.insert(
                 spec.name.clone(),
-                ServiceState { spec: spec.clone(), svc, halves, backends, adopted_active },
+                ServiceState {
+                    spec: spec.clone(),
+                    svc,
+                    halves,
+                    backends,
+                    adopted_active,
+                },
             );
         }
         // Pinned services that are no longer configured (or changed shape).
         for (key, svc) in &pinned {
             if !taken_ids.contains(&svc.id) {
-                tracing::info!(id = svc.id, "removing pinned service that is no longer configured");
+                tracing::info!(
+                    id = svc.id,
+                    "removing pinned service that is no longer configured"
+                );
                 self.dp.remove_service(key)?;
                 for (index, _) in pinned_backends.remove(&svc.id).unwrap_or_default() {
                     self.dp.set_backend(index, &Backend::default())?;
@@ -248,8 +272,15 @@ impl Writer {
     /// Makes the data plane match `backends` (address -> data-plane state,
     /// `lb_common::BACKEND_*`) for service `name`. Backends missing from the
     /// list are removed; only `active` ones enter the Maglev table.
-    pub fn apply(&mut self, name: &str, backends: &BTreeMap<SocketAddr, u8>) -> Result<ApplyReport> {
-        let st = self.services.get_mut(name).with_context(|| format!("unknown service {name}"))?;
+    pub fn apply(
+        &mut self,
+        name: &str,
+        backends: &BTreeMap<SocketAddr, u8>,
+    ) -> Result<ApplyReport> {
+        let st = self
+            .services
+            .get_mut(name)
+            .with_context(|| format!("unknown service {name}"))?;
         let id = st.svc.id;
 
         // SNAT address: fixed, or what the kernel would use towards a backend.
@@ -260,12 +291,20 @@ impl Writer {
                 if st.svc.snat_addr != bytes {
                     tracing::info!(service = name, snat = %ip, "SNAT source address chosen (route towards the backends)");
                     st.svc.snat_addr = bytes;
-                    self.dp.add_snat_addr(&AddrKey { addr: bytes, family, _pad: [0; 3] })?;
+                    self.dp.add_snat_addr(&AddrKey {
+                        addr: bytes,
+                        family,
+                        _pad: [0; 3],
+                    })?;
                 }
             }
         } else if let Some(ip) = st.spec.snat_addr {
             let (bytes, family) = addr_bytes(ip);
-            self.dp.add_snat_addr(&AddrKey { addr: bytes, family, _pad: [0; 3] })?;
+            self.dp.add_snat_addr(&AddrKey {
+                addr: bytes,
+                family,
+                _pad: [0; 3],
+            })?;
         }
 
         // Backend indexes: keep known ones, free the departed, allocate new.
@@ -290,26 +329,46 @@ impl Writer {
         // States first (a new backend is written before any table points at it).
         for (addr, state) in backends {
             let (a, family) = addr_bytes(addr.ip());
-            let b = Backend { addr: a, port_be: addr.port().to_be(), family, state: *state, service: id };
+            let b = Backend {
+                addr: a,
+                port_be: addr.port().to_be(),
+                family,
+                state: *state,
+                service: id,
+            };
             self.dp.set_backend(st.backends[addr], &b)?;
         }
 
         let members: Vec<MaglevBackend> = backends
             .iter()
             .filter(|(_, s)| **s == BACKEND_ACTIVE)
-            .map(|(a, _)| MaglevBackend { key: a.to_string(), index: st.backends[a], weight: 1 })
+            .map(|(a, _)| MaglevBackend {
+                key: a.to_string(),
+                index: st.backends[a],
+                weight: 1,
+            })
             .collect();
         let table = maglev::build_table(&members, st.svc.maglev_size)?;
         let active = st.svc.active_half as usize & 1;
-        let mut report = ApplyReport { active: members.len(), ..Default::default() };
+        let mut report = ApplyReport {
+            active: members.len(),
+            ..Default::default()
+        };
         let snat_changed = {
             let pinned = self.dp.service(&st.spec.key())?;
-            pinned.map(|p| p.snat_addr != st.svc.snat_addr).unwrap_or(true)
+            pinned
+                .map(|p| p.snat_addr != st.svc.snat_addr)
+                .unwrap_or(true)
         };
         if table != st.halves[active] {
             let inactive = 1 - active;
-            report.slots_written =
-                write_diff(&mut self.dp, &st.svc, inactive as u32, &mut st.halves[inactive], &table)?;
+            report.slots_written = write_diff(
+                &mut self.dp,
+                &st.svc,
+                inactive as u32,
+                &mut st.halves[inactive],
+                &table,
+            )?;
             st.svc.active_half = inactive as u32;
             report.flipped = true;
         }
@@ -327,7 +386,13 @@ impl Writer {
 }
 
 /// Writes the slots of `half` that differ from `table`; returns how many.
-fn write_diff(dp: &mut DataPlane, svc: &Service, half: u32, cur: &mut Vec<u32>, table: &[u32]) -> Result<usize> {
+fn write_diff(
+    dp: &mut DataPlane,
+    svc: &Service,
+    half: u32,
+    cur: &mut [u32],
+    table: &[u32],
+) -> Result<usize> {
     let base = svc.maglev_base + half * svc.maglev_size;
     let mut n = 0;
     for (i, (old, new)) in cur.iter_mut().zip(table).enumerate() {
@@ -357,9 +422,14 @@ fn first_fit(regions: &[(u32, u32)], need: u32, capacity: u32) -> Option<u32> {
 /// The source address the kernel would pick to reach `dst` (a connected UDP
 /// socket sends nothing).
 pub fn source_addr_towards(dst: SocketAddr) -> Result<IpAddr> {
-    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let s = UdpSocket::bind(bind)?;
-    s.connect(dst).with_context(|| format!("no route towards backend {dst}"))?;
+    s.connect(dst)
+        .with_context(|| format!("no route towards backend {dst}"))?;
     let ip = s.local_addr()?.ip();
     if ip.is_unspecified() {
         bail!("no source address towards backend {dst}");

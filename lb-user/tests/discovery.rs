@@ -467,9 +467,13 @@ async fn servfail_keeps_the_set() {
 async fn timeouts_keep_the_set() {
     let dns = Dns::start().await;
     dns.set_tasks(4);
-    let poller = Poller::new(dns.resolver(Duration::from_millis(100)), "tasks.web", Family::V4)
-        .interval(INTERVAL)
-        .max_backoff(Duration::from_millis(200));
+    let poller = Poller::new(
+        dns.resolver(Duration::from_millis(100)),
+        "tasks.web",
+        Family::V4,
+    )
+    .interval(INTERVAL)
+    .max_backoff(Duration::from_millis(200));
     let mut lp = Loop::start(poller);
     lp.wait("4 tasks", |s| *s == tasks_v4(4)).await;
 
