@@ -32,12 +32,15 @@ pub enum Command {
     ///   xdplb run --iface eth0 --iface eth1 --listen 0.0.0.0:80 --backends tasks.web:80
     ///
     /// which asks 127.0.0.11:53 for tasks.web every second and TCP-checks each task.
-    /// SIGTERM or Ctrl-C detaches and removes all pinned state unless --persist is given.
+    /// SIGTERM or Ctrl-C detaches and removes all pinned state unless --persist
+    /// is given. Logs go to stderr; RUST_LOG=debug shows every poll and check.
+    #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
     /// Remove state left by `xdplb run --persist` (or by a killed daemon):
     /// unpins the program links (detaching the programs) and the maps.
     ///
     ///   xdplb down
+    #[command(verbatim_doc_comment)]
     Down(DownArgs),
 }
 
@@ -72,7 +75,8 @@ pub struct RunArgs {
     pub nameserver: Option<std::net::SocketAddr>,
 
     /// Health check: tcp (connect), http:/PATH (GET, expects 200) or none
-    /// (tasks take traffic as soon as DNS lists them) [default: tcp]
+    /// (tasks take traffic as soon as DNS lists them) [default: tcp for TCP
+    /// services, none for UDP]
     #[arg(long, value_name = "tcp|http:/PATH|none")]
     pub check: Option<CheckKind>,
 
@@ -87,7 +91,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub persist: bool,
 
-    /// Where maps and links are pinned (bpffs).
+    /// Where maps and links are pinned (bpffs) [default: /sys/fs/bpf/xdplb]
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
 }
