@@ -25,6 +25,7 @@ use crate::{
     health::{self, CheckSpec, HealthEvent, SpecKind},
     maps::{DataPlane, LoadOptions},
     state::{self, BackendTracker, Transition},
+    status::{self, BackendStatus, CheckStatus, ServiceStatus, Status},
     table::{ServiceSpec, Writer},
 };
 
@@ -171,6 +172,9 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let status_file = status::status_path(&cfg.pin_dir);
+    let mut status_dirty = true;
+    let mut status_written = Instant::now() - Duration::from_secs(10);
     tracing::info!(
         "running; SIGTERM or Ctrl-C stops{}",
         if persist {
@@ -192,6 +196,7 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
                 (Some(i), s.tracker.on_dns(&set, port, now.into_std()))
             }
             Some((i, ev)) = health_rx.recv() => {
+                status_dirty = true;
                 (Some(i), services[i].tracker.on_event(&ev, now.into_std()))
             }
             _ = tick.tick() => (None, Vec::new()),
@@ -216,8 +221,19 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
             }
             reconcile_checkers(i, s, &http, &health_tx, &stop_rx);
             apply(&mut writer, s)?;
+            // State changes are published at once, check results once a second.
+            status_written = Instant::now() - Duration::from_secs(10);
+            status_dirty = true;
+        }
+        if status_dirty && status_written.elapsed() >= Duration::from_secs(1) {
+            if let Err(e) = snapshot(&cfg, &writer, &services).write(&status_file) {
+                tracing::warn!("cannot publish backend status for `xdplb backends`: {e:#}");
+            }
+            status_dirty = false;
+            status_written = Instant::now();
         }
     }
+    let _ = std::fs::remove_file(&status_file);
 
     let _ = stop_tx.send(true);
     for s in &mut services {
@@ -357,6 +373,42 @@ fn reconcile_checkers(
             checker.abort();
         });
         s.checkers.insert(addr, (stop_one, handle));
+    }
+}
+
+/// The daemon's view for `xdplb backends` / `xdplb stats`.
+fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc]) -> Status {
+    Status {
+        version: status::STATUS_VERSION,
+        pid: std::process::id(),
+        written_ms: status::now_ms(),
+        pin_dir: cfg.pin_dir.clone(),
+        services: services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.cfg.name.clone(),
+                listen: s.cfg.listen.to_string(),
+                id: writer.service(&s.cfg.name).map(|v| v.id).unwrap_or(0),
+                backends_name: s.cfg.backends.name.clone(),
+                backends: s
+                    .tracker
+                    .backends()
+                    .map(|b| BackendStatus {
+                        addr: b.addr,
+                        index: writer.backend_index(&s.cfg.name, b.addr),
+                        state: b.state.as_str().to_string(),
+                        reason: b.reason.clone(),
+                        since_ms: status::instant_to_ms(b.since),
+                        last_check: b.last_check.as_ref().map(|c| CheckStatus {
+                            ok: c.ok,
+                            latency_us: c.latency.as_micros() as u64,
+                            detail: c.detail.clone(),
+                            at_ms: status::instant_to_ms(c.at),
+                        }),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 

@@ -13,4 +13,5 @@ pub mod health;
 pub mod maglev;
 pub mod maps;
 pub mod state;
+pub mod status;
 pub mod table;

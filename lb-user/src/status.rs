@@ -1,0 +1,99 @@
+//! What the daemon knows that the maps do not: service names and each
+//! backend's state, reason, age and latest health check. The daemon writes it
+//! as JSON next to its lock (`/run/xdplb/<pin dir>.status.json`, atomically:
+//! write a temporary file, then rename), at most once a second and on every
+//! state change; `xdplb backends` and `xdplb stats` read it. The format is
+//! versioned (`version`) and documented in docs/OBSERVABILITY.md.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+pub const STATUS_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: u32,
+    pub pid: u32,
+    /// Unix time (ms) of this snapshot.
+    pub written_ms: u64,
+    pub pin_dir: PathBuf,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// `ADDR:PORT/proto`.
+    pub listen: String,
+    /// Service id (index of its counters in SERVICE_STATS).
+    pub id: u32,
+    /// The DNS name the tasks come from.
+    pub backends_name: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    pub addr: SocketAddr,
+    /// Index in BACKENDS / BACKEND_STATS (absent while probing before the
+    /// first map write).
+    pub index: Option<u32>,
+    /// probing, active, draining or down.
+    pub state: String,
+    pub reason: String,
+    /// Unix time (ms) when it entered `state`.
+    pub since_ms: u64,
+    pub last_check: Option<CheckStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckStatus {
+    pub ok: bool,
+    pub latency_us: u64,
+    pub detail: String,
+    pub at_ms: u64,
+}
+
+/// Where the status of the daemon owning `pin_dir` lives.
+pub fn status_path(pin_dir: &Path) -> PathBuf {
+    let lock = crate::attach::InstanceLock::lock_path(pin_dir);
+    lock.with_extension("status.json")
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Converts a monotonic instant to Unix milliseconds (for display).
+pub fn instant_to_ms(at: std::time::Instant) -> u64 {
+    let age = std::time::Instant::now().saturating_duration_since(at);
+    now_ms().saturating_sub(age.as_millis() as u64)
+}
+
+impl Status {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(self)?;
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Self = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not an xdplb status file", path.display()))?;
+        anyhow::ensure!(
+            s.version == STATUS_VERSION,
+            "{} has status version {}, this xdplb reads {STATUS_VERSION}",
+            path.display(),
+            s.version
+        );
+        Ok(s)
+    }
+}
