@@ -221,6 +221,16 @@ fn snat_port(
     }
     let range = hi - lo + 1;
     let first = hash % range;
+    // Double hashing: the first port depends only on the flow (a flow whose
+    // entries were evicted gets the same port back), the stride on other
+    // bits of the hash. Linear probing would grow runs of taken ports that
+    // turn into false exhaustion long before the range is full. Ranges of at
+    // most SNAT_PROBES ports are walked one by one: exhaustive and exact.
+    let stride = if range <= SNAT_PROBES {
+        1
+    } else {
+        1 + (hash >> 16) % (range - 1)
+    };
     nf.rev = Conn {
         new_src: s.key.dst,
         new_dst: s.key.src,
@@ -245,10 +255,8 @@ fn snat_port(
     };
     let mut i = 0;
     while i < SNAT_PROBES && i < range {
-        let mut off = first + i;
-        if off >= range {
-            off -= range;
-        }
+        // `first + i * stride` < 32 * 65536: no overflow.
+        let off = (first + i * stride) % range;
         let port_be = ((lo + off) as u16).to_be();
         s.key2.dport_be = port_be;
         if CONNS.insert(&s.key2, &nf.rev, BPF_NOEXIST as u64).is_ok() {

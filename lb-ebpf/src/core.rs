@@ -163,9 +163,10 @@ fn service(s: &mut Scratch) -> Option<&'static Service> {
         proto: s.key.proto,
         family: s.key.family,
     };
-    // SAFETY: a hash-map value is replaced as a whole element (RCU), so the
-    // Service read through this pointer is one consistent version: that is
-    // what makes a Maglev flip atomic for the data plane.
+    // SAFETY: SERVICES is not preallocated, so an update swaps in a new
+    // element and frees the old one after an RCU grace period: the Service
+    // read through this pointer is one consistent version for the whole run,
+    // which is what makes a Maglev flip atomic (see maps.rs).
     if let Some(svc) = unsafe { SERVICES.get(&s.svc_key) } {
         return Some(svc);
     }

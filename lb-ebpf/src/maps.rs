@@ -17,8 +17,15 @@ use crate::parse::L3;
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
+/// Not preallocated (`BPF_F_NO_PREALLOC`): a replaced element is freed only
+/// after an RCU grace period, so a program that looked up the old value keeps
+/// reading that one consistent version until it returns. With preallocation
+/// the kernel recycles the replaced element for the next update at once
+/// (kernel/bpf/hashtab.c, `extra_elems`, commit 8c290e60fa2a), and a Maglev
+/// flip would no longer be atomic for a reader caught between two updates.
 #[map(name = "SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::pinned(MAX_SERVICES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);

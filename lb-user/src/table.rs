@@ -82,7 +82,16 @@ struct ServiceState {
     backends: BTreeMap<SocketAddr, u32>,
     /// Backends that were `active` in the pinned maps at adoption.
     adopted_active: Vec<SocketAddr>,
+    /// When the inactive half stopped being the active one.
+    retired_at: Option<std::time::Instant>,
 }
+
+/// How long a half that was just retired by a flip is left alone before it is
+/// rewritten. A packet that read the old `SERVICES` value may still be about
+/// to read a slot of that half; programs run to completion in microseconds
+/// (softirq, no preemption), so this is a wide margin, and it only delays
+/// two changes that come back to back.
+pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub struct Writer {
     dp: DataPlane,
@@ -205,6 +214,7 @@ impl Writer {
                     halves,
                     backends,
                     adopted_active,
+                    retired_at: None,
                 },
             );
         }
@@ -263,6 +273,7 @@ impl Writer {
                     halves: stale,
                     backends: BTreeMap::new(),
                     adopted_active: Vec::new(),
+                    retired_at: None,
                 },
             );
         }
@@ -362,6 +373,12 @@ impl Writer {
         };
         if table != st.halves[active] {
             let inactive = 1 - active;
+            if let Some(at) = st.retired_at {
+                let wait = RETIRE_GRACE.saturating_sub(at.elapsed());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            }
             report.slots_written = write_diff(
                 &mut self.dp,
                 &st.svc,
@@ -374,6 +391,9 @@ impl Writer {
         }
         if report.flipped || snat_changed {
             self.dp.set_service(&st.spec.key(), &st.svc)?;
+        }
+        if report.flipped {
+            st.retired_at = Some(std::time::Instant::now());
         }
         // Departed backends are cleared only after the flip: no table points
         // at them any more, and flows pinned to them re-pick.
