@@ -256,6 +256,8 @@ pub struct InstanceLock {
 
 impl InstanceLock {
     pub fn lock_path(pin_dir: &Path) -> PathBuf {
+        // Normalised, so `/sys/fs/bpf/xdplb/` and `/sys/fs/bpf/xdplb` agree.
+        let pin_dir: PathBuf = pin_dir.components().collect();
         let tag: String = pin_dir
             .to_string_lossy()
             .chars()

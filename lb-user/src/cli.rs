@@ -42,6 +42,46 @@ pub enum Command {
     ///   xdplb down
     #[command(verbatim_doc_comment)]
     Down(DownArgs),
+    /// Counters per service and backend, read straight from the pinned maps.
+    ///
+    /// Packets, bytes, new and active connections per service and backend,
+    /// each backend's share of new connections, packets by pass/forward/drop
+    /// reason, and the connection-table fill. Works whether the daemon runs
+    /// or not; names and backend states come from the daemon when it runs.
+    ///
+    ///   xdplb stats
+    ///   xdplb stats --watch          # redraw every second, with rates
+    ///   xdplb stats --json | jq '.services[] | {name, active_connections}'
+    ///
+    /// The JSON is documented field by field in docs/OBSERVABILITY.md.
+    #[command(verbatim_doc_comment)]
+    Stats(StatsArgs),
+    /// Every backend the daemon knows: state, reason, time in state, last check.
+    ///
+    ///   xdplb backends
+    ///   xdplb backends --json | jq '.services[].backends[] | select(.state != "active")'
+    ///
+    /// Needs a running daemon (it reads its status file); exits non-zero otherwise.
+    #[command(verbatim_doc_comment)]
+    Backends(BackendsArgs),
+    /// Live dashboard: rates per service and backend, state changes flash; q quits.
+    ///
+    ///   xdplb top
+    ///   xdplb top --interval 2
+    ///
+    /// Needs a terminal; for logs or pipes use `xdplb stats --watch`.
+    #[command(verbatim_doc_comment)]
+    Top(TopArgs),
+    /// Which backend a flow goes to, and why (connection table or Maglev slot).
+    ///
+    /// Follows the data plane's own steps: reply path, service lookup (exact
+    /// address, then the wildcard), connection-table entry, and for a new
+    /// flow the flow hash, the Maglev slot and the probe sequence.
+    ///
+    ///   xdplb explain --proto tcp --src 10.0.0.2:51234 --dst 10.0.0.100:80
+    ///   xdplb explain --proto udp --src [fd00::2]:5000 --dst [fd00::100]:53 --json
+    #[command(verbatim_doc_comment)]
+    Explain(ExplainArgs),
 }
 
 #[derive(Args, Debug)]
@@ -94,11 +134,111 @@ pub struct RunArgs {
     /// Where maps and links are pinned (bpffs) [default: /sys/fs/bpf/xdplb]
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on this address (GET /metrics), read from the
+    /// maps at scrape time. Off unless given. Example: 127.0.0.1:9090
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
 pub struct DownArgs {
     /// Where maps and links are pinned (bpffs).
+    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+/// `--watch` and `--interval` values: seconds, 0.1 to 3600.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if (0.1..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} s is outside 0.1..3600"))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Print JSON (docs/OBSERVABILITY.md); with --watch, one document per line.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Redraw every SECS seconds (default 1) with per-second rates; Ctrl-C stops.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1", value_parser = parse_interval)]
+    pub watch: Option<f64>,
+
+    /// Where the maps are pinned (bpffs).
+    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct BackendsArgs {
+    /// Print JSON (docs/OBSERVABILITY.md).
+    #[arg(long)]
+    pub json: bool,
+
+    /// The daemon's pin directory (its status file is named after it).
+    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Seconds between readings of the maps.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+    pub interval: f64,
+
+    /// Where the maps are pinned (bpffs).
+    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+/// `--proto` of `xdplb explain`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+impl ProtoArg {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            ProtoArg::Tcp => lb_common::PROTO_TCP,
+            ProtoArg::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Transport protocol of the packet.
+    #[arg(long, value_enum)]
+    pub proto: ProtoArg,
+
+    /// Source address and port as the balancer receives the packet (the
+    /// client). IPv6 in brackets. Example: 10.0.0.2:51234
+    #[arg(long, value_name = "IP:PORT")]
+    pub src: std::net::SocketAddr,
+
+    /// Destination address and port (the service's VIP, or for a reply, the
+    /// SNAT address and port). Example: 10.0.0.100:80
+    #[arg(long, value_name = "IP:PORT")]
+    pub dst: std::net::SocketAddr,
+
+    /// Explain a fresh SYN (SYN without ACK): it does not reuse a closing entry.
+    #[arg(long)]
+    pub syn: bool,
+
+    /// Print JSON (docs/OBSERVABILITY.md).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Where the maps are pinned (bpffs).
     #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }

@@ -58,7 +58,7 @@ pub fn run_cli(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(run(cfg, args.persist))
+    rt.block_on(run(cfg, args.persist, args.metrics_addr))
 }
 
 /// `xdplb down`: removes pinned links (detaching the programs) and maps.
@@ -118,8 +118,17 @@ struct Svc {
 }
 
 /// The running balancer. Owns the writer and the per-service state.
-pub async fn run(cfg: Config, persist: bool) -> Result<()> {
+pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -> Result<()> {
     let lock = InstanceLock::acquire(&cfg.pin_dir)?;
+    // Bound before anything is attached, so a taken port fails start-up cleanly.
+    let metrics = match metrics_addr {
+        Some(a) => Some(
+            crate::metrics::bind(a)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {a}"))?,
+        ),
+        None => None,
+    };
     let fresh = !cfg.pin_dir.join("links").exists();
     let started = start(&cfg).await;
     let (mut writer, mut services) = match started {
@@ -138,6 +147,15 @@ pub async fn run(cfg: Config, persist: bool) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = health::http_client();
     let mut tasks = Vec::new();
+    if let Some(listener) = metrics {
+        let (pin, stop) = (cfg.pin_dir.clone(), stop_rx.clone());
+        tracing::info!("Prometheus metrics on http://{}/metrics", listener.local_addr()?);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_on(listener, pin, stop).await {
+                tracing::error!("metrics endpoint stopped: {e:#}");
+            }
+        }));
+    }
     for (i, s) in services.iter().enumerate() {
         let b = &s.cfg.backends;
         // Seeded with the adopted tasks: a restart that meets NXDOMAIN or a

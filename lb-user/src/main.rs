@@ -16,6 +16,10 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Run(args) => lb_user::daemon::run_cli(*args),
         Command::Down(args) => lb_user::daemon::down(&args.pin_dir),
+        Command::Stats(args) => lb_user::stats::run_stats(&args),
+        Command::Backends(args) => lb_user::stats::run_backends(&args),
+        Command::Top(args) => lb_user::top::run(&args),
+        Command::Explain(args) => lb_user::explain::run(&args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

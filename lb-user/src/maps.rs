@@ -185,6 +185,16 @@ impl DataPlane {
             .with_context(|| format!("writing BACKENDS[{index}]"))
     }
 
+    /// Zeroes a backend slot's counters on every CPU: a reused index must
+    /// not carry the previous backend's numbers into the new one's series.
+    pub fn reset_backend_counters(&mut self, index: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+        self.backend_stats
+            .set(index, zeros, 0)
+            .with_context(|| format!("zeroing BACKEND_STATS[{index}]"))
+    }
+
     pub fn backend(&self, index: u32) -> Result<Backend> {
         Ok(self.backends.get(&index, 0)?)
     }

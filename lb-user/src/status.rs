@@ -67,7 +67,10 @@ pub fn status_path(pin_dir: &Path) -> PathBuf {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Converts a monotonic instant to Unix milliseconds (for display).

@@ -335,6 +335,7 @@ impl Writer {
                     .context("no free backend index")?;
                 self.used_backends.insert(index, id);
                 st.backends.insert(*addr, index);
+                self.dp.reset_backend_counters(index)?;
             }
         }
         // States first (a new backend is written before any table points at it).

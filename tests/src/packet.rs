@@ -1356,3 +1356,11 @@ pub fn reason_delta(before: &[u64], after: &[u64]) -> String {
         parts.join(", ")
     }
 }
+
+impl PacketLab {
+    /// The bpffs directory holding this lab's pinned maps (what the CLI's
+    /// `--pin-dir` names).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}

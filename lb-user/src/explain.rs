@@ -1,0 +1,1046 @@
+//! `xdplb explain`: which backend a flow goes to and why, computed from the
+//! pinned maps with the data plane's own rules. Each step mirrors
+//! lb-ebpf/src/core.rs (`process`: reply path, then service lookup) and
+//! lb-ebpf/src/conntrack.rs (`forward`, `keeps_flow`, `expired`, `pick`);
+//! the hash is `lb_common::hash::flow_hash`, the very function the kernel
+//! runs. A change to either file must be made here too: the root test
+//! `tests/tests/observability.rs` sends the explained packet and checks
+//! that the data plane agrees.
+
+use std::{fmt::Write as _, net::SocketAddr};
+
+use anyhow::{bail, Result};
+use lb_common::{
+    hash::flow_hash, reason, AddrKey, Backend, Config, Conn, FlowKey, Service, ServiceKey,
+    BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE, MAGLEV_PROBES,
+    PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING,
+};
+use serde::Serialize;
+
+use crate::{
+    pinned::{monotonic_now_ns, PinnedMaps},
+    stats::{fmt_duration_ms, Daemon},
+    table::{addr_bytes, ip_from_bytes},
+};
+
+/// Version of the `--json` document (docs/OBSERVABILITY.md).
+pub const EXPLAIN_JSON_VERSION: u32 = 1;
+
+/// The lookups the data plane makes, so the logic runs against the pinned
+/// maps or, in unit tests, against a fake table.
+pub trait Tables {
+    fn config(&self) -> Config;
+    fn is_snat_addr(&self, key: &AddrKey) -> Result<bool>;
+    fn service(&self, key: &ServiceKey) -> Result<Option<Service>>;
+    fn conn(&self, key: &FlowKey) -> Result<Option<Conn>>;
+    /// `BACKENDS[index]`, `None` past the end.
+    fn backend(&self, index: u32) -> Result<Option<Backend>>;
+    /// `MAGLEV[slot]`, `None` past the end.
+    fn maglev(&self, slot: u32) -> Result<Option<u32>>;
+}
+
+impl Tables for PinnedMaps {
+    fn config(&self) -> Config {
+        PinnedMaps::config(self)
+    }
+    fn is_snat_addr(&self, key: &AddrKey) -> Result<bool> {
+        Ok(PinnedMaps::is_snat_addr(self, key)?)
+    }
+    fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
+        Ok(PinnedMaps::service(self, key)?)
+    }
+    fn conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
+        Ok(PinnedMaps::conn(self, key)?)
+    }
+    fn backend(&self, index: u32) -> Result<Option<Backend>> {
+        Ok(PinnedMaps::backend(self, index)?)
+    }
+    fn maglev(&self, slot: u32) -> Result<Option<u32>> {
+        Ok(PinnedMaps::maglev_slot(self, slot)?)
+    }
+}
+
+// ---- the data plane's rules, mirrored ---------------------------------------
+
+/// The idle timeout of an entry (conntrack.rs `timeout`).
+pub fn timeout_ns(c: &Conn, proto: u8, cfg: &Config) -> u64 {
+    if proto != PROTO_TCP {
+        cfg.udp_timeout_ns
+    } else if c.tcp_state == TCP_STATE_CLOSING {
+        cfg.closing_timeout_ns
+    } else {
+        cfg.tcp_timeout_ns
+    }
+}
+
+/// Has the entry expired at `now_ns` (CLOCK_MONOTONIC)? (conntrack.rs `expired`)
+pub fn expired(c: &Conn, proto: u8, cfg: &Config, now_ns: u64) -> bool {
+    now_ns > c.last_seen_ns && now_ns - c.last_seen_ns > timeout_ns(c, proto, cfg)
+}
+
+/// Lower-case name of a `BACKENDS` state.
+pub fn backend_state_name(state: u8) -> String {
+    match state {
+        BACKEND_EMPTY => "empty".into(),
+        BACKEND_ACTIVE => "active".into(),
+        BACKEND_DRAINING => "draining".into(),
+        BACKEND_DOWN => "down".into(),
+        n => format!("unknown({n})"),
+    }
+}
+
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// `ADDR:PORT/proto` of a `SERVICES` key (the wildcard shows as 0.0.0.0 / [::]).
+pub fn listen_of(key: &ServiceKey) -> String {
+    let ip = ip_from_bytes(&key.addr, key.family);
+    format!(
+        "{}/{}",
+        SocketAddr::new(ip, u16::from_be(key.port_be)),
+        proto_name(key.proto)
+    )
+}
+
+fn backend_sock(b: &Backend) -> SocketAddr {
+    SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be))
+}
+
+/// The 5-tuple key the data plane builds for this packet (parse.rs `l4`).
+pub fn flow_key(proto: u8, src: SocketAddr, dst: SocketAddr) -> FlowKey {
+    let (s, family) = addr_bytes(src.ip());
+    let (d, _) = addr_bytes(dst.ip());
+    FlowKey {
+        src: s,
+        dst: d,
+        sport_be: src.port().to_be(),
+        dport_be: dst.port().to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+// ---- the explanation --------------------------------------------------------
+
+/// What to explain.
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub proto: u8,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// The packet is a fresh SYN (SYN without ACK).
+    pub syn: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    pub version: u32,
+    pub proto: String,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub syn: bool,
+    /// `reply` (destination is a SNAT address and port) or `forward`.
+    pub path: &'static str,
+    /// `forward`, `pass` or `drop`.
+    pub verdict: &'static str,
+    /// The `REASON_STATS` name for `pass` and `drop`.
+    pub reason: Option<&'static str>,
+    pub service: Option<ServiceMatch>,
+    pub connection: Option<ConnInfo>,
+    pub maglev: Option<MaglevInfo>,
+    /// Where the packet goes (for `reply`: the backend of the flow).
+    pub backend: Option<BackendRef>,
+    /// Where the rewritten packet is sent: the backend, or for a reply the client.
+    pub to: Option<SocketAddr>,
+    /// A new flow's first SNAT port candidate (`lo + hash % range`).
+    pub snat_first_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceMatch {
+    pub id: u32,
+    pub name: Option<String>,
+    pub listen: String,
+    /// `exact` or `wildcard`.
+    pub matched: &'static str,
+    pub maglev_size: u32,
+    pub active_half: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConnInfo {
+    pub reverse: bool,
+    pub service_id: u32,
+    pub backend_index: u32,
+    /// The rewritten destination (the backend; for a reverse entry, the client).
+    pub new_dst: SocketAddr,
+    /// The rewritten source (SNAT address and port; for a reverse entry, the VIP).
+    pub new_src: SocketAddr,
+    /// `open` or `closing` for TCP, absent for UDP.
+    pub tcp_state: Option<&'static str>,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+    pub timeout_ms: u64,
+    pub expired: bool,
+    /// Whether the data plane keeps using this entry.
+    pub used: bool,
+    pub why_not: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MaglevInfo {
+    pub hash: u32,
+    pub size: u32,
+    pub half: u32,
+    /// `MAGLEV` index of the active half's slot 0.
+    pub base: u32,
+    /// `hash % size`.
+    pub first_slot: u32,
+    pub probes: Vec<Probe>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Probe {
+    /// Slot within the half.
+    pub slot: u32,
+    /// `MAGLEV` index read.
+    pub map_index: u32,
+    pub backend_index: Option<u32>,
+    pub backend: Option<SocketAddr>,
+    pub state: Option<String>,
+    pub chosen: bool,
+    pub why_not: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendRef {
+    pub index: u32,
+    pub addr: SocketAddr,
+    pub state: String,
+}
+
+fn ns_to_ms(ns: u64) -> u64 {
+    ns / 1_000_000
+}
+
+/// Walks the data plane's decision for `q` (core.rs `process`).
+pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result<Explanation> {
+    if q.src.is_ipv4() != q.dst.is_ipv4() {
+        bail!(
+            "--src {} and --dst {} are of different address families",
+            q.src,
+            q.dst
+        );
+    }
+    let key = flow_key(q.proto, q.src, q.dst);
+    let cfg = t.config();
+    let mut e = Explanation {
+        version: EXPLAIN_JSON_VERSION,
+        proto: proto_name(q.proto),
+        src: q.src,
+        dst: q.dst,
+        syn: q.syn,
+        path: "forward",
+        verdict: "pass",
+        reason: None,
+        service: None,
+        connection: None,
+        maglev: None,
+        backend: None,
+        to: None,
+        snat_first_port: None,
+    };
+
+    // Reply path first (core.rs `is_reply`, conntrack.rs `reply`).
+    let dport = q.dst.port();
+    let in_range =
+        cfg.snat_port_min != 0 && dport >= cfg.snat_port_min && dport <= cfg.snat_port_max;
+    if in_range
+        && t.is_snat_addr(&AddrKey {
+            addr: key.dst,
+            family: key.family,
+            _pad: [0; 3],
+        })?
+    {
+        e.path = "reply";
+        match t.conn(&key)? {
+            Some(c) if c.flags & CONN_F_REVERSE != 0 => {
+                e.connection = Some(conn_info(&c, &key, &cfg, now_ns, true, None));
+                e.backend = backend_ref(t, c.backend)?;
+                e.to = Some(sock(&c.new_dst, c.new_dport_be, key.family));
+                e.verdict = "forward";
+            }
+            other => {
+                e.connection = other.map(|c| {
+                    conn_info(
+                        &c,
+                        &key,
+                        &cfg,
+                        now_ns,
+                        false,
+                        Some("a forward entry, not a reply translation".into()),
+                    )
+                });
+                e.reason = Some(reason::NAMES[reason::PASS_REPLY_NO_CONN as usize]);
+            }
+        }
+        return Ok(e);
+    }
+
+    // Service: exact address, then the wildcard (core.rs `service`).
+    let mut skey = ServiceKey {
+        addr: key.dst,
+        port_be: key.dport_be,
+        proto: key.proto,
+        family: key.family,
+    };
+    let (svc, matched) = match t.service(&skey)? {
+        Some(s) => (s, "exact"),
+        None => {
+            skey.addr = [0; 16];
+            match t.service(&skey)? {
+                Some(s) => (s, "wildcard"),
+                None => {
+                    e.reason = Some(reason::NAMES[reason::PASS_NO_SERVICE as usize]);
+                    return Ok(e);
+                }
+            }
+        }
+    };
+    e.service = Some(ServiceMatch {
+        id: svc.id,
+        name: names.service(svc.id),
+        listen: listen_of(&skey),
+        matched,
+        maglev_size: svc.maglev_size,
+        active_half: svc.active_half & 1,
+    });
+
+    // Connection table (conntrack.rs `forward`).
+    if let Some(c) = t.conn(&key)? {
+        let why_not = if c.flags & CONN_F_REVERSE != 0 {
+            Some("it is a reverse entry".to_string())
+        } else if c.service != svc.id {
+            Some(format!(
+                "it belongs to service {}, the packet matches service {}",
+                c.service, svc.id
+            ))
+        } else if expired(&c, key.proto, &cfg, now_ns) {
+            Some("it has expired".to_string())
+        } else if q.syn && c.tcp_state == TCP_STATE_CLOSING {
+            Some("a fresh SYN on a closing connection starts a new one".to_string())
+        } else {
+            keeps_flow(t, &c, &svc)?
+        };
+        let used = why_not.is_none();
+        e.connection = Some(conn_info(&c, &key, &cfg, now_ns, used, why_not));
+        if used {
+            e.verdict = "forward";
+            e.backend = backend_ref(t, c.backend)?;
+            e.to = Some(sock(&c.new_dst, c.new_dport_be, key.family));
+            return Ok(e);
+        }
+    }
+
+    // A new flow (or a re-pick): Maglev (conntrack.rs `new_flow`, `pick`).
+    let hash = flow_hash(&key);
+    let (maglev, chosen) = pick(t, &svc, hash)?;
+    e.maglev = Some(maglev);
+    match chosen {
+        Some((index, b)) => {
+            e.verdict = "forward";
+            e.backend = Some(BackendRef {
+                index,
+                addr: backend_sock(&b),
+                state: backend_state_name(b.state),
+            });
+            e.to = Some(backend_sock(&b));
+            let (lo, hi) = (svc.snat_port_lo as u32, svc.snat_port_hi as u32);
+            if lo != 0 && hi >= lo {
+                e.snat_first_port = Some((lo + hash % (hi - lo + 1)) as u16);
+            }
+        }
+        None => {
+            e.verdict = "drop";
+            e.reason = Some(reason::NAMES[reason::DROP_NO_BACKEND as usize]);
+        }
+    }
+    Ok(e)
+}
+
+/// conntrack.rs `keeps_flow`: `None` when the flow keeps its backend,
+/// otherwise why it is picked again.
+fn keeps_flow(t: &impl Tables, c: &Conn, svc: &Service) -> Result<Option<String>> {
+    Ok(match t.backend(c.backend)? {
+        None => Some(format!("backend index {} is past BACKENDS", c.backend)),
+        Some(b) if b.state != BACKEND_ACTIVE && b.state != BACKEND_DRAINING => Some(format!(
+            "its backend #{} is {}",
+            c.backend,
+            backend_state_name(b.state)
+        )),
+        Some(b) if b.service != svc.id => Some(format!(
+            "its backend #{} now belongs to service {}",
+            c.backend, b.service
+        )),
+        Some(b) if b.addr != c.new_dst || b.port_be != c.new_dport_be => Some(format!(
+            "backend #{} is now {}, not the flow's",
+            c.backend,
+            backend_sock(&b)
+        )),
+        Some(_) => None,
+    })
+}
+
+/// conntrack.rs `pick`, step by step: the active half's slot `hash % size`
+/// and up to `MAGLEV_PROBES - 1` more, wrapping inside the half, until one
+/// holds an `active` backend of this service.
+pub fn pick(
+    t: &impl Tables,
+    svc: &Service,
+    hash: u32,
+) -> Result<(MaglevInfo, Option<(u32, Backend)>)> {
+    let size = svc.maglev_size;
+    let half = svc.active_half & 1;
+    let mut info = MaglevInfo {
+        hash,
+        size,
+        half,
+        base: 0,
+        first_slot: 0,
+        probes: Vec::new(),
+    };
+    if size == 0 {
+        return Ok((info, None));
+    }
+    // u32 arithmetic wraps in BPF; so it does here.
+    let base = svc.maglev_base.wrapping_add(half.wrapping_mul(size));
+    let first = hash % size;
+    info.base = base;
+    info.first_slot = first;
+    for i in 0..MAGLEV_PROBES {
+        let mut slot = first.wrapping_add(i);
+        if slot >= size {
+            slot -= size;
+        }
+        let map_index = base.wrapping_add(slot);
+        let mut p = Probe {
+            slot,
+            map_index,
+            backend_index: None,
+            backend: None,
+            state: None,
+            chosen: false,
+            why_not: None,
+        };
+        let mut chosen = None;
+        match t.maglev(map_index)? {
+            None => p.why_not = Some("past the end of MAGLEV".into()),
+            Some(0) => {
+                p.backend_index = Some(0);
+                p.why_not = Some("empty slot".into());
+            }
+            Some(index) => {
+                p.backend_index = Some(index);
+                match t.backend(index)? {
+                    None => p.why_not = Some("index past BACKENDS".into()),
+                    Some(b) => {
+                        p.backend = Some(backend_sock(&b));
+                        p.state = Some(backend_state_name(b.state));
+                        if b.state != BACKEND_ACTIVE {
+                            p.why_not =
+                                Some(format!("{}, not active", backend_state_name(b.state)));
+                        } else if b.service != svc.id {
+                            p.why_not = Some(format!("belongs to service {}", b.service));
+                        } else {
+                            p.chosen = true;
+                            chosen = Some((index, b));
+                        }
+                    }
+                }
+            }
+        }
+        info.probes.push(p);
+        if chosen.is_some() {
+            return Ok((info, chosen));
+        }
+    }
+    Ok((info, None))
+}
+
+fn sock(addr: &[u8; 16], port_be: u16, family: u8) -> SocketAddr {
+    SocketAddr::new(ip_from_bytes(addr, family), u16::from_be(port_be))
+}
+
+fn conn_info(
+    c: &Conn,
+    key: &FlowKey,
+    cfg: &Config,
+    now_ns: u64,
+    used: bool,
+    why_not: Option<String>,
+) -> ConnInfo {
+    ConnInfo {
+        reverse: c.flags & CONN_F_REVERSE != 0,
+        service_id: c.service,
+        backend_index: c.backend,
+        new_dst: sock(&c.new_dst, c.new_dport_be, key.family),
+        new_src: sock(&c.new_src, c.new_sport_be, key.family),
+        tcp_state: (key.proto == PROTO_TCP).then_some(if c.tcp_state == TCP_STATE_CLOSING {
+            "closing"
+        } else {
+            "open"
+        }),
+        age_ms: ns_to_ms(now_ns.saturating_sub(c.created_ns)),
+        idle_ms: ns_to_ms(now_ns.saturating_sub(c.last_seen_ns)),
+        timeout_ms: ns_to_ms(timeout_ns(c, key.proto, cfg)),
+        expired: expired(c, key.proto, cfg, now_ns),
+        used,
+        why_not,
+    }
+}
+
+fn backend_ref(t: &impl Tables, index: u32) -> Result<Option<BackendRef>> {
+    Ok(t.backend(index)?.map(|b| BackendRef {
+        index,
+        addr: backend_sock(&b),
+        state: backend_state_name(b.state),
+    }))
+}
+
+/// Service names from the daemon's status, when it runs.
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    services: Vec<(u32, String)>,
+}
+
+impl Names {
+    pub fn from_daemon(d: &Daemon) -> Self {
+        Self {
+            services: d
+                .status()
+                .map(|s| s.services.iter().map(|s| (s.id, s.name.clone())).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn service(&self, id: u32) -> Option<String> {
+        self.services
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| n.clone())
+    }
+}
+
+// ---- text -------------------------------------------------------------------
+
+/// The explanation for people, one fact per line.
+pub fn render(e: &Explanation) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "flow      {} {} -> {}{}",
+        e.proto,
+        e.src,
+        e.dst,
+        if e.syn { " (fresh SYN)" } else { "" }
+    );
+    if e.path == "reply" {
+        let _ = writeln!(
+            s,
+            "path      reply: {} is a SNAT address and port {} is in the SNAT range",
+            e.dst.ip(),
+            e.dst.port()
+        );
+        match (&e.connection, e.verdict) {
+            (Some(c), "forward") => {
+                let _ = writeln!(
+                    s,
+                    "table     reverse entry: source := {}, destination := {} (backend #{}, service {}), {}",
+                    c.new_src,
+                    c.new_dst,
+                    c.backend_index,
+                    c.service_id,
+                    ages(c)
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "table     no reverse entry for this 5-tuple");
+            }
+        }
+        verdict_line(&mut s, e);
+        return s;
+    }
+    let Some(svc) = &e.service else {
+        let _ = writeln!(
+            s,
+            "service   none: no service listens on {} ({}) nor on the wildcard address",
+            e.dst, e.proto
+        );
+        verdict_line(&mut s, e);
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "service   #{}{} {} ({} match), Maglev size {}, active half {}",
+        svc.id,
+        svc.name
+            .as_ref()
+            .map(|n| format!(" {n}"))
+            .unwrap_or_default(),
+        svc.listen,
+        svc.matched,
+        svc.maglev_size,
+        svc.active_half
+    );
+    match &e.connection {
+        None => {
+            let _ = writeln!(s, "table     no entry for this 5-tuple: a new flow");
+        }
+        Some(c) => {
+            let _ = writeln!(
+                s,
+                "table     entry: backend #{} {}, SNAT {}, {}{}",
+                c.backend_index,
+                c.new_dst,
+                c.new_src,
+                c.tcp_state.map(|t| format!("{t}, ")).unwrap_or_default(),
+                ages(c)
+            );
+            match &c.why_not {
+                None => {
+                    let _ = writeln!(s, "          the flow keeps its backend");
+                }
+                Some(w) => {
+                    let _ = writeln!(s, "          not used ({w}): picked again as a new flow");
+                }
+            }
+        }
+    }
+    if let Some(m) = &e.maglev {
+        let _ = writeln!(s, "hash      flow_hash = {} ({:#010x})", m.hash, m.hash);
+        if m.size == 0 {
+            let _ = writeln!(s, "maglev    the service has no table (size 0)");
+        } else {
+            let _ = writeln!(
+                s,
+                "maglev    slot {} = {} % {} in half {} (MAGLEV[{}])",
+                m.first_slot,
+                m.hash,
+                m.size,
+                m.half,
+                m.base.wrapping_add(m.first_slot)
+            );
+        }
+        for (i, p) in m.probes.iter().enumerate() {
+            let what = match (p.backend_index, p.backend) {
+                (Some(idx), Some(a)) => {
+                    format!("backend #{idx} {a} ({})", p.state.as_deref().unwrap_or("?"))
+                }
+                (Some(0), None) => "no backend".into(),
+                (Some(idx), None) => format!("backend #{idx}"),
+                (None, _) => "nothing".into(),
+            };
+            let verdict = if p.chosen {
+                "chosen".to_string()
+            } else {
+                format!("skipped: {}", p.why_not.as_deref().unwrap_or("?"))
+            };
+            let _ = writeln!(s, "  probe {i}  slot {} -> {what}: {verdict}", p.slot);
+        }
+    }
+    if let Some(p) = e.snat_first_port {
+        let _ = writeln!(
+            s,
+            "snat      first source port tried: {p} (then the next free one)"
+        );
+    }
+    verdict_line(&mut s, e);
+    s
+}
+
+fn ages(c: &ConnInfo) -> String {
+    format!(
+        "age {}, last seen {} ago (idle timeout {}){}",
+        fmt_duration_ms(c.age_ms),
+        fmt_duration_ms(c.idle_ms),
+        fmt_duration_ms(c.timeout_ms),
+        if c.expired { ", expired" } else { "" }
+    )
+}
+
+fn verdict_line(s: &mut String, e: &Explanation) {
+    let line = match (e.verdict, &e.backend, e.to) {
+        ("forward", Some(b), Some(to)) if e.path == "reply" => {
+            format!(
+                "forward to the client {to} (reply from backend #{} {})",
+                b.index, b.addr
+            )
+        }
+        ("forward", _, Some(to)) if e.path == "reply" => format!("forward to the client {to}"),
+        ("forward", Some(b), _) => {
+            let how = match &e.connection {
+                Some(c) if c.used => "existing connection",
+                _ => "new connection",
+            };
+            format!("forward to backend #{} {} ({how})", b.index, b.addr)
+        }
+        (v, _, _) => format!(
+            "{} ({}): {}",
+            v,
+            e.reason.unwrap_or("?"),
+            match e.reason {
+                Some("pass_no_service") => "the packet goes to the stack unchanged",
+                Some("pass_reply_no_conn") => "the packet goes to the stack unchanged",
+                Some("drop_no_backend") => "no active backend within the probed slots",
+                _ => "",
+            }
+        ),
+    };
+    let _ = writeln!(s, "verdict   {line}");
+}
+
+/// `xdplb explain`.
+pub fn run(args: &crate::cli::ExplainArgs) -> Result<()> {
+    let maps = PinnedMaps::open(&args.pin_dir)?;
+    let daemon = Daemon::read(&args.pin_dir);
+    let q = Query {
+        proto: args.proto.number(),
+        src: args.src,
+        dst: args.dst,
+        syn: args.syn,
+    };
+    let e = explain(&maps, &q, monotonic_now_ns(), &Names::from_daemon(&daemon))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        print!("{}", render(&e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use lb_common::{FAMILY_V4, TCP_STATE_OPEN};
+
+    use super::*;
+
+    /// An in-memory data plane: what the maps would hold.
+    #[derive(Default)]
+    struct Fake {
+        cfg: Config,
+        snat: Vec<AddrKey>,
+        services: HashMap<ServiceKey, Service>,
+        conns: HashMap<FlowKey, Conn>,
+        backends: Vec<Backend>,
+        maglev: Vec<u32>,
+    }
+
+    impl Tables for Fake {
+        fn config(&self) -> Config {
+            self.cfg
+        }
+        fn is_snat_addr(&self, key: &AddrKey) -> Result<bool> {
+            Ok(self.snat.contains(key))
+        }
+        fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
+            Ok(self.services.get(key).copied())
+        }
+        fn conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
+            Ok(self.conns.get(key).copied())
+        }
+        fn backend(&self, index: u32) -> Result<Option<Backend>> {
+            Ok(self.backends.get(index as usize).copied())
+        }
+        fn maglev(&self, slot: u32) -> Result<Option<u32>> {
+            Ok(self.maglev.get(slot as usize).copied())
+        }
+    }
+
+    const SIZE: u32 = 13;
+    const SECOND: u64 = 1_000_000_000;
+
+    fn v4(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn backend(addr: &str, state: u8, service: u32) -> Backend {
+        let a = v4(addr);
+        let (bytes, family) = addr_bytes(a.ip());
+        Backend {
+            addr: bytes,
+            port_be: a.port().to_be(),
+            family,
+            state,
+            service,
+        }
+    }
+
+    /// Service 1 on 10.0.0.100:80/tcp, backends #1..#3, half 1 active with
+    /// the slots `1, 2, 3, 1, 2, 3, ...` (half 0 all empty).
+    fn fake() -> Fake {
+        let mut f = Fake {
+            cfg: Config {
+                snat_port_min: 40000,
+                snat_port_max: 40999,
+                ..Config::with_defaults()
+            },
+            ..Default::default()
+        };
+        let (snat, _) = addr_bytes("10.1.0.1".parse().unwrap());
+        f.snat.push(AddrKey {
+            addr: snat,
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        });
+        let svc = Service {
+            id: 1,
+            flags: 0,
+            maglev_base: 0,
+            maglev_size: SIZE,
+            active_half: 1,
+            snat_port_lo: 40000,
+            snat_port_hi: 40999,
+            snat_addr: snat,
+        };
+        let (vip, family) = addr_bytes("10.0.0.100".parse().unwrap());
+        f.services.insert(
+            ServiceKey {
+                addr: vip,
+                port_be: 80u16.to_be(),
+                proto: PROTO_TCP,
+                family,
+            },
+            svc,
+        );
+        f.backends = vec![
+            Backend::default(),
+            backend("10.1.0.11:8080", BACKEND_ACTIVE, 1),
+            backend("10.1.0.12:8080", BACKEND_ACTIVE, 1),
+            backend("10.1.0.13:8080", BACKEND_ACTIVE, 1),
+        ];
+        f.maglev = vec![0; SIZE as usize];
+        f.maglev.extend((0..SIZE).map(|i| i % 3 + 1));
+        f
+    }
+
+    fn query(src: &str) -> Query {
+        Query {
+            proto: PROTO_TCP,
+            src: v4(src),
+            dst: v4("10.0.0.100:80"),
+            syn: false,
+        }
+    }
+
+    fn run(f: &Fake, q: &Query) -> Explanation {
+        explain(f, q, 100 * SECOND, &Names::default()).expect("explain")
+    }
+
+    #[test]
+    fn new_flow_takes_the_slot_hash_mod_size_of_the_active_half() {
+        let f = fake();
+        let q = query("10.0.0.2:40000");
+        let e = run(&f, &q);
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let m = e.maglev.as_ref().expect("a new flow goes through Maglev");
+        assert_eq!((m.hash, m.first_slot, m.base), (hash, hash % SIZE, SIZE));
+        let want = f.maglev[(SIZE + hash % SIZE) as usize];
+        assert_eq!(e.backend.as_ref().map(|b| b.index), Some(want), "{e:#?}");
+        assert_eq!(m.probes.len(), 1, "the first slot was active: {e:#?}");
+        assert_eq!(e.verdict, "forward");
+        assert_eq!(e.snat_first_port, Some(40000 + (hash % 1000) as u16));
+        assert_eq!(e.service.as_ref().unwrap().matched, "exact");
+    }
+
+    #[test]
+    fn probing_skips_non_active_and_foreign_backends_and_wraps() {
+        let mut f = fake();
+        let q = query("10.0.0.2:40001");
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let first = hash % SIZE;
+        // Put the walk at the end of the half, so it wraps to slot 0.
+        let slots: Vec<u32> = (0..4).map(|i| (first + i) % SIZE).collect();
+        f.backends.push(backend("10.1.0.14:8080", BACKEND_DOWN, 1)); // #4
+        f.backends
+            .push(backend("10.1.0.15:8080", BACKEND_ACTIVE, 2)); // #5
+        f.backends
+            .push(backend("10.1.0.16:8080", BACKEND_DRAINING, 1)); // #6
+        f.backends
+            .push(backend("10.1.0.17:8080", BACKEND_ACTIVE, 1)); // #7
+        for (s, b) in slots.iter().zip([4, 5, 6, 0]) {
+            f.maglev[(SIZE + s) as usize] = b;
+        }
+        f.maglev[(SIZE + (first + 4) % SIZE) as usize] = 7;
+        let e = run(&f, &q);
+        let m = e.maglev.as_ref().unwrap();
+        let seen: Vec<(u32, Option<u32>, bool)> = m
+            .probes
+            .iter()
+            .map(|p| (p.slot, p.backend_index, p.chosen))
+            .collect();
+        let want: Vec<(u32, Option<u32>, bool)> = vec![
+            (slots[0], Some(4), false),
+            (slots[1], Some(5), false),
+            (slots[2], Some(6), false),
+            (slots[3], Some(0), false),
+            ((first + 4) % SIZE, Some(7), true),
+        ];
+        assert_eq!(seen, want, "probe sequence; explanation:\n{}", render(&e));
+        assert_eq!(e.backend.unwrap().index, 7);
+        assert_eq!(m.probes[1].why_not.as_deref(), Some("belongs to service 2"));
+    }
+
+    #[test]
+    fn no_active_backend_within_the_probes_drops() {
+        let mut f = fake();
+        for b in &mut f.backends[1..] {
+            b.state = BACKEND_DOWN;
+        }
+        let e = run(&f, &query("10.0.0.2:40002"));
+        assert_eq!((e.verdict, e.reason), ("drop", Some("drop_no_backend")));
+        assert_eq!(e.maglev.unwrap().probes.len(), MAGLEV_PROBES as usize);
+    }
+
+    fn entry(f: &mut Fake, q: &Query, backend: u32, state: u8, last_seen: u64) {
+        let b = f.backends[backend as usize];
+        f.conns.insert(
+            flow_key(q.proto, q.src, q.dst),
+            Conn {
+                new_src: f.snat[0].addr,
+                new_dst: b.addr,
+                new_sport_be: 40123u16.to_be(),
+                new_dport_be: b.port_be,
+                backend,
+                service: 1,
+                flags: 0,
+                tcp_state: state,
+                _pad: [0; 2],
+                last_seen_ns: last_seen,
+                created_ns: 40 * SECOND,
+            },
+        );
+    }
+
+    #[test]
+    fn a_live_entry_keeps_its_backend_even_when_maglev_says_otherwise() {
+        let mut f = fake();
+        let q = query("10.0.0.2:40003");
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let maglev_choice = f.maglev[(SIZE + hash % SIZE) as usize];
+        let other = maglev_choice % 3 + 1;
+        entry(&mut f, &q, other, TCP_STATE_OPEN, 90 * SECOND);
+        let e = run(&f, &q);
+        let c = e.connection.as_ref().unwrap();
+        assert!(c.used && e.maglev.is_none(), "{e:#?}");
+        assert_eq!(e.backend.as_ref().unwrap().index, other);
+        assert_eq!((c.age_ms, c.idle_ms), (60_000, 10_000));
+        assert_eq!(c.new_src, v4("10.1.0.1:40123"));
+        let text = render(&e);
+        for want in [
+            "table     entry: backend #",
+            "SNAT 10.1.0.1:40123, open, age 1m00s, last seen 10s ago (idle timeout 1h00m)",
+            "the flow keeps its backend",
+            "(existing connection)",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn down_backend_expired_entry_and_syn_on_closing_are_repicked() {
+        let q = query("10.0.0.2:40004");
+        // Down backend.
+        let mut f = fake();
+        entry(&mut f, &q, 2, TCP_STATE_OPEN, 90 * SECOND);
+        f.backends[2].state = BACKEND_DOWN;
+        let e = run(&f, &q);
+        assert_eq!(
+            e.connection.as_ref().unwrap().why_not.as_deref(),
+            Some("its backend #2 is down")
+        );
+        assert!(e.maglev.is_some());
+        // Draining keeps the flow.
+        f.backends[2].state = BACKEND_DRAINING;
+        assert!(run(&f, &q).connection.unwrap().used);
+        // Expired: closing timeout is 10 s; idle 11 s.
+        let mut f = fake();
+        entry(&mut f, &q, 2, TCP_STATE_CLOSING, 89 * SECOND);
+        let e = run(&f, &q);
+        let c = e.connection.unwrap();
+        assert!(c.expired && !c.used, "{c:#?}");
+        // Fresh SYN on a closing (not yet expired) entry.
+        let mut f = fake();
+        entry(&mut f, &q, 2, TCP_STATE_CLOSING, 95 * SECOND);
+        assert!(run(&f, &q).connection.unwrap().used);
+        let e = run(&f, &Query { syn: true, ..q });
+        assert!(!e.connection.unwrap().used);
+    }
+
+    #[test]
+    fn wildcard_and_no_service() {
+        let mut f = fake();
+        let (k, s) = f.services.drain().next().unwrap();
+        f.services.insert(ServiceKey { addr: [0; 16], ..k }, s);
+        let e = run(&f, &query("10.0.0.2:40005"));
+        assert_eq!(e.service.unwrap().matched, "wildcard");
+        let e = explain(
+            &f,
+            &Query {
+                dst: v4("10.0.0.100:81"),
+                ..query("10.0.0.2:40005")
+            },
+            0,
+            &Names::default(),
+        )
+        .unwrap();
+        assert_eq!((e.verdict, e.reason), ("pass", Some("pass_no_service")));
+        assert!(render(&e).contains("no service listens on 10.0.0.100:81"));
+    }
+
+    #[test]
+    fn replies_to_snat_ports_take_the_reply_path() {
+        let mut f = fake();
+        let q = Query {
+            proto: PROTO_TCP,
+            src: v4("10.1.0.12:8080"),
+            dst: v4("10.1.0.1:40123"),
+            syn: false,
+        };
+        let e = run(&f, &q);
+        assert_eq!((e.path, e.reason), ("reply", Some("pass_reply_no_conn")));
+        f.conns.insert(
+            flow_key(q.proto, q.src, q.dst),
+            Conn {
+                new_src: addr_bytes("10.0.0.100".parse().unwrap()).0,
+                new_dst: addr_bytes("10.0.0.2".parse().unwrap()).0,
+                new_sport_be: 80u16.to_be(),
+                new_dport_be: 40003u16.to_be(),
+                backend: 2,
+                service: 1,
+                flags: CONN_F_REVERSE,
+                ..Default::default()
+            },
+        );
+        let e = run(&f, &q);
+        assert_eq!(e.verdict, "forward");
+        assert_eq!(e.to, Some(v4("10.0.0.2:40003")));
+        assert!(render(&e).contains("forward to the client 10.0.0.2:40003"));
+    }
+
+    #[test]
+    fn mixed_families_are_refused() {
+        let q = Query {
+            dst: "[fd00::100]:80".parse().unwrap(),
+            ..query("10.0.0.2:1")
+        };
+        assert!(explain(&fake(), &q, 0, &Names::default()).is_err());
+    }
+}
