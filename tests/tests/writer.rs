@@ -55,7 +55,9 @@ fn expected_table(w: &Writer, active: &[u8]) -> Vec<u32> {
         .iter()
         .map(|&n| MaglevBackend {
             key: addr(n).to_string(),
-            index: w.backend_index("web", addr(n)).expect("backend has an index"),
+            index: w
+                .backend_index("web", addr(n))
+                .expect("backend has an index"),
             weight: 1,
         })
         .collect();
@@ -85,48 +87,109 @@ fn apply_flips_on_change_and_a_new_writer_adopts_everything() {
 
     // Three active backends: one flip, the active half holds their table.
     let r = w
-        .apply("web", &states(&[(11, BACKEND_ACTIVE), (12, BACKEND_ACTIVE), (13, BACKEND_ACTIVE)]))
+        .apply(
+            "web",
+            &states(&[
+                (11, BACKEND_ACTIVE),
+                (12, BACKEND_ACTIVE),
+                (13, BACKEND_ACTIVE),
+            ]),
+        )
         .unwrap();
-    assert!(r.flipped && r.active == 3, "expected a flip with 3 active, got {r:?}");
-    let svc1 = w.data_plane().service(&key).unwrap().expect("service in SERVICES");
+    assert!(
+        r.flipped && r.active == 3,
+        "expected a flip with 3 active, got {r:?}"
+    );
+    let svc1 = w
+        .data_plane()
+        .service(&key)
+        .unwrap()
+        .expect("service in SERVICES");
     assert_eq!(svc1.active_half, 1, "the flip must make half 1 active");
     let table3 = active_half(w.data_plane(), &svc1);
     assert_eq!(table3, expected_table(&w, &[11, 12, 13]));
 
     // The same input again changes nothing in the kernel.
     let r = w
-        .apply("web", &states(&[(11, BACKEND_ACTIVE), (12, BACKEND_ACTIVE), (13, BACKEND_ACTIVE)]))
+        .apply(
+            "web",
+            &states(&[
+                (11, BACKEND_ACTIVE),
+                (12, BACKEND_ACTIVE),
+                (13, BACKEND_ACTIVE),
+            ]),
+        )
         .unwrap();
-    assert!(!r.flipped && r.slots_written == 0, "no change must mean no write, got {r:?}");
+    assert!(
+        !r.flipped && r.slots_written == 0,
+        "no change must mean no write, got {r:?}"
+    );
 
     // 13 drains: it keeps its BACKENDS entry (state draining) but leaves the table.
     let r = w
-        .apply("web", &states(&[(11, BACKEND_ACTIVE), (12, BACKEND_ACTIVE), (13, BACKEND_DRAINING)]))
+        .apply(
+            "web",
+            &states(&[
+                (11, BACKEND_ACTIVE),
+                (12, BACKEND_ACTIVE),
+                (13, BACKEND_DRAINING),
+            ]),
+        )
         .unwrap();
-    assert!(r.flipped && r.active == 2, "expected a flip with 2 active, got {r:?}");
+    assert!(
+        r.flipped && r.active == 2,
+        "expected a flip with 2 active, got {r:?}"
+    );
     let idx13 = w.backend_index("web", addr(13)).unwrap();
-    assert_eq!(w.data_plane().backend(idx13).unwrap().state, BACKEND_DRAINING);
+    assert_eq!(
+        w.data_plane().backend(idx13).unwrap().state,
+        BACKEND_DRAINING
+    );
     let svc2 = w.data_plane().service(&key).unwrap().unwrap();
     assert_eq!(svc2.active_half, 0, "second flip goes back to half 0");
     let table = active_half(w.data_plane(), &svc2);
     assert_eq!(table, expected_table(&w, &[11, 12]));
-    assert!(!table.contains(&idx13), "a draining backend must not be in the table");
+    assert!(
+        !table.contains(&idx13),
+        "a draining backend must not be in the table"
+    );
     // Removing 1 of 3 moves about a third of the slots, not all of them.
     let moved = table.iter().zip(&table3).filter(|(a, b)| a != b).count() as f64 / SIZE as f64;
-    assert!(moved < 0.45, "Maglev should move ~1/3 of the slots, moved {moved:.2}");
+    assert!(
+        moved < 0.45,
+        "Maglev should move ~1/3 of the slots, moved {moved:.2}"
+    );
 
     // A restarted daemon: a new DataPlane on the same pins, a new writer.
     drop(w);
     let mut w2 = Writer::new(load(&pins), 4 * SIZE, &[spec()]).unwrap();
     let adopted = *w2.service("web").unwrap();
     assert_eq!(adopted.id, svc2.id, "service id must be adopted");
-    assert_eq!(adopted.active_half, svc2.active_half, "active half must be adopted");
-    assert_eq!(w2.backend_index("web", addr(13)), Some(idx13), "backend index must be adopted");
+    assert_eq!(
+        adopted.active_half, svc2.active_half,
+        "active half must be adopted"
+    );
+    assert_eq!(
+        w2.backend_index("web", addr(13)),
+        Some(idx13),
+        "backend index must be adopted"
+    );
     let mut active = w2.adopted_active("web");
     active.sort();
-    assert_eq!(active, vec![addr(11), addr(12)], "only active backends count as adopted-active");
+    assert_eq!(
+        active,
+        vec![addr(11), addr(12)],
+        "only active backends count as adopted-active"
+    );
     let r = w2
-        .apply("web", &states(&[(11, BACKEND_ACTIVE), (12, BACKEND_ACTIVE), (13, BACKEND_DRAINING)]))
+        .apply(
+            "web",
+            &states(&[
+                (11, BACKEND_ACTIVE),
+                (12, BACKEND_ACTIVE),
+                (13, BACKEND_DRAINING),
+            ]),
+        )
         .unwrap();
     assert!(
         !r.flipped && r.slots_written == 0,
@@ -134,7 +197,11 @@ fn apply_flips_on_change_and_a_new_writer_adopts_everything() {
     );
 
     // 13 leaves for good: its slot is cleared after the flip.
-    w2.apply("web", &states(&[(11, BACKEND_ACTIVE), (12, BACKEND_ACTIVE)])).unwrap();
+    w2.apply(
+        "web",
+        &states(&[(11, BACKEND_ACTIVE), (12, BACKEND_ACTIVE)]),
+    )
+    .unwrap();
     assert_eq!(w2.data_plane().backend(idx13).unwrap().state, BACKEND_EMPTY);
     assert_eq!(w2.backend_index("web", addr(13)), None);
 }
