@@ -9,7 +9,7 @@ use std::{
     fs::File,
     marker::PhantomData,
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -77,6 +77,26 @@ impl NetNs {
         run("ip", &all)
     }
 
+    /// The bind-mounted namespace file (`/var/run/netns/NAME`): open it and
+    /// `setns` to enter the namespace.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a fresh thread that entered the namespace, and returns its
+    /// result. Sockets created by `f` belong to this namespace for their
+    /// whole life, whichever thread or runtime uses them afterwards.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _guard = self.enter()?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
     /// The interface index of `dev` inside the namespace.
     pub fn ifindex(&self, dev: &str) -> Result<u32> {
         let out = self.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])?;
@@ -95,7 +115,7 @@ impl NetNs {
         // thread-group leader, whose namespace may differ from ours.
         let original =
             File::open("/proc/thread-self/ns/net").context("opening /proc/thread-self/ns/net")?;
-        let target = File::open(Path::new("/var/run/netns").join(&self.name))
+        let target = File::open(self.path())
             .with_context(|| format!("opening /var/run/netns/{}", self.name))?;
         setns(&target).with_context(|| format!("entering network namespace {}", self.name))?;
         Ok(NsGuard {
@@ -151,7 +171,7 @@ fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
     parts.next()?.parse().ok()
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
