@@ -149,7 +149,10 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
     let mut tasks = Vec::new();
     if let Some(listener) = metrics {
         let (pin, stop) = (cfg.pin_dir.clone(), stop_rx.clone());
-        tracing::info!("Prometheus metrics on http://{}/metrics", listener.local_addr()?);
+        tracing::info!(
+            "Prometheus metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve_on(listener, pin, stop).await {
                 tracing::error!("metrics endpoint stopped: {e:#}");

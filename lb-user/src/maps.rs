@@ -188,7 +188,9 @@ impl DataPlane {
     /// Zeroes a backend slot's counters on every CPU: a reused index must
     /// not carry the previous backend's numbers into the new one's series.
     pub fn reset_backend_counters(&mut self, index: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
         let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
         self.backend_stats
             .set(index, zeros, 0)
