@@ -224,6 +224,29 @@ pub struct Conn {
 }
 const _: () = assert!(size_of::<Conn>() == 64);
 
+impl Conn {
+    /// The idle time after which this entry is forgotten: UDP, TCP after FIN
+    /// or RST (`closing`), or open TCP. One definition for the data plane and
+    /// for the CLI, which must agree on what counts as a live flow.
+    #[inline(always)]
+    pub fn idle_timeout_ns(&self, proto: u8, cfg: &Config) -> u64 {
+        if proto != PROTO_TCP {
+            cfg.udp_timeout_ns
+        } else if self.tcp_state == TCP_STATE_CLOSING {
+            cfg.closing_timeout_ns
+        } else {
+            cfg.tcp_timeout_ns
+        }
+    }
+
+    /// Has the entry been idle longer than its timeout at `now_ns`
+    /// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`)?
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, cfg: &Config, now_ns: u64) -> bool {
+        now_ns > self.last_seen_ns && now_ns - self.last_seen_ns > self.idle_timeout_ns(proto, cfg)
+    }
+}
+
 /// Per-CPU counters, one slot per service, backend, or reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

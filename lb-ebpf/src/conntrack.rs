@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
     hash::flow_hash, reason, Backend, Config, Conn, FlowKey, Service, BACKEND_ACTIVE,
-    BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_CLOSING,
+    BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES, SNAT_PROBES, TCP_STATE_CLOSING,
     TCP_STATE_OPEN,
 };
 
@@ -18,22 +18,6 @@ use crate::{
 pub fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_ns() }
-}
-
-#[inline(always)]
-fn timeout(c: &Conn, proto: u8, cfg: &Config) -> u64 {
-    if proto != PROTO_TCP {
-        cfg.udp_timeout_ns
-    } else if c.tcp_state == TCP_STATE_CLOSING {
-        cfg.closing_timeout_ns
-    } else {
-        cfg.tcp_timeout_ns
-    }
-}
-
-#[inline(always)]
-fn expired(c: &Conn, proto: u8, cfg: &Config, now: u64) -> bool {
-    now > c.last_seen_ns && now - c.last_seen_ns > timeout(c, proto, cfg)
 }
 
 #[inline(always)]
@@ -104,7 +88,7 @@ pub fn forward(
         let fresh_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let reusable = c.flags & CONN_F_REVERSE == 0
             && c.service == svc.id
-            && !expired(c, s.key.proto, cfg, now)
+            && !c.expired(s.key.proto, cfg, now)
             && !(fresh_syn && c.tcp_state == TCP_STATE_CLOSING);
         if reusable && keeps_flow(c, svc) {
             c.last_seen_ns = now;
@@ -289,7 +273,7 @@ fn reservation_is_stale(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
             f.flags & CONN_F_REVERSE != 0
                 || f.new_sport_be != s.key2.dport_be
                 || f.new_dst != s.key2.src
-                || expired(f, s.key2.proto, cfg, now)
+                || f.expired(s.key2.proto, cfg, now)
         }
         None => true,
     }

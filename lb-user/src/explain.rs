@@ -62,22 +62,6 @@ impl Tables for PinnedMaps {
 
 // ---- the data plane's rules, mirrored ---------------------------------------
 
-/// The idle timeout of an entry (conntrack.rs `timeout`).
-pub fn timeout_ns(c: &Conn, proto: u8, cfg: &Config) -> u64 {
-    if proto != PROTO_TCP {
-        cfg.udp_timeout_ns
-    } else if c.tcp_state == TCP_STATE_CLOSING {
-        cfg.closing_timeout_ns
-    } else {
-        cfg.tcp_timeout_ns
-    }
-}
-
-/// Has the entry expired at `now_ns` (CLOCK_MONOTONIC)? (conntrack.rs `expired`)
-pub fn expired(c: &Conn, proto: u8, cfg: &Config, now_ns: u64) -> bool {
-    now_ns > c.last_seen_ns && now_ns - c.last_seen_ns > timeout_ns(c, proto, cfg)
-}
-
 /// Lower-case name of a `BACKENDS` state.
 pub fn backend_state_name(state: u8) -> String {
     match state {
@@ -331,7 +315,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
                 "it belongs to service {}, the packet matches service {}",
                 c.service, svc.id
             ))
-        } else if expired(&c, key.proto, &cfg, now_ns) {
+        } else if c.expired(key.proto, &cfg, now_ns) {
             Some("it has expired".to_string())
         } else if q.syn && c.tcp_state == TCP_STATE_CLOSING {
             Some("a fresh SYN on a closing connection starts a new one".to_string())
@@ -498,8 +482,8 @@ fn conn_info(
         }),
         age_ms: ns_to_ms(now_ns.saturating_sub(c.created_ns)),
         idle_ms: ns_to_ms(now_ns.saturating_sub(c.last_seen_ns)),
-        timeout_ms: ns_to_ms(timeout_ns(c, key.proto, cfg)),
-        expired: expired(c, key.proto, cfg, now_ns),
+        timeout_ms: ns_to_ms(c.idle_timeout_ns(key.proto, cfg)),
+        expired: c.expired(key.proto, cfg, now_ns),
         used,
         why_not,
     }

@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::{
     cli::{BackendsArgs, StatsArgs},
-    explain::{backend_state_name, expired, listen_of},
+    explain::{backend_state_name, listen_of},
     pinned::{monotonic_now_ns, PinnedError, PinnedMaps},
     status::{self, Status},
     table::ip_from_bytes,
@@ -124,7 +124,7 @@ impl Daemon {
 // ---- what the maps hold -----------------------------------------------------
 
 /// Connection-table census. Only forward entries that have not expired (the
-/// data plane's own rule, `explain::expired`) count as live flows.
+/// data plane's own rule, `Conn::expired` in lb-common) count as live flows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnCounts {
     /// Every entry, forward and reverse, expired or not.
@@ -138,7 +138,7 @@ pub struct ConnCounts {
 impl ConnCounts {
     pub fn add(&mut self, key: &FlowKey, c: &Conn, cfg: &Config, now_ns: u64) {
         self.entries += 1;
-        if c.flags & CONN_F_REVERSE != 0 || expired(c, key.proto, cfg, now_ns) {
+        if c.flags & CONN_F_REVERSE != 0 || c.expired(key.proto, cfg, now_ns) {
             return;
         }
         self.live_flows += 1;
