@@ -276,15 +276,25 @@ pub mod reason {
     pub const PASS_TTL_EXPIRED: u32 = 10;
     pub const FWD_TX: u32 = 11;
     pub const FWD_REDIRECT: u32 = 12;
-    pub const FWD_STACK_NO_NEIGH: u32 = 13;
-    pub const FWD_STACK_FIB: u32 = 14;
-    pub const FWD_STACK_FRAG_NEEDED: u32 = 15;
+    /// XDP: no neighbour entry yet; the packet goes on untouched to the TC
+    /// program attached beside it, whose `bpf_redirect_neigh` resolves it.
+    pub const PASS_XDP_NO_NEIGH: u32 = 13;
+    /// XDP: the FIB gave no direct route (needs fragmentation, unreachable,
+    /// ...); the packet goes on untouched to TC, which decides.
+    pub const PASS_XDP_FIB: u32 = 14;
+    /// The packet does not fit the egress MTU (TC checks GSO packets per
+    /// segment). Dropped: handing a rewritten packet to the stack would be
+    /// dropped there anyway (its source is one of our own addresses).
+    pub const DROP_FRAG_NEEDED: u32 = 15;
     pub const FWD_ICMP: u32 = 16;
     pub const DROP_NO_BACKEND: u32 = 17;
     pub const DROP_SNAT_EXHAUSTED: u32 = 18;
     pub const DROP_CONN_INSERT: u32 = 19;
-    pub const FWD_STACK_NO_TXPORT: u32 = 20;
-    pub const COUNT: u32 = 21;
+    /// XDP: the egress interface is not in TX_PORTS; untouched, to TC.
+    pub const PASS_XDP_NO_TXPORT: u32 = 20;
+    /// The FIB has no usable route to the rewritten destination.
+    pub const DROP_NO_ROUTE: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -301,14 +311,15 @@ pub mod reason {
         "pass_ttl_expired",
         "fwd_tx",
         "fwd_redirect",
-        "fwd_stack_no_neigh",
-        "fwd_stack_fib",
-        "fwd_stack_frag_needed",
+        "pass_xdp_no_neigh",
+        "pass_xdp_fib",
+        "drop_frag_needed",
         "fwd_icmp_translated",
         "drop_no_backend",
         "drop_snat_exhausted",
         "drop_conn_insert",
-        "fwd_stack_no_txport",
+        "pass_xdp_no_txport",
+        "drop_no_route",
     ];
 }
 

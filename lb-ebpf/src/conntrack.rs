@@ -208,12 +208,24 @@ fn snat_port(
     // Double hashing: the first port depends only on the flow (a flow whose
     // entries were evicted gets the same port back), the stride on other
     // bits of the hash. Linear probing would grow runs of taken ports that
-    // turn into false exhaustion long before the range is full. Ranges of at
-    // most SNAT_PROBES ports are walked one by one: exhaustive and exact.
-    let stride = if range <= SNAT_PROBES {
+    // turn into false exhaustion long before the range is full. The stride
+    // is a prime, so it is coprime with the range unless it divides it, and
+    // the SNAT_PROBES probes land on distinct ports. Ranges of at most
+    // SNAT_PROBES ports are walked one by one: exhaustive and exact.
+    let prime = match (hash >> 16) & 7 {
+        0 => 7919,
+        1 => 7927,
+        2 => 7933,
+        3 => 7937,
+        4 => 7949,
+        5 => 7951,
+        6 => 7963,
+        _ => 7993,
+    };
+    let stride = if range <= SNAT_PROBES || range % prime == 0 {
         1
     } else {
-        1 + (hash >> 16) % (range - 1)
+        prime % range
     };
     nf.rev = Conn {
         new_src: s.key.dst,

@@ -14,7 +14,7 @@ use crate::{
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// To the stack: unchanged for `pass_*` reasons, rewritten for `fwd_stack_*`.
+    /// To the stack, unchanged (a rewritten packet never goes there).
     Pass,
     Drop,
     Tx,
@@ -39,11 +39,6 @@ impl Out {
             reason,
             ret: 0,
         }
-    }
-    /// Hand a rewritten packet to the stack, which forwards it.
-    #[inline(always)]
-    pub fn stack(reason: u32) -> Self {
-        Self::pass(reason)
     }
     #[inline(always)]
     pub fn drop(reason: u32) -> Self {
@@ -121,10 +116,11 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
         if s.l3.ttl <= 1 {
             return Err(Out::pass(reason::PASS_TTL_EXPIRED));
         }
+        fwd::route(ctx, s, c)?;
         nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c)
             .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
-        stats::flow(c.service, c.backend, len, false);
-        return Ok(fwd::forward(ctx, s, c));
+        stats::flow(c.service, c.backend, len);
+        return Ok(fwd::send(ctx, s));
     }
 
     let svc = service(s).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
@@ -132,10 +128,16 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
         return Err(Out::pass(reason::PASS_TTL_EXPIRED));
     }
     let (c, new_flow) = conntrack::forward(s, svc, cfg, tcp_flags)?;
+    if new_flow {
+        // Counted where the flow is created: when XDP leaves the packet to
+        // TC, TC finds the entry and sees an established flow.
+        stats::new_flow(svc.id, c.backend);
+    }
+    fwd::route(ctx, s, c)?;
     nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c)
         .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
-    stats::flow(svc.id, c.backend, len, new_flow);
-    Ok(fwd::forward(ctx, s, c))
+    stats::flow(svc.id, c.backend, len);
+    Ok(fwd::send(ctx, s))
 }
 
 /// Could this be a backend's reply to one of our SNAT (address, port) pairs?

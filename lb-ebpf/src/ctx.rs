@@ -4,13 +4,14 @@
 use ::core::mem::size_of;
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT,
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT,
     },
     helpers::generated::bpf_redirect_neigh,
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
-use lb_common::csum;
+use lb_common::{csum, reason};
 
 use crate::{core::Out, maps::TX_PORTS};
 
@@ -36,10 +37,13 @@ pub trait Packet {
     /// Patches the TCP/UDP checksum at `off` for a change of pseudo-header
     /// words (`acc_pseudo`: addresses) and of header words (`acc_plain`: ports).
     fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, v6: bool);
+    /// `tot_len` for `bpf_fib_lookup`: what the kernel checks the MTU with.
+    fn fib_tot_len(&self, ip_len: u16) -> u16;
+    /// Can this hook send the packet on the route `bpf_fib_lookup` returned
+    /// (`rc`)? Called before the rewrite: `Err` leaves the packet untouched.
+    fn can_send(&self, rc: i64, fib: &bpf_fib_lookup) -> Result<(), Out>;
     /// Sends the rewritten packet out of `fib.ifindex`.
-    fn redirect(&mut self, fib: &bpf_fib_lookup) -> Out;
-    /// The FIB knows the route but not the neighbour.
-    fn redirect_no_neigh(&mut self, fib: &bpf_fib_lookup) -> Out;
+    fn send(&mut self, fib: &bpf_fib_lookup) -> Out;
 }
 
 /// Bounds-checked pointer into the packet: the one place the verifier sees a
@@ -116,8 +120,32 @@ impl Packet for Xdp {
         }
     }
 
+    /// No GSO in XDP: the IP length is the packet's length.
     #[inline(always)]
-    fn redirect(&mut self, fib: &bpf_fib_lookup) -> Out {
+    fn fib_tot_len(&self, ip_len: u16) -> u16 {
+        ip_len
+    }
+
+    /// XDP forwards only what it can send itself: a known neighbour on an
+    /// interface in TX_PORTS. Anything else goes on untouched; the TC program
+    /// attached beside it (the daemon always attaches both in XDP mode)
+    /// resolves neighbours with `bpf_redirect_neigh` or drops and counts.
+    #[inline(always)]
+    fn can_send(&self, rc: i64, fib: &bpf_fib_lookup) -> Result<(), Out> {
+        if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            return Err(Out::pass(reason::PASS_XDP_NO_NEIGH));
+        }
+        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            return Err(Out::pass(reason::PASS_XDP_FIB));
+        }
+        if fib.ifindex != self.ingress_ifindex() && TX_PORTS.get_ifindex(fib.ifindex).is_none() {
+            return Err(Out::pass(reason::PASS_XDP_NO_TXPORT));
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn send(&mut self, fib: &bpf_fib_lookup) -> Out {
         if let Some(eth) = ptr_at_mut::<Self, [u8; 12]>(self, 0) {
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&fib.dmac);
@@ -128,16 +156,11 @@ impl Packet for Xdp {
         if fib.ifindex == self.ingress_ifindex() {
             return Out::tx();
         }
-        match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
+        match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_DROP as u64) {
             Ok(action) => Out::redirect(action),
-            Err(_) => Out::stack(lb_common::reason::FWD_STACK_NO_TXPORT),
+            // Checked in `can_send`; only a concurrent TX_PORTS removal gets here.
+            Err(_) => Out::drop(reason::DROP_NO_ROUTE),
         }
-    }
-
-    /// The stack resolves the neighbour and forwards the rewritten packet.
-    #[inline(always)]
-    fn redirect_no_neigh(&mut self, _fib: &bpf_fib_lookup) -> Out {
-        Out::stack(lb_common::reason::FWD_STACK_NO_NEIGH)
     }
 }
 
@@ -197,21 +220,35 @@ impl Packet for Tc {
         }
     }
 
+    /// 0: the kernel then checks the skb itself with `is_skb_forwardable`,
+    /// which knows GSO (a GSO packet's IP length is the whole super-packet,
+    /// far above any MTU, though each segment fits).
     #[inline(always)]
-    fn redirect(&mut self, fib: &bpf_fib_lookup) -> Out {
-        self.redirect_no_neigh(fib)
+    fn fib_tot_len(&self, _ip_len: u16) -> u16 {
+        0
+    }
+
+    #[inline(always)]
+    fn can_send(&self, rc: i64, _fib: &bpf_fib_lookup) -> Result<(), Out> {
+        if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            Ok(())
+        } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+            Err(Out::drop(reason::DROP_FRAG_NEEDED))
+        } else {
+            Err(Out::drop(reason::DROP_NO_ROUTE))
+        }
     }
 
     /// `bpf_redirect_neigh` fills in the MACs and resolves unknown neighbours.
     #[inline(always)]
-    fn redirect_no_neigh(&mut self, fib: &bpf_fib_lookup) -> Out {
+    fn send(&mut self, fib: &bpf_fib_lookup) -> Out {
         // SAFETY: plain helper call; a null params pointer asks the kernel to
         // do its own next-hop lookup.
         let rc = unsafe { bpf_redirect_neigh(fib.ifindex, ::core::ptr::null_mut(), 0, 0) };
         if rc == TC_ACT_REDIRECT as i64 {
             Out::redirect(rc as u32)
         } else {
-            Out::stack(lb_common::reason::FWD_STACK_FIB)
+            Out::drop(reason::DROP_NO_ROUTE)
         }
     }
 }

@@ -1,30 +1,29 @@
-//! Forwarding after the rewrite: a FIB lookup, then the hook's way out.
+//! Forwarding: the FIB lookup happens *before* the rewrite, so a packet this
+//! hook cannot send on is left untouched (XDP) or dropped and counted (TC).
+//! A rewritten packet must never reach the local stack: its source is one of
+//! our own addresses, and the stack drops it as a martian.
 
 use ::core::mem::{size_of, zeroed};
-use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
-    },
-    helpers::generated::bpf_fib_lookup as fib_lookup,
-};
-use lb_common::{reason, Conn};
+
+use aya_ebpf::{bindings::bpf_fib_lookup, helpers::generated::bpf_fib_lookup as fib_lookup};
+use lb_common::Conn;
 
 use crate::{core::Out, ctx::Packet, maps::Scratch};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Out of line: its own BPF stack frame (see `conntrack::new_flow`).
-#[inline(never)]
-pub fn forward<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> Out {
+/// Looks up the route to the rewritten destination into `s.fib`; returns the
+/// helper's code (`BPF_FIB_LKUP_RET_*`, or a negative error).
+#[inline(always)]
+fn lookup<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> i64 {
     let l3 = &s.l3;
     let (src, dst) = (&c.new_src, &c.new_dst);
     let fib = &mut s.fib;
     // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is its "unset" state.
     *fib = unsafe { zeroed() };
     fib.l4_protocol = l3.proto;
-    fib.__bindgen_anon_1.tot_len = l3.ip_len;
+    fib.__bindgen_anon_1.tot_len = ctx.fib_tot_len(l3.ip_len);
     fib.ifindex = ctx.ingress_ifindex();
     if l3.is_v6() {
         fib.family = AF_INET6;
@@ -36,18 +35,22 @@ pub fn forward<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> Out {
         fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
     }
     // SAFETY: helper call with a live context and a correctly sized struct.
-    let rc = unsafe { fib_lookup(ctx.raw(), fib, size_of::<bpf_fib_lookup>() as i32, 0) };
-    if rc < 0 {
-        return Out::stack(reason::FWD_STACK_FIB);
-    }
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => ctx.redirect(fib),
-        BPF_FIB_LKUP_RET_NO_NEIGH => ctx.redirect_no_neigh(fib),
-        // The stack will refuse it too; documented limitation: the balancer's
-        // egress MTU must not be smaller than its ingress MTU.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Out::stack(reason::FWD_STACK_FRAG_NEEDED),
-        _ => Out::stack(reason::FWD_STACK_FIB),
-    }
+    unsafe { fib_lookup(ctx.raw(), fib, size_of::<bpf_fib_lookup>() as i32, 0) }
+}
+
+/// Decides whether this hook can send the packet once rewritten (`Ok`), or
+/// what to do instead (`Err`: the packet is still untouched). Out of line:
+/// its own BPF stack frame.
+#[inline(never)]
+pub fn route<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> Result<(), Out> {
+    let rc = lookup(ctx, s, c);
+    ctx.can_send(rc, &s.fib)
+}
+
+/// Sends the rewritten packet along the route `route` accepted.
+#[inline(always)]
+pub fn send<C: Packet>(ctx: &mut C, s: &Scratch) -> Out {
+    ctx.send(&s.fib)
 }
 
 #[inline(always)]

@@ -69,13 +69,14 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     s.key.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
     s.key.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
     s.key2 = s.key.reversed();
-    let ikey = &s.key;
 
     // SAFETY: read-only use of a map value pointer (RCU-protected).
     let e: &Conn = (unsafe { CONNS.get(&s.key2) }).ok_or(Out::pass(reason::PASS_ICMP_NO_FLOW))?;
     if ttl <= 1 {
         return Err(Out::pass(reason::PASS_TTL_EXPIRED));
     }
+    fwd::route(ctx, s, e)?;
+    let ikey = &s.key;
 
     // Inner packet: it now reads as what the other side sent.
     let acc_addr = csum::add_addr(
@@ -148,7 +149,7 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     let old = read16(ctx, check_off).ok_or(bad)?;
     write16(ctx, check_off, csum::apply(old, acc_icmp)).ok_or(bad)?;
 
-    let mut out = fwd::forward(ctx, s, e);
+    let mut out = fwd::send(ctx, s);
     if out.verdict == Verdict::Tx || out.verdict == Verdict::Redirect {
         out.reason = reason::FWD_ICMP;
     }

@@ -15,14 +15,12 @@ pub fn reason(reason: u32, bytes: u64) {
 
 /// Counts a forwarded packet against its service and backend.
 #[inline(always)]
-pub fn flow(service: u32, backend: u32, bytes: u64, new_flow: bool) {
-    let n = new_flow as u64;
+pub fn flow(service: u32, backend: u32, bytes: u64) {
     if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
         // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
-            (*c).new_flows += n;
         }
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
@@ -30,7 +28,19 @@ pub fn flow(service: u32, backend: u32, bytes: u64, new_flow: bool) {
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
-            (*c).new_flows += n;
         }
+    }
+}
+
+/// Counts a new flow against its service and backend.
+#[inline(always)]
+pub fn new_flow(service: u32, backend: u32) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
+        unsafe { (*c).new_flows += 1 };
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: as above.
+        unsafe { (*c).new_flows += 1 };
     }
 }

@@ -139,29 +139,39 @@ fn ifindex(iface: &str) -> Result<u32> {
     Ok(idx)
 }
 
-/// Attaches (or re-attaches, adopting a pinned link) the data plane on
-/// `iface`. Returns a sentence for the log.
-pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<String> {
+/// Attaches (or re-attaches, adopting pinned links) the data plane on
+/// `iface`. Returns sentences for the log.
+///
+/// XDP mode attaches the TC program as well: XDP forwards what it can send
+/// itself (known neighbour, interface in TX_PORTS) and leaves the rest,
+/// untouched, to TC on the same interface, whose `bpf_redirect_neigh`
+/// resolves neighbours (docs/DATAPLANE.md §7).
+pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<Vec<String>> {
     let idx = ifindex(iface)?;
     let pin_dir = dp.pin_dir().to_path_buf();
     std::fs::create_dir_all(pin_dir.join("links"))?;
-    // A link of the other kind on this interface (attach mode changed) goes.
-    let other = link_path(
-        &pin_dir,
-        iface,
-        if hook == Hook::Xdp {
-            Hook::Tc
-        } else {
-            Hook::Xdp
-        },
-    );
-    if other.exists() {
-        std::fs::remove_file(&other).with_context(|| format!("removing {}", other.display()))?;
+    let mut log = Vec::new();
+    match hook {
+        Hook::Tc => {
+            // From XDP mode to TC mode: the XDP link goes.
+            let xdp = link_path(&pin_dir, iface, Hook::Xdp);
+            if xdp.exists() {
+                std::fs::remove_file(&xdp).with_context(|| format!("removing {}", xdp.display()))?;
+                log.push(format!("{iface}: XDP link removed (TC mode now)"));
+            }
+            log.push(attach_one(dp, iface, idx, Hook::Tc)?);
+        }
+        Hook::Xdp => {
+            dp.add_tx_port(idx)?;
+            log.push(attach_one(dp, iface, idx, Hook::Tc)?);
+            log.push(attach_one(dp, iface, idx, Hook::Xdp)?);
+        }
     }
-    let path = link_path(&pin_dir, iface, hook);
-    if hook == Hook::Xdp {
-        dp.add_tx_port(idx)?;
-    }
+    Ok(log)
+}
+
+fn attach_one(dp: &mut DataPlane, iface: &str, idx: u32, hook: Hook) -> Result<String> {
+    let path = link_path(dp.pin_dir(), iface, hook);
     if path.exists() {
         let fd: FdLink = PinnedLink::from_pin(&path)
             .with_context(|| format!("opening pinned link {}", path.display()))?
@@ -218,16 +228,38 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<String> {
 }
 
 /// Removes every pinned link (the kernel detaches each program once no fd
-/// refers to it) and then the pinned maps.
+/// refers to it) and then the pinned maps, and waits until the kernel has
+/// really let go of the links: a link released through bpffs is freed from
+/// a workqueue (`bpf_link_put`, kernel/bpf/syscall.c), so the program can
+/// keep forwarding for a moment after its pin is gone.
 pub fn teardown(pin_dir: &Path) -> Result<()> {
     let links = pin_dir.join("links");
+    let mut ids = Vec::new();
     if links.exists() {
         for e in std::fs::read_dir(&links)? {
             let p = e?.path();
+            // The id first, with the fd closed again before the unpin.
+            if let Ok(info) = PinnedLink::from_pin(&p).map(FdLink::from).and_then(|l| l.info()) {
+                ids.push(info.id());
+            }
             std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
         }
     }
-    DataPlane::unpin_all(pin_dir)
+    DataPlane::unpin_all(pin_dir)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let alive: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(|l| l.ok().map(|l| l.id()))
+            .filter(|id| ids.contains(id))
+            .collect();
+        if alive.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the kernel still holds links {alive:?} 5 s after their pins were removed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// The interfaces with pinned links, and their hooks.

@@ -29,6 +29,10 @@ use crate::{
     table::{ServiceSpec, Writer},
 };
 
+/// The shortest time between two map updates of one service: bursts of
+/// transitions are written as one table flip.
+const COALESCE: Duration = Duration::from_millis(100);
+
 /// `xdplb run`: builds the config from the command line, then runs.
 pub fn run_cli(args: RunArgs) -> Result<()> {
     let mut cfg = match &args.config {
@@ -192,7 +196,10 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(COALESCE / 2);
+    // Per service: changes not yet written, and when the maps were last written.
+    let mut dirty = vec![false; services.len()];
+    let mut applied = vec![Instant::now() - COALESCE; services.len()];
     let status_file = status::status_path(&cfg.pin_dir);
     let mut status_dirty = true;
     let mut status_written = Instant::now() - Duration::from_secs(10);
@@ -241,10 +248,19 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
                 tracing::info!(service = %s.cfg.name, "{t}");
             }
             reconcile_checkers(i, s, &http, &health_tx, &stop_rx);
-            apply(&mut writer, s)?;
-            // State changes are published at once, check results once a second.
-            status_written = Instant::now() - Duration::from_secs(10);
-            status_dirty = true;
+            dirty[i] = true;
+        }
+        // A change after a quiet period is written at once; a burst (200
+        // tasks passing their checks) becomes one table flip per COALESCE.
+        for (i, s) in services.iter().enumerate() {
+            if dirty[i] && applied[i].elapsed() >= COALESCE {
+                apply(&mut writer, s)?;
+                dirty[i] = false;
+                applied[i] = Instant::now();
+                // State changes are published at once, check results once a second.
+                status_written = Instant::now() - Duration::from_secs(10);
+                status_dirty = true;
+            }
         }
         if status_dirty && status_written.elapsed() >= Duration::from_secs(1) {
             if let Err(e) = snapshot(&cfg, &writer, &services).write(&status_file) {
@@ -308,8 +324,9 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
             AttachMode::Tc => (Hook::Tc, format!("{iface}: TC (configured)")),
         };
         tracing::info!("attach mode for {why}");
-        let msg = attach::attach(writer.data_plane_mut(), iface, hook)?;
-        tracing::info!("{msg}");
+        for msg in attach::attach(writer.data_plane_mut(), iface, hook)? {
+            tracing::info!("{msg}");
+        }
     }
 
     let now = std::time::Instant::now();

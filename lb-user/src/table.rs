@@ -84,6 +84,8 @@ struct ServiceState {
     adopted_active: Vec<SocketAddr>,
     /// When the inactive half stopped being the active one.
     retired_at: Option<std::time::Instant>,
+    /// The state last written to BACKENDS per backend.
+    written: BTreeMap<SocketAddr, u8>,
 }
 
 /// How long a half that was just retired by a flip is left alone before it is
@@ -183,6 +185,7 @@ impl Writer {
             }
             let mut backends = BTreeMap::new();
             let mut adopted_active = Vec::new();
+            let mut written = BTreeMap::new();
             for (index, b) in pinned_backends.remove(&svc.id).unwrap_or_default() {
                 let addr =
                     SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be));
@@ -190,6 +193,7 @@ impl Writer {
                 if b.state == BACKEND_ACTIVE {
                     adopted_active.push(addr);
                 }
+                written.insert(addr, b.state);
                 self.used_backends.insert(index, svc.id);
             }
             tracing::info!(
@@ -215,6 +219,7 @@ impl Writer {
                     backends,
                     adopted_active,
                     retired_at: None,
+                    written,
                 },
             );
         }
@@ -274,6 +279,7 @@ impl Writer {
                     backends: BTreeMap::new(),
                     adopted_active: Vec::new(),
                     retired_at: None,
+                    written: BTreeMap::new(),
                 },
             );
         }
@@ -338,19 +344,14 @@ impl Writer {
                 self.dp.reset_backend_counters(index)?;
             }
         }
-        // States first (a new backend is written before any table points at it).
-        for (addr, state) in backends {
-            let (a, family) = addr_bytes(addr.ip());
-            let b = Backend {
-                addr: a,
-                port_be: addr.port().to_be(),
-                family,
-                state: *state,
-                service: id,
-            };
-            self.dp.set_backend(st.backends[addr], &b)?;
+        // Order matters for packets in flight. Backends entering rotation are
+        // written `active` before any table points at them; backends leaving
+        // it are written `draining`/`down` only after the flip, or new flows
+        // that still read the old table would find them refused (the data
+        // plane probes only MAGLEV_PROBES slots) and be dropped.
+        for (addr, state) in backends.iter().filter(|(_, s)| **s == BACKEND_ACTIVE) {
+            write_backend(&mut self.dp, st, id, *addr, *state)?;
         }
-
         let members: Vec<MaglevBackend> = backends
             .iter()
             .filter(|(_, s)| **s == BACKEND_ACTIVE)
@@ -396,14 +397,42 @@ impl Writer {
         if report.flipped {
             st.retired_at = Some(std::time::Instant::now());
         }
+        for (addr, state) in backends.iter().filter(|(_, s)| **s != BACKEND_ACTIVE) {
+            write_backend(&mut self.dp, st, id, *addr, *state)?;
+        }
         // Departed backends are cleared only after the flip: no table points
         // at them any more, and flows pinned to them re-pick.
-        for (_, index) in departed {
+        for (addr, index) in departed {
             self.dp.set_backend(index, &Backend::default())?;
             self.used_backends.remove(&index);
+            st.written.remove(&addr);
         }
         Ok(report)
     }
+}
+
+/// Writes one BACKENDS entry if its state changed since the last write.
+fn write_backend(
+    dp: &mut DataPlane,
+    st: &mut ServiceState,
+    id: u32,
+    addr: SocketAddr,
+    state: u8,
+) -> Result<()> {
+    if st.written.get(&addr) == Some(&state) {
+        return Ok(());
+    }
+    let (a, family) = addr_bytes(addr.ip());
+    let b = Backend {
+        addr: a,
+        port_be: addr.port().to_be(),
+        family,
+        state,
+        service: id,
+    };
+    dp.set_backend(st.backends[&addr], &b)?;
+    st.written.insert(addr, state);
+    Ok(())
 }
 
 /// Writes the slots of `half` that differ from `table`; returns how many.

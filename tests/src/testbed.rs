@@ -25,6 +25,25 @@
 //!   `exec` (never `ip netns exec`, which remounts `/sys` and would hide the
 //!   host's bpffs, and with it the pins a restart must find).
 //!
+//! Two optional extras ([`Topology`]):
+//!
+//! - **many tasks**: one more namespace on `br0` holding N addresses
+//!   `10.20.1.1`... with one HTTP server that answers as whichever address
+//!   was dialled ([`ManyTasks`]): a service with hundreds of replicas in one
+//!   namespace. The balancer routes `10.20.1.0/24` out of `eth1`.
+//! - **a PMTU router**: `rtr` on `br0` (`10.20.0.250`) forwards to one more
+//!   backend, `pm` at `10.30.0.2`, over a link with MTU 1280. `pm`'s routes
+//!   carry `advmss 1460`, so its SYN-ACK still invites full-size segments
+//!   (as a host whose MSS was clamped up, or behind a tunnel, would): the
+//!   client sends 1,500-byte packets, the router answers "fragmentation
+//!   needed" to the SNAT source, and the data plane must translate that
+//!   back to the client (docs/DATAPLANE.md §6).
+//!
+//! ```text
+//!   ovl br0 ── r0 ─ eth0 10.20.0.250 [rtr] eth1 10.30.0.1 ── mtu 1280 ── eth0 10.30.0.2 [pm]
+//!           └─ m0 ─ eth0 10.20.1.1..N/16 [many]  (one server on 0.0.0.0:80)
+//! ```
+//!
 //! Everything is removed on drop, also when a test panics: daemons are
 //! killed, the pin directory is removed (which detaches the programs), the
 //! namespaces are deleted. A run that was killed before its destructors ran
@@ -59,10 +78,12 @@ use lb_common::{reason, Conn, Counters, FlowKey, MAP_CONNS, MAP_REASON_STATS};
 pub mod backend;
 pub mod client;
 pub mod dns;
+pub mod many;
 
 pub use backend::{Backend, BackendStats, HTTP_PORT, UDP_PORT};
-pub use client::{Client, Load, LoadHandle, LoadReport, SlowRequest};
+pub use client::{Client, Load, LoadHandle, LoadReport, Outcome, SlowRequest};
 pub use dns::{Dns, DnsMode, DnsStats};
+pub use many::{many_task_addr, ManyTasks, MAX_MANY_TASKS};
 
 use crate::netns::{self, NetNs};
 
@@ -77,6 +98,31 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 pub const LB_OVERLAY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 /// The DNS name of the backends.
 pub const SERVICE: &str = "tasks.web";
+/// The PMTU router's address on the overlay.
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 250);
+/// The backend behind the PMTU router.
+pub const PMTU_BACKEND_ADDR: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 2);
+/// The MTU of the router's link towards that backend.
+pub const PMTU_HOP_MTU: u32 = 1280;
+
+/// Progress lines (testbed built, daemon started, ready, killed) go to
+/// stderr unless [`set_quiet`] turned them off.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences the testbed's progress lines (the demo prints its own story).
+/// Warnings and the logs of failing tests are still printed.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// `eprintln!` unless quiet.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        if !QUIET.load(Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        }
+    };
+}
 
 /// Where the daemon's start is waited for at most (loading and verifying the
 /// program takes a few seconds on a slow machine).
@@ -195,6 +241,38 @@ impl DaemonConfig {
     }
 }
 
+/// What to build: how many ordinary backends, and the optional extras of the
+/// module documentation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Topology {
+    /// Backends `b0`.. in their own namespaces, all of them in DNS at start.
+    pub backends: usize,
+    /// Addresses of the many-tasks namespace (0: none). Not in DNS at start.
+    pub many_tasks: usize,
+    /// The router with a small-MTU hop and the backend `pm` behind it. Not
+    /// in DNS at start.
+    pub pmtu_router: bool,
+}
+
+impl Topology {
+    pub fn new(backends: usize) -> Self {
+        Self {
+            backends,
+            ..Self::default()
+        }
+    }
+
+    pub fn many_tasks(mut self, n: usize) -> Self {
+        self.many_tasks = n;
+        self
+    }
+
+    pub fn pmtu_router(mut self) -> Self {
+        self.pmtu_router = true;
+        self
+    }
+}
+
 /// The testbed. See the module documentation.
 pub struct Testbed {
     id: String,
@@ -211,6 +289,9 @@ pub struct Testbed {
     client: Client,
     dns: Dns,
     backends: Vec<Backend>,
+    many: Option<ManyTasks>,
+    pmtu_backend: Option<Backend>,
+    router: Option<NetNs>,
     client_ns: NetNs,
     lb: NetNs,
     ovl: NetNs,
@@ -222,6 +303,15 @@ static TESTBEDS: AtomicU32 = AtomicU32::new(0);
 impl Testbed {
     /// Builds the topology with `backends` backends, all of them in DNS.
     pub fn new(mode: Mode, backends: usize) -> Result<Self> {
+        Self::build(mode, Topology::new(backends))
+    }
+
+    /// Builds `topology`; the ordinary backends are in DNS.
+    pub fn build(mode: Mode, topology: Topology) -> Result<Self> {
+        let backends = topology.backends;
+        if topology.many_tasks > MAX_MANY_TASKS {
+            bail!("at most {MAX_MANY_TASKS} many-tasks addresses");
+        }
         sweep();
         let id = format!(
             "{PREFIX}{}-{}",
@@ -300,6 +390,17 @@ impl Testbed {
             ])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
         }
+        let many_ns = if topology.many_tasks > 0 {
+            Some(setup_many(&lb, &ovl, &id, &dir, topology.many_tasks)?)
+        } else {
+            None
+        };
+        let (router, pm_ns) = if topology.pmtu_router {
+            let (r, pm) = setup_router(&lb, &ovl)?;
+            (Some(r), Some(pm))
+        } else {
+            (None, None)
+        };
         // The balancer routes between its two sides; replies of rewritten
         // flows arrive with addresses that strict rp_filter would reject.
         lb.exec(&[
@@ -328,8 +429,13 @@ impl Testbed {
             // veth-to-veth testing, not a data-plane bug. TC mode keeps the
             // skb (and the flag) and needs none of this.
             client_ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
-            for ns in &backend_ns {
+            for ns in backend_ns.iter().chain(&many_ns).chain(&pm_ns) {
                 ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+            }
+            if let Some(r) = &router {
+                // It forwards pm's segments unchanged (their checksums too).
+                r.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+                r.exec(&["ethtool", "-K", "eth1", "tx", "off"])?;
             }
         }
 
@@ -356,9 +462,46 @@ impl Testbed {
                 Ok(b)
             })
             .collect::<Result<Vec<_>>>()?;
+        let many = many_ns
+            .map(|ns| {
+                let addrs = (0..topology.many_tasks).map(many_task_addr).collect();
+                ManyTasks::start(ns, addrs, rt.handle())
+            })
+            .transpose()?;
+        let pmtu_backend = pm_ns
+            .map(|ns| {
+                let b = Backend::new(
+                    "pm".into(),
+                    PMTU_BACKEND_ADDR,
+                    "rtr".into(),
+                    ns,
+                    rt.handle().clone(),
+                );
+                b.start()?;
+                Ok::<_, anyhow::Error>(b)
+            })
+            .transpose()?;
         let client = Client::start(client_ns.path())?;
-        eprintln!(
-            "testbed {id}: {} mode, {} backends, namespaces {} / {} / {}, pins {}, logs {}",
+        let mut extras = String::new();
+        if let Some(m) = &many {
+            let _ = write!(
+                extras,
+                ", {} many-tasks in {}",
+                m.addrs().len(),
+                m.ns().name()
+            );
+        }
+        if let (Some(r), Some(b)) = (&router, &pmtu_backend) {
+            let _ = write!(
+                extras,
+                ", PMTU router {} -> {} in {}",
+                r.name(),
+                b.addr(),
+                b.ns().name()
+            );
+        }
+        progress!(
+            "testbed {id}: {} mode, {} backends{extras}, namespaces {} / {} / {}, pins {}, logs {}",
             mode.as_str(),
             backends.len(),
             client_ns.name(),
@@ -378,11 +521,29 @@ impl Testbed {
             client,
             dns,
             backends,
+            many,
+            pmtu_backend,
+            router,
             client_ns,
             lb,
             ovl,
             rt,
         })
+    }
+
+    /// The many-tasks namespace, if the topology has one.
+    pub fn many_tasks(&self) -> Option<&ManyTasks> {
+        self.many.as_ref()
+    }
+
+    /// The backend behind the PMTU router (`pm`, `10.30.0.2`), if any.
+    pub fn pmtu_backend(&self) -> Option<&Backend> {
+        self.pmtu_backend.as_ref()
+    }
+
+    /// The PMTU router's namespace, if any.
+    pub fn router(&self) -> Option<&NetNs> {
+        self.router.as_ref()
     }
 
     pub fn id(&self) -> &str {
@@ -569,7 +730,7 @@ impl Testbed {
         let line = format!("{cmd:?}");
         let child = cmd.spawn().with_context(|| format!("starting {line}"))?;
         let label = format!("daemon {n} (pid {})", child.id());
-        eprintln!("{label}: {line}, log {}", log_path.display());
+        progress!("{label}: {line}, log {}", log_path.display());
         self.live.lock().expect("live lock").insert(child.id());
         Ok(Daemon {
             child,
@@ -601,6 +762,33 @@ impl Testbed {
             bail!("xdplb down failed ({}): {text}", out.status);
         }
         Ok(text)
+    }
+
+    /// `xdplb stats --pin-dir PIN_DIR`: the operator's table.
+    pub fn stats_text(&self) -> Result<String> {
+        self.xdplb_text(&["stats"])
+    }
+
+    /// `xdplb backends --pin-dir PIN_DIR`: the daemon's view of every task.
+    pub fn backends_text(&self) -> Result<String> {
+        self.xdplb_text(&["backends"])
+    }
+
+    /// `xdplb ARGS --pin-dir PIN_DIR`'s stdout; fails unless it exits 0.
+    fn xdplb_text(&self, args: &[&str]) -> Result<String> {
+        let pin_dir = self.pin_dir.display().to_string();
+        let mut all = args.to_vec();
+        all.extend(["--pin-dir", &pin_dir]);
+        let out = self.xdplb(&all)?;
+        if !out.status.success() {
+            bail!(
+                "xdplb {} failed ({}): {}",
+                all.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Packets per reason (`REASON_STATS`, summed over CPUs), the non-zero
@@ -673,7 +861,10 @@ impl Testbed {
         let mut csum = Vec::new();
         let hosts = [("client", &self.client_ns), ("lb", &self.lb)]
             .into_iter()
-            .chain(self.backends.iter().map(|b| (b.name(), b.ns())));
+            .chain(self.backends.iter().map(|b| (b.name(), b.ns())))
+            .chain(self.pmtu_backend.iter().map(|b| (b.name(), b.ns())))
+            .chain(self.router.iter().map(|r| ("rtr", r)))
+            .chain(self.many.iter().map(|m| ("many", m.ns())));
         for (name, ns) in hosts {
             if let Some((tcp, udp)) = ns
                 .exec(&["cat", "/proc/net/snmp"])
@@ -725,6 +916,110 @@ impl Drop for Testbed {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The many-tasks namespace: `eth0` on `br0` (bridge port `m0`) with `n`
+/// addresses, added in one `ip -batch` (200 separate `ip` runs take
+/// seconds), and the balancer's route to them.
+fn setup_many(lb: &NetNs, ovl: &NetNs, id: &str, dir: &Path, n: usize) -> Result<NetNs> {
+    let ns = NetNs::new("tb-many")?;
+    ns.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "m0",
+        "netns",
+        ovl.name(),
+    ])?;
+    ovl.ip(&["link", "set", "m0", "master", "br0", "up"])?;
+    let mut batch = String::new();
+    for i in 0..n {
+        // /16: the balancer's 10.20.0.1 is on-link for the answers.
+        let _ = writeln!(batch, "addr add {}/16 dev eth0", many_task_addr(i));
+    }
+    let _ = writeln!(batch, "link set eth0 up");
+    let path = dir.join(format!("{id}-many.ip"));
+    std::fs::write(&path, batch).with_context(|| format!("writing {}", path.display()))?;
+    ns.ip(&["-batch", &path.display().to_string()])
+        .context("adding the many-tasks addresses")?;
+    // Every task is on the overlay segment: ARP finds it through eth1.
+    lb.ip(&["route", "add", "10.20.1.0/24", "dev", "eth1"])?;
+    Ok(ns)
+}
+
+/// The PMTU router and the backend behind it (module documentation):
+/// returns (router, backend) namespaces.
+fn setup_router(lb: &NetNs, ovl: &NetNs) -> Result<(NetNs, NetNs)> {
+    let rtr = NetNs::new("tb-rtr")?;
+    let pm = NetNs::new("tb-pm")?;
+    rtr.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "r0",
+        "netns",
+        ovl.name(),
+    ])?;
+    ovl.ip(&["link", "set", "r0", "master", "br0", "up"])?;
+    rtr.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "eth0"])?;
+    rtr.ip(&["link", "set", "eth0", "up"])?;
+    rtr.ip(&[
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pm.name(),
+    ])?;
+    rtr.ip(&["addr", "add", "10.30.0.1/24", "dev", "eth1"])?;
+    let mtu = PMTU_HOP_MTU.to_string();
+    rtr.ip(&["link", "set", "eth1", "mtu", &mtu, "up"])?;
+    rtr.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ])?;
+    pm.ip(&[
+        "addr",
+        "add",
+        &format!("{PMTU_BACKEND_ADDR}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    pm.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
+    // Its own MTU would advertise MSS 1240 and the client would never send
+    // a packet too big for the hop; advmss advertises 1460 instead.
+    pm.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.30.0.1",
+        "advmss",
+        "1460",
+    ])?;
+    lb.ip(&[
+        "route",
+        "add",
+        "10.30.0.0/24",
+        "via",
+        &ROUTER_ADDR.to_string(),
+    ])?;
+    Ok((rtr, pm))
 }
 
 /// `InCsumErrors` of TCP and UDP from the text of `/proc/net/snmp`.
@@ -935,7 +1230,7 @@ impl Daemon {
     pub fn wait_ready(&mut self) -> Result<()> {
         let start = Instant::now();
         self.wait_log("running;", READY_TIMEOUT)?;
-        eprintln!("{}: ready after {:.2?}", self.label, start.elapsed());
+        progress!("{}: ready after {:.2?}", self.label, start.elapsed());
         Ok(())
     }
 
@@ -947,7 +1242,7 @@ impl Daemon {
             let left = timeout.saturating_sub(start.elapsed());
             self.wait_log(&format!("{addr} active"), left)?;
         }
-        eprintln!(
+        progress!(
             "{}: {} backends active after {:.2?}",
             self.label,
             addrs.len(),
@@ -1024,7 +1319,7 @@ impl Daemon {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         }
         let status = self.wait_exit(Duration::from_secs(10))?;
-        eprintln!("{}: SIGTERM -> {status}", self.label);
+        progress!("{}: SIGTERM -> {status}", self.label);
         Ok(status)
     }
 
@@ -1034,7 +1329,7 @@ impl Daemon {
             self.child.kill().context("SIGKILL")?;
             let status = self.child.wait().context("reaping the daemon")?;
             self.reaped(status);
-            eprintln!("{}: killed with SIGKILL", self.label);
+            progress!("{}: killed with SIGKILL", self.label);
         }
         Ok(())
     }

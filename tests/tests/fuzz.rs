@@ -519,9 +519,19 @@ fn check(
         if action == hook.drop_() {
             stats.drops += 1;
             let v = view(input).ok_or("dropped a frame that is not IP")?;
-            let (_, dport) = v.ports.ok_or("dropped a frame without ports")?;
-            if model.service_for(v.ip.dst, dport, v.ip.proto).is_none() {
-                return Err("dropped a packet addressed to no service".into());
+            // Replies and ICMP errors come to a SNAT address; when the
+            // client they translate to has no route, the data plane drops
+            // them (drop_no_route) rather than hand a rewritten packet to
+            // the stack, which would drop it as a martian.
+            // ICMP errors are matched by the packet they quote, whatever
+            // their outer destination, and can meet the same fate.
+            let to_snat = v.ip.dst == IpAddr::from(SNAT_V4) || v.ip.dst == IpAddr::from(SNAT_V6);
+            let icmp = v.ip.proto == 1 || v.ip.proto == 58;
+            if !to_snat && !icmp {
+                let (_, dport) = v.ports.ok_or("dropped a frame without ports")?;
+                if model.service_for(v.ip.dst, dport, v.ip.proto).is_none() {
+                    return Err("dropped a packet addressed to no service".into());
+                }
             }
         }
         return Ok(());
@@ -808,6 +818,8 @@ fn fuzz_xdp_and_tc() {
                 reason::DROP_NO_BACKEND,
                 reason::DROP_SNAT_EXHAUSTED,
                 reason::DROP_CONN_INSERT,
+                reason::DROP_FRAG_NEEDED,
+                reason::DROP_NO_ROUTE,
             ]
             .iter()
             .map(|&r| reasons[r as usize])

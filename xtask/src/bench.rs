@@ -24,6 +24,19 @@ pub fn bench(quick: bool, args: &[String]) -> Result<()> {
         );
     }
     setup::ensure(Scope::Full, false, Report::Summary)?;
+    let e2e = !args
+        .iter()
+        .any(|a| a == "--no-e2e" || a == "--help" || a == "-h");
+    if e2e {
+        // haproxy and wrk serve only the end-to-end comparison: `setup` and
+        // `test` do not install them. Without them the bench says what it
+        // skipped.
+        if let Err(e) = setup::ensure_packages(setup::BENCH_PACKAGES) {
+            println!("warning: {e:#}; the end-to-end comparison with HAProxy will be skipped");
+        }
+        // The testbed runs the daemon binary next to the bench binary.
+        run(cargo().args(["build", "--package", "lb-user"]))?;
+    }
     let mut cmd = cargo();
     cmd.args([
         "run",
@@ -39,5 +52,16 @@ pub fn bench(quick: bool, args: &[String]) -> Result<()> {
         cmd.arg("--quick");
     }
     cmd.args(args);
+    // The command line docs/BENCHMARKS.md records.
+    let mut line = String::from("cargo xtask bench");
+    for a in quick
+        .then_some("--quick")
+        .into_iter()
+        .chain(args.iter().map(String::as_str))
+    {
+        line.push(' ');
+        line.push_str(a);
+    }
+    cmd.env("XDPLB_BENCH_COMMAND", line);
     run(&mut cmd)
 }

@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod demo;
 mod setup;
+mod swarm;
 mod test;
 
 use std::process::ExitCode;
@@ -99,7 +100,7 @@ enum Verb {
     ///   1. cargo +nightly fmt --all -- --check
     ///   2. unit tests, no root:  cargo test --workspace --exclude lb-ebpf --exclude tests
     ///   3. packet and namespace tests, root:  cargo test --package tests -- --test-threads=1
-    ///   4. swarm end-to-end:     skipped until issue 7
+    ///   4. swarm end-to-end:     `swarm-e2e` when `docker info` answers, else skipped
     ///   5. cargo clippy --workspace --exclude lb-ebpf --all-targets -- -D warnings
     ///   6. cargo +nightly clippy --package lb-ebpf --target bpfel-unknown-none ...
     ///
@@ -134,31 +135,58 @@ enum Verb {
         args: Vec<String>,
     },
 
-    /// The guided demo on a namespace testbed (stub until issue 4). Needs root.
+    /// The guided demo on a namespace testbed: 10 tasks, scale 10 -> 3 -> 12, a task dies. Root.
     ///
-    /// For now: runs `setup` and the release build, then says the demo arrives
-    /// with issue 4 (testbed and end-to-end scenarios), and exits 0.
+    /// Runs `setup`, builds the daemon and the demo in the dev profile
+    ///   cargo build --package lb-user --package tests --bin xdplb --bin demo
+    /// then becomes target/debug/demo. The demo builds a Docker Swarm host
+    /// from network namespaces (client, balancer, overlay bridge, 12 tasks,
+    /// Docker's DNS on 127.0.0.11), runs the real `xdplb`, drives HTTP
+    /// traffic, and after every step says what the balancer did, with the
+    /// numbers (`xdplb stats`, `xdplb backends`). About 15 s once built.
+    /// Everything is removed at the end, also on Ctrl-C.
     ///
     /// Example:
     ///   cargo xtask demo
-    ///   cargo xtask demo --keep
+    ///   cargo xtask demo --keep      # then poke at it; Ctrl-C tears it down
+    ///   cargo xtask demo --xdp
     #[command(verbatim_doc_comment)]
     Demo {
-        /// Leave the testbed (namespaces, daemon) running afterwards, to poke
-        /// around with `ip netns exec`. No effect until issue 4.
+        /// Leave the testbed and the daemon running afterwards, print how to
+        /// poke at them (which namespace, which curl, which xdplb command),
+        /// and wait for Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// Attach in XDP mode instead of TC (TC is what a Swarm container uses).
+        #[arg(long)]
+        xdp: bool,
     },
 
-    /// End-to-end run on a real Docker Swarm (stub until issue 7).
+    /// xdplb beside a real `--endpoint-mode dnsrr` service on Docker Swarm, under load.
     ///
-    /// Will build images from scratch (no registry) and scale a dnsrr service
-    /// behind xdplb. Today it only says so and exits 0.
+    /// Needs a Docker engine (root or the docker group); no registry: builds
+    /// xdplb-e2e/xdplb:dev (target/debug/xdplb) and xdplb-e2e/nginx:dev (Debian's
+    /// nginx package) with `docker import`. Then:
+    ///   - `docker swarm init` unless this node is a manager already, an
+    ///     attachable overlay network `xdplb-e2e`, a config from docs/swarm/xdplb.toml
+    ///   - `web`: 10 replicas, --endpoint-mode dnsrr; `xdplb`: --mode global,
+    ///     port 80 published in host mode, the least capabilities the engine grants
+    ///   - under client load to <node address>:80, with counts: spread over 10
+    ///     tasks; scale web=3, web=12; update --force web (zero failures);
+    ///     docker kill of one task (out within the health-check bound)
+    ///   - removes services, config, network, volume, images, and swarm mode if
+    ///     it turned it on; on failure too. A few minutes.
     ///
     /// Example:
     ///   cargo xtask swarm-e2e
+    ///   cargo xtask swarm-e2e --keep    # leave it all running to look at
     #[command(verbatim_doc_comment)]
-    SwarmE2e,
+    SwarmE2e {
+        /// Leave the swarm, services, images running afterwards (the next run
+        /// removes them first).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -183,7 +211,7 @@ fn dispatch(verb: Verb) -> Result<()> {
         Verb::Build => build::build(),
         Verb::Test => test::test(),
         Verb::Bench { quick, args } => bench::bench(quick, &args),
-        Verb::Demo { keep } => demo::demo(keep),
-        Verb::SwarmE2e => demo::swarm_e2e(),
+        Verb::Demo { keep, xdp } => demo::demo(keep, xdp),
+        Verb::SwarmE2e { keep } => swarm::swarm_e2e(keep),
     }
 }

@@ -44,6 +44,16 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "watching testbed traffic when a test fails"),
 ];
 
+/// Debian packages only `cargo xtask bench` uses (the end-to-end comparison
+/// against HAProxy); `setup` and `test` do not install them.
+pub const BENCH_PACKAGES: &[(&str, &str)] = &[
+    (
+        "haproxy",
+        "the balancer xdplb is compared with (Debian's 2.6, DNS service discovery)",
+    ),
+    ("wrk", "the HTTP load generator of the end-to-end benchmark"),
+];
+
 /// Components each toolchain needs, and the sysroot file that proves one is present.
 const NIGHTLY_COMPONENTS: &[(&str, &str)] = &[
     ("rust-src", "lib/rustlib/src/rust/library/core/Cargo.toml"),
@@ -228,8 +238,27 @@ fn missing_packages(names: &[&str]) -> Option<Vec<String>> {
     )
 }
 
+/// Installs what is missing of `list` (e.g. [`BENCH_PACKAGES`]); fails
+/// naming what could not be installed.
+pub fn ensure_packages(list: &[(&str, &str)]) -> Result<()> {
+    let mut run = Run {
+        report: Report::Summary,
+        installed: Vec::new(),
+        problems: Vec::new(),
+    };
+    packages_from(&mut run, is_root(), list)?;
+    if !run.problems.is_empty() {
+        bail!("missing packages: {}", run.problems.join("; "));
+    }
+    Ok(())
+}
+
 fn packages(run: &mut Run, root: bool) -> Result<()> {
-    let names: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).collect();
+    packages_from(run, root, PACKAGES)
+}
+
+fn packages_from(run: &mut Run, root: bool, list: &[(&str, &str)]) -> Result<()> {
+    let names: Vec<&str> = list.iter().map(|(name, _)| *name).collect();
     let Some(missing) = missing_packages(&names) else {
         run.problem(format!(
             "Debian packages: no dpkg-query here (not Debian?); install by hand: {}",
@@ -242,7 +271,7 @@ fn packages(run: &mut Run, root: bool) -> Result<()> {
         return Ok(());
     }
     for name in &missing {
-        let why = PACKAGES
+        let why = list
             .iter()
             .find(|(n, _)| n == name)
             .map_or("", |(_, why)| *why);

@@ -7,6 +7,10 @@
 //!   100 ms, then `done\n` (a long-lived connection; a client that sees
 //!   `done` knows its flow survived to the end);
 //! - `GET /healthz` answers `ok` (for `check = "http:/healthz"`);
+//! - `GET /bytes?n=N` answers N bytes (a download as big as the test wants);
+//! - `POST /upload` reads the whole body and answers `b3 10.20.0.13 N\n`
+//!   with its length N (an upload whose segments are as big as the path
+//!   allows: the PMTU scenario);
 //! - every answer carries `x-backend: b3`, so a client knows where a
 //!   streaming request landed as soon as the headers arrive.
 //!
@@ -57,6 +61,18 @@ struct Counters {
     connections: AtomicU64,
     requests: AtomicU64,
     datagrams: AtomicU64,
+    /// When each HTTP request arrived, in order.
+    request_times: Mutex<Vec<std::time::Instant>>,
+}
+
+impl Counters {
+    fn request(&self) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.request_times
+            .lock()
+            .expect("request times lock")
+            .push(std::time::Instant::now());
+    }
 }
 
 /// A snapshot of [`Backend::stats`].
@@ -125,6 +141,46 @@ impl Backend {
             requests: self.counters.requests.load(Ordering::SeqCst),
             datagrams: self.counters.datagrams.load(Ordering::SeqCst),
         }
+    }
+
+    /// When each HTTP request so far arrived, oldest first: the backend's
+    /// side of "when did this task take (or stop taking) traffic".
+    pub fn request_times(&self) -> Vec<std::time::Instant> {
+        self.counters
+            .request_times
+            .lock()
+            .expect("request times lock")
+            .clone()
+    }
+
+    /// Requests that arrived at or after `t`.
+    pub fn requests_since(&self, t: std::time::Instant) -> usize {
+        let times = self
+            .counters
+            .request_times
+            .lock()
+            .expect("request times lock");
+        times.len() - times.partition_point(|&at| at < t)
+    }
+
+    /// The first request that arrived at or after `t`.
+    pub fn first_request_since(&self, t: std::time::Instant) -> Option<std::time::Instant> {
+        let times = self
+            .counters
+            .request_times
+            .lock()
+            .expect("request times lock");
+        times.get(times.partition_point(|&at| at < t)).copied()
+    }
+
+    /// The latest request so far.
+    pub fn last_request(&self) -> Option<std::time::Instant> {
+        let times = self
+            .counters
+            .request_times
+            .lock()
+            .expect("request times lock");
+        times.last().copied()
     }
 
     pub fn is_running(&self) -> bool {
@@ -230,9 +286,9 @@ async fn serve(
                 let counters = Arc::clone(&counters);
                 open.spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        counters.requests.fetch_add(1, Ordering::SeqCst);
+                        counters.request();
                         let ident = ident.clone();
-                        async move { Ok::<_, Infallible>(answer(&req, &ident)) }
+                        async move { Ok::<_, Infallible>(answer(req, &ident).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -253,20 +309,31 @@ async fn serve(
     open.shutdown().await;
 }
 
-fn answer(req: &Request<Incoming>, ident: &Ident) -> Response<BoxBody<Bytes, Infallible>> {
+async fn answer(req: Request<Incoming>, ident: &Ident) -> Response<BoxBody<Bytes, Infallible>> {
     let builder = Response::builder().header("x-backend", ident.name.as_str());
+    if req.method() == hyper::Method::POST && req.uri().path() == "/upload" {
+        let (status, text) = match req.into_body().collect().await {
+            Ok(body) => (
+                200,
+                format!("{} {} {}\n", ident.name, ident.addr, body.to_bytes().len()),
+            ),
+            Err(e) => (400, format!("reading the upload: {e}\n")),
+        };
+        return builder
+            .status(status)
+            .body(Full::new(Bytes::from(text)).boxed())
+            .expect("a valid response");
+    }
     let body = match req.uri().path() {
         "/" => Full::new(Bytes::from(ident.line())).boxed(),
         "/healthz" => Full::new(Bytes::from_static(b"ok\n")).boxed(),
+        "/bytes" => {
+            let n = query_u64(&req, "n").unwrap_or(0);
+            let n = usize::try_from(n).unwrap_or(0).min(64 << 20);
+            Full::new(Bytes::from(vec![b'x'; n])).boxed()
+        }
         "/slow" => {
-            let ms = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("ms="))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(1000);
+            let ms = query_u64(&req, "ms").unwrap_or(1000);
             SlowBody::new(ident.line(), Duration::from_millis(ms)).boxed()
         }
         _ => {
@@ -277,6 +344,15 @@ fn answer(req: &Request<Incoming>, ident: &Ident) -> Response<BoxBody<Bytes, Inf
         }
     };
     builder.body(body).expect("a valid response")
+}
+
+/// The number in `?key=N`.
+fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 /// The body of `/slow?ms=N`: the name line, a `.` every 100 ms until N ms

@@ -166,6 +166,22 @@ impl Client {
         LoadHandle { stop, report }
     }
 
+    /// Open-loop load in the background until [`LoadHandle::stop`]:
+    /// `per_sec` requests a second, each on a new connection, each sent on
+    /// time whatever happened to the earlier ones. A request that hangs
+    /// (a task that vanished) does not hold the others back, so the rate
+    /// the balancer sees stays steady through a fault.
+    pub fn start_rate(&self, url: &str, per_sec: u32) -> LoadHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = self.spawn(rate_loop(
+            self.http.clone(),
+            url.to_owned(),
+            per_sec,
+            Arc::clone(&stop),
+        ));
+        LoadHandle { stop, report }
+    }
+
     /// Starts a long-lived `GET url` (e.g. `/slow?ms=3000`) that may take up
     /// to `timeout`; the handle tells where it landed and how it ended.
     pub fn slow(&self, url: &str, timeout: Duration) -> SlowRequest {
@@ -176,6 +192,24 @@ impl Client {
             backend: None,
             done,
         }
+    }
+
+    /// `POST url` with `len` bytes on a new connection, waiting up to
+    /// `timeout`: the backend's name, the byte count it reported, the time.
+    pub fn upload(
+        &self,
+        url: &str,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<(String, u64, Duration)> {
+        self.run(upload(self.http.clone(), url.to_owned(), len, timeout))
+    }
+
+    /// `GET url` on a new connection, reading the whole body, waiting up to
+    /// `timeout`: the backend's name (`x-backend`), the body's length, the
+    /// time.
+    pub fn download(&self, url: &str, timeout: Duration) -> Result<(String, u64, Duration)> {
+        self.run(download(self.http.clone(), url.to_owned(), timeout))
     }
 
     /// Sends `msg` from a new UDP socket (a new flow) to `to` and returns the
@@ -209,6 +243,51 @@ async fn get(http: reqwest::Client, url: String) -> Result<(String, Duration)> {
     Ok((name.to_owned(), start.elapsed()))
 }
 
+async fn upload(
+    http: reqwest::Client,
+    url: String,
+    len: usize,
+    timeout: Duration,
+) -> Result<(String, u64, Duration)> {
+    let start = Instant::now();
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let response = http.post(&url).timeout(timeout).body(body).send().await?;
+    let status = response.status();
+    let text = response.text().await?;
+    if !status.is_success() {
+        bail!("HTTP {status}: {}", text.trim());
+    }
+    // `b3 10.20.0.13 N`
+    let mut words = text.split_whitespace();
+    let name = words.next().unwrap_or_default().to_owned();
+    let count = words
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no byte count in the answer {text:?}"))?;
+    Ok((name, count, start.elapsed()))
+}
+
+async fn download(
+    http: reqwest::Client,
+    url: String,
+    timeout: Duration,
+) -> Result<(String, u64, Duration)> {
+    let start = Instant::now();
+    let response = http.get(&url).timeout(timeout).send().await?;
+    let status = response.status();
+    let name = response
+        .headers()
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned();
+    let body = response.bytes().await?;
+    if !status.is_success() {
+        bail!("HTTP {status} from {name}");
+    }
+    Ok((name, body.len() as u64, start.elapsed()))
+}
+
 /// How much load to send.
 #[derive(Clone, Copy, Debug)]
 pub enum Load {
@@ -218,9 +297,23 @@ pub enum Load {
     For(Duration),
 }
 
+/// One request of a load run.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// When it was sent (the connection attempt began).
+    pub at: Instant,
+    pub latency: Duration,
+    /// The backend that answered; `None` if the request failed.
+    pub backend: Option<String>,
+}
+
 /// What a load run saw.
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
+    /// When the run started.
+    pub started: Option<Instant>,
+    /// Every request, in the order they were sent.
+    pub outcomes: Vec<Outcome>,
     pub ok: u64,
     pub failed: u64,
     /// Successful requests per backend name.
@@ -238,6 +331,39 @@ pub struct LoadReport {
 impl LoadReport {
     pub fn total(&self) -> u64 {
         self.ok + self.failed
+    }
+
+    /// Requests sent in `[from, to)`: (succeeded, failed).
+    pub fn between(&self, from: Instant, to: Instant) -> (u64, u64) {
+        let mut counts = (0, 0);
+        for o in self.outcomes.iter().filter(|o| o.at >= from && o.at < to) {
+            if o.backend.is_some() {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
+        counts
+    }
+
+    /// Successful requests per backend among those sent in `[from, to)`.
+    pub fn per_backend_between(&self, from: Instant, to: Instant) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for o in self.outcomes.iter().filter(|o| o.at >= from && o.at < to) {
+            if let Some(b) = &o.backend {
+                *out.entry(b.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// When the last failed request was sent.
+    pub fn last_failure(&self) -> Option<Instant> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.backend.is_none())
+            .map(|o| o.at)
+            .max()
     }
 }
 
@@ -286,6 +412,77 @@ impl LoadHandle {
 struct Partial {
     ok: Vec<(Duration, String, Duration)>,
     failed: Vec<(Duration, String)>,
+    outcomes: Vec<Outcome>,
+}
+
+impl Partial {
+    /// Records one request sent at `sent` that ended `took` later (`start`
+    /// is the run's start).
+    fn record(
+        &mut self,
+        start: Instant,
+        sent: Instant,
+        took: Duration,
+        result: Result<(String, Duration)>,
+    ) {
+        let at = sent - start;
+        match result {
+            Ok((name, latency)) => {
+                self.outcomes.push(Outcome {
+                    at: sent,
+                    latency,
+                    backend: Some(name.clone()),
+                });
+                self.ok.push((at, name, latency));
+            }
+            Err(e) => {
+                self.outcomes.push(Outcome {
+                    at: sent,
+                    latency: took,
+                    backend: None,
+                });
+                self.failed.push((at, format!("{e:#}")));
+            }
+        }
+    }
+
+    fn extend(&mut self, other: Partial) {
+        self.ok.extend(other.ok);
+        self.failed.extend(other.failed);
+        self.outcomes.extend(other.outcomes);
+    }
+}
+
+async fn rate_loop(
+    http: reqwest::Client,
+    url: String,
+    per_sec: u32,
+    stop: Arc<AtomicBool>,
+) -> LoadReport {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_sec.max(1));
+    // Late ticks are sent late, not in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut in_flight = JoinSet::new();
+    let mut all = Partial::default();
+    while !stop.load(Ordering::SeqCst) {
+        tick.tick().await;
+        let (http, url) = (http.clone(), url.clone());
+        in_flight.spawn(async move {
+            let sent = Instant::now();
+            let result = get(http, url).await;
+            (sent, sent.elapsed(), result)
+        });
+        while let Some(done) = in_flight.try_join_next() {
+            let (sent, took, result) = done.expect("a request task panicked");
+            all.record(start, sent, took, result);
+        }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        let (sent, took, result) = done.expect("a request task panicked");
+        all.record(start, sent, took, result);
+    }
+    finish(start, all, false)
 }
 
 async fn load_loop(
@@ -320,33 +517,36 @@ async fn load_loop(
                 if count.is_some_and(|n| issued.fetch_add(1, Ordering::SeqCst) >= n) {
                     break;
                 }
-                let at = start.elapsed();
-                match get(http.clone(), url.clone()).await {
-                    Ok((name, latency)) => {
-                        failing.store(0, Ordering::SeqCst);
-                        seen.ok.push((at, name, latency));
-                    }
-                    Err(e) => {
-                        failing.fetch_add(1, Ordering::SeqCst);
-                        seen.failed.push((at, format!("{e:#}")));
-                    }
+                let sent = Instant::now();
+                let result = get(http.clone(), url.clone()).await;
+                if result.is_ok() {
+                    failing.store(0, Ordering::SeqCst);
+                } else {
+                    failing.fetch_add(1, Ordering::SeqCst);
                 }
+                seen.record(start, sent, sent.elapsed(), result);
             }
             seen
         });
     }
     let mut all = Partial::default();
     while let Some(done) = workers.join_next().await {
-        let seen = done.expect("a load worker panicked");
-        all.ok.extend(seen.ok);
-        all.failed.extend(seen.failed);
+        all.extend(done.expect("a load worker panicked"));
     }
+    finish(start, all, failing.load(Ordering::SeqCst) >= GIVE_UP_AFTER)
+}
+
+/// The report of a finished run.
+fn finish(start: Instant, mut all: Partial, gave_up: bool) -> LoadReport {
     all.failed.sort_by_key(|(at, _)| *at);
+    all.outcomes.sort_by_key(|o| o.at);
     let mut report = LoadReport {
+        started: Some(start),
+        outcomes: all.outcomes,
         ok: all.ok.len() as u64,
         failed: all.failed.len() as u64,
         elapsed: start.elapsed(),
-        gave_up: failing.load(Ordering::SeqCst) >= GIVE_UP_AFTER,
+        gave_up,
         ..LoadReport::default()
     };
     for (_, name, latency) in all.ok {

@@ -1,0 +1,440 @@
+//! Data-plane cost per packet (§1) and its dependence on table sizes (§2).
+//!
+//! Method (DESIGN.md, "Measuring the data plane"): `BPF_PROG_TEST_RUN` with
+//! repeat = 1 in a warm loop, the kernel-reported duration of each run, the
+//! median over many runs. `repeat > 1` is unusable for a rewriting program on
+//! this kernel: the packet is not reset between repeats, so from the second
+//! repeat on the program would time its own output.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb_common::{Conn, FlowKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+use tests::packet::{
+    backend_v4, backend_v6, Hook, PacketLab, Pkt, BACK_MAC, CLIENT_V4, CLIENT_V6, FRONT_MAC,
+    SNAT_PORTS, TCP_ACK, TCP_SYN, VIP_V4, VIP_V6,
+};
+
+/// Medians of one measured case.
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    pub median: u64,
+    pub p90: u64,
+    pub verdict: u32,
+}
+
+/// `struct __sk_buff` up to `ifindex`: ingress_ifindex (offset 36) = 1, the
+/// loopback the skb sits on, as it would be on ingress.
+const TC_CTX: [u8; 44] = {
+    let mut c = [0u8; 44];
+    c[36] = 1;
+    c
+};
+
+fn run_once(lab: &mut PacketLab, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, u64)> {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(out),
+        ctx_in: (hook == Hook::Tc).then_some(&TC_CTX[..]),
+        repeat: 1,
+        ..Default::default()
+    };
+    let dp = lab.dp_mut();
+    let r = match hook {
+        Hook::Xdp => dp.xdp().test_run(opts),
+        Hook::Tc => dp.tc().test_run(opts),
+    }?;
+    Ok((r.return_value, r.duration.as_nanos() as u64))
+}
+
+fn summarize(mut d: Vec<u64>, verdict: u32) -> Stats {
+    d.sort_unstable();
+    Stats {
+        median: d[d.len() / 2],
+        p90: d[d.len() * 9 / 10],
+        verdict,
+    }
+}
+
+/// Runs `frames` in order, in blocks that alternate with blocks of the empty
+/// XDP program on the first frame, so both see the same machine: these
+/// machines are shared, and their speed moves by tens of percent within
+/// seconds. The first `warm` runs of the case warm the caches and are not
+/// counted; a single frame is reused for every run. Returns the case's
+/// statistics and the empty program's, measured in between.
+fn measure(
+    lab: &mut PacketLab,
+    hook: Hook,
+    frames: &[Vec<u8>],
+    runs: usize,
+) -> Result<(Stats, Stats)> {
+    const BLOCK: usize = 500;
+    let mut out = vec![0u8; 2048];
+    let warm = warm_runs(runs);
+    let mut durations = Vec::with_capacity(runs);
+    let mut empty = Vec::with_capacity(runs);
+    let mut verdict = 0;
+    let mut empty_verdict = 0;
+    for i in 0..warm + runs {
+        let frame = &frames[i % frames.len()];
+        let (v, ns) = run_once(lab, hook, frame, &mut out)?;
+        if i >= warm {
+            durations.push(ns);
+            verdict = v;
+            if durations.len() % BLOCK == 0 || durations.len() == runs {
+                let prog = baseline_prog(lab, "bench_empty")?;
+                for _ in 0..durations.len() - empty.len() {
+                    let (v, ns) = run_prog(prog, &frames[0], &mut out)?;
+                    empty.push(ns);
+                    empty_verdict = v;
+                }
+            }
+        }
+    }
+    Ok((
+        summarize(durations, verdict),
+        summarize(empty, empty_verdict),
+    ))
+}
+
+fn run_prog(prog: &Xdp, frame: &[u8], out: &mut [u8]) -> Result<(u32, u64)> {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(out),
+        repeat: 1,
+        ..Default::default()
+    };
+    let r = prog.test_run(opts)?;
+    Ok((r.return_value, r.duration.as_nanos() as u64))
+}
+
+fn warm_runs(runs: usize) -> usize {
+    runs / 10
+}
+
+/// Loads one of the baseline programs of the object (`bench_empty`,
+/// `bench_macswap`) and measures it on `frame`.
+pub fn measure_baseline(
+    lab: &mut PacketLab,
+    name: &str,
+    frame: &[u8],
+    runs: usize,
+) -> Result<Stats> {
+    let prog = baseline_prog(lab, name)?;
+    let mut out = vec![0u8; 2048];
+    let mut durations = Vec::with_capacity(runs);
+    let mut verdict = 0;
+    for i in 0..runs + warm_runs(runs) {
+        let (v, ns) = run_prog(prog, frame, &mut out)?;
+        if i >= warm_runs(runs) {
+            durations.push(ns);
+            verdict = v;
+        }
+    }
+    Ok(summarize(durations, verdict))
+}
+
+/// A baseline program of the object, loaded on first use.
+pub fn baseline_prog<'a>(lab: &'a mut PacketLab, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = lab
+        .dp_mut()
+        .ebpf_mut()
+        .program_mut(name)
+        .with_context(|| format!("object has no program {name}"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    Ok(prog)
+}
+
+fn eth(p: Pkt) -> Vec<u8> {
+    p.with_eth(FRONT_MAC, FRONT_MAC).build()
+}
+
+fn addr_of(bytes: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(*bytes)
+    }
+}
+
+/// The backend's answer to an established flow, addressed to its SNAT pair.
+fn reply_frame(lab: &PacketLab, key: &FlowKey) -> Result<Vec<u8>> {
+    let conn = lab.conn(key).context("the flow was not created")?;
+    let backend = SocketAddr::new(
+        addr_of(&conn.new_dst, key.family),
+        u16::from_be(conn.new_dport_be),
+    );
+    let snat = SocketAddr::new(
+        addr_of(&conn.new_src, key.family),
+        u16::from_be(conn.new_sport_be),
+    );
+    Ok(Pkt::tcp(backend, snat, TCP_ACK)
+        .with_eth(BACK_MAC, BACK_MAC)
+        .build())
+}
+
+/// Distinct new-flow SYNs: `n` client (address, port) pairs that no other
+/// case uses, `lane` keeping the sets of different cases apart.
+fn syns(lane: u8, v6: bool, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let port = 1024 + (i % 60_000) as u16;
+            let hi = (i / 60_000) as u16;
+            let (client, vip) = if v6 {
+                (
+                    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, lane as u16 + 1, hi, 2)),
+                    SocketAddr::new(VIP_V6.into(), 80),
+                )
+            } else {
+                (
+                    IpAddr::V4(Ipv4Addr::new(10, 2 + lane, hi as u8, 2)),
+                    SocketAddr::new(VIP_V4.into(), 80),
+                )
+            };
+            eth(Pkt::tcp(SocketAddr::new(client, port), vip, TCP_SYN))
+        })
+        .collect()
+}
+
+pub struct CaseResult {
+    pub name: String,
+    pub hook: Hook,
+    pub stats: Stats,
+    /// The empty XDP program, measured in blocks between the case's.
+    pub empty: Stats,
+}
+
+pub struct CostResults {
+    pub runs: usize,
+    pub syn_runs: usize,
+    pub empty: Stats,
+    pub macswap: Stats,
+    pub cases: Vec<CaseResult>,
+    /// The established IPv4 TCP frame and its reason, for the live-frames run.
+    pub established_v4: Vec<u8>,
+}
+
+impl CostResults {
+    pub fn find(&self, name: &str, hook: Hook) -> Option<&CaseResult> {
+        self.cases.iter().find(|c| c.name == name && c.hook == hook)
+    }
+}
+
+pub const ESTABLISHED_V4: &str = "established TCP IPv4";
+
+/// Connection-table capacity of the §1 lab: room for every SYN case's flows
+/// (two entries each) without LRU evictions.
+pub const COST_LAB_CONNS: u32 = 1 << 20;
+
+/// §1: every case on both hooks, IPv4 and IPv6, beside the baselines.
+pub fn per_packet(
+    lab: &mut PacketLab,
+    runs: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<CostResults> {
+    let backends = |v6: bool| -> Vec<SocketAddr> {
+        (11..=20)
+            .map(|n| {
+                let ip: IpAddr = if v6 {
+                    backend_v6(n).into()
+                } else {
+                    backend_v4(n).into()
+                };
+                SocketAddr::new(ip, 8080)
+            })
+            .collect()
+    };
+    let vip4 = SocketAddr::new(VIP_V4.into(), 80);
+    let vip6 = SocketAddr::new(VIP_V6.into(), 80);
+    let vip4_udp = SocketAddr::new(VIP_V4.into(), 53);
+    let vip6_udp = SocketAddr::new(VIP_V6.into(), 53);
+    lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends(false));
+    lab.add_service(vip6, PROTO_TCP, SNAT_PORTS, &backends(true));
+    lab.add_service(vip4_udp, PROTO_UDP, SNAT_PORTS, &backends(false));
+    lab.add_service(vip6_udp, PROTO_UDP, SNAT_PORTS, &backends(true));
+
+    let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
+    let c6 = SocketAddr::new(CLIENT_V6.into(), 33000);
+    let ack4 = eth(Pkt::tcp(c4, vip4, TCP_ACK));
+    let ack6 = eth(Pkt::tcp(c6, vip6, TCP_ACK));
+    let udp4 = eth(Pkt::udp(c4, vip4_udp, b"0123456789abcdef"));
+    let udp6 = eth(Pkt::udp(c6, vip6_udp, b"0123456789abcdef"));
+    let other4 = eth(Pkt::tcp(c4, SocketAddr::new(VIP_V4.into(), 81), TCP_ACK));
+    let other6 = eth(Pkt::tcp(c6, SocketAddr::new(VIP_V6.into(), 81), TCP_ACK));
+
+    // Establish the flows (a SYN, or the first datagram), then learn the
+    // reply tuples.
+    let mut out = vec![0u8; 2048];
+    for f in [
+        eth(Pkt::tcp(c4, vip4, TCP_SYN)),
+        eth(Pkt::tcp(c6, vip6, TCP_SYN)),
+        udp4.clone(),
+        udp6.clone(),
+    ] {
+        run_once(lab, Hook::Xdp, &f, &mut out)?;
+    }
+    let reply4 = reply_frame(lab, &Pkt::tcp(c4, vip4, TCP_ACK).flow_key())?;
+    let reply6 = reply_frame(lab, &Pkt::tcp(c6, vip6, TCP_ACK).flow_key())?;
+
+    // New flows use SNAT ports from a 10,000-port range per backend; keep
+    // the four SYN cases together well under that (10 backends x 10,000).
+    let syn_runs = runs.min(20_000);
+    let syn_frames = syn_runs + warm_runs(syn_runs);
+
+    progress("baselines");
+    let empty = measure_baseline(lab, "bench_empty", &ack4, runs)?;
+    let macswap = measure_baseline(lab, "bench_macswap", &ack4, runs)?;
+
+    let mut cases = Vec::new();
+    for (h, hook) in [Hook::Xdp, Hook::Tc].into_iter().enumerate() {
+        let list: [(&str, Vec<Vec<u8>>); 10] = [
+            (ESTABLISHED_V4, vec![ack4.clone()]),
+            ("established TCP IPv6", vec![ack6.clone()]),
+            ("new-flow SYN IPv4", syns(h as u8, false, syn_frames)),
+            ("new-flow SYN IPv6", syns(h as u8, true, syn_frames)),
+            ("reply path TCP IPv4", vec![reply4.clone()]),
+            ("reply path TCP IPv6", vec![reply6.clone()]),
+            ("established UDP IPv4", vec![udp4.clone()]),
+            ("established UDP IPv6", vec![udp6.clone()]),
+            ("non-service pass IPv4", vec![other4.clone()]),
+            ("non-service pass IPv6", vec![other6.clone()]),
+        ];
+        for (name, frames) in list {
+            progress(&format!("{name} ({hook:?})"));
+            let n = if frames.len() > 1 { syn_runs } else { runs };
+            let (stats, empty) = measure(lab, hook, &frames, n)?;
+            cases.push(CaseResult {
+                name: name.to_string(),
+                hook,
+                stats,
+                empty,
+            });
+        }
+    }
+    Ok(CostResults {
+        runs,
+        syn_runs,
+        empty,
+        macswap,
+        cases,
+        established_v4: ack4,
+    })
+}
+
+/// One point of a scaling series.
+pub struct ScalePoint {
+    pub size: usize,
+    pub established: Stats,
+    pub empty: Stats,
+}
+
+/// A synthetic forward entry: client 172.16/12 address `i`, to the VIP.
+fn synthetic_conn(i: u32) -> (FlowKey, Conn) {
+    let client = Ipv4Addr::from(0xac10_0000 | (i >> 8 & 0x000f_ffff));
+    let key = Pkt::tcp(
+        SocketAddr::new(client.into(), 1024 + (i & 0xff) as u16),
+        SocketAddr::new(VIP_V4.into(), 80),
+        TCP_ACK,
+    )
+    .flow_key();
+    let mut conn = Conn {
+        new_sport_be: (40000 + (i % 10_000) as u16).to_be(),
+        new_dport_be: 8080u16.to_be(),
+        backend: 1,
+        service: 1,
+        ..Default::default()
+    };
+    conn.new_src[..4].copy_from_slice(&tests::packet::SNAT_V4.octets());
+    conn.new_dst[..4].copy_from_slice(&backend_v4(11).octets());
+    (key, conn)
+}
+
+/// §2a: established IPv4 TCP with CONNS holding `sizes` entries in turn.
+pub fn conns_scaling(
+    sizes: &[usize],
+    runs: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<ScalePoint>> {
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    // Twice the entries, so the LRU map never has to evict at the largest size.
+    let capacity = (2 * largest).next_power_of_two().max(65_536) as u32;
+    let mut lab = PacketLab::with_conns_capacity("bench-conns", capacity);
+    let vip4 = SocketAddr::new(VIP_V4.into(), 80);
+    let backends: Vec<SocketAddr> = (11..=20)
+        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
+        .collect();
+    lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
+    let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
+    let mut out = vec![0u8; 2048];
+    run_once(
+        &mut lab,
+        Hook::Xdp,
+        &eth(Pkt::tcp(c4, vip4, TCP_SYN)),
+        &mut out,
+    )?;
+    let ack4 = vec![eth(Pkt::tcp(c4, vip4, TCP_ACK))];
+    // The measured flow's two entries count toward the size.
+    let mut filled = 2usize;
+    let mut points = Vec::new();
+    for &size in sizes {
+        progress(&format!("filling CONNS to {size} entries"));
+        while filled < size {
+            let (k, c) = synthetic_conn(filled as u32);
+            lab.dp_mut().insert_conn(&k, &c)?;
+            filled += 1;
+        }
+        progress(&format!("established TCP IPv4 with {size} CONNS entries"));
+        let (established, empty) = measure(&mut lab, Hook::Xdp, &ack4, runs)?;
+        points.push(ScalePoint {
+            size,
+            established,
+            empty,
+        });
+    }
+    Ok(points)
+}
+
+/// §2b: established IPv4 TCP in services of `counts` backends.
+pub fn backends_scaling(
+    counts: &[usize],
+    runs: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<ScalePoint>> {
+    let mut lab = PacketLab::try_new("bench-backends")?;
+    let mut points = Vec::new();
+    for (k, &count) in counts.iter().enumerate() {
+        progress(&format!("service with {count} backends"));
+        let vip = SocketAddr::new(VIP_V4.into(), 8000 + k as u16);
+        // Ten neighbour addresses exist on the lab's back side: the backends
+        // are their (address, port) pairs.
+        let backends: Vec<SocketAddr> = (0..count)
+            .map(|i| {
+                SocketAddr::new(
+                    backend_v4(11 + (i % 10) as u8).into(),
+                    1024 + (i / 10) as u16,
+                )
+            })
+            .collect();
+        lab.add_service(vip, PROTO_TCP, SNAT_PORTS, &backends);
+        let client = SocketAddr::new(CLIENT_V4.into(), 34000 + k as u16);
+        let mut out = vec![0u8; 2048];
+        run_once(
+            &mut lab,
+            Hook::Xdp,
+            &eth(Pkt::tcp(client, vip, TCP_SYN)),
+            &mut out,
+        )?;
+        let ack = vec![eth(Pkt::tcp(client, vip, TCP_ACK))];
+        let (established, empty) = measure(&mut lab, Hook::Xdp, &ack, runs)?;
+        points.push(ScalePoint {
+            size: count,
+            established,
+            empty,
+        });
+    }
+    Ok(points)
+}

@@ -1,0 +1,126 @@
+//! Memory (§6): the daemon's resident set and the kernel memory of its pinned
+//! maps, with 1, 100 and 1,000 services in one configuration.
+//!
+//! The daemon runs in the testbed's `lb` namespace. Every service listens on
+//! the VIP on its own port and discovers the testbed's `tasks.web`, with the
+//! default Maglev size; health checks are off and DNS polls every 5 s so a
+//! thousand services do not load the two-CPU machine while it settles. The
+//! figures are read once the daemon has been idle (no CPU time used) for two
+//! seconds.
+
+use std::{
+    fmt::Write as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use tests::testbed::{dns::DNS_ADDR, Mode, Testbed, SERVICE, VIP};
+
+pub struct MemPoint {
+    pub services: usize,
+    pub rss_kib: u64,
+    pub map_bytes: u64,
+    pub settle_s: f64,
+}
+
+fn config(services: usize) -> String {
+    let mut s = String::from("interfaces = [\"eth0\", \"eth1\"]\nattach = \"tc\"\n");
+    for i in 0..services {
+        let _ = write!(
+            s,
+            "\n[[service]]\nname = \"svc{i}\"\nlisten = \"{VIP}:{}/tcp\"\nbackends = \"{SERVICE}:80\"\n\
+             nameserver = \"{DNS_ADDR}\"\ninterval = \"5s\"\ncheck = \"none\"\n",
+            2000 + i
+        );
+    }
+    s
+}
+
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f.get(11).context("no utime")?.parse::<u64>()?
+        + f.get(12).context("no stime")?.parse::<u64>()?)
+}
+
+/// `bytes_memlock` of every map pinned directly in the pin directory.
+fn pinned_map_bytes(tb: &Testbed) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(tb.pin_dir())? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(entry.path())
+            .output()
+            .context("running bpftool")?;
+        if !out.status.success() {
+            continue;
+        }
+        let json = String::from_utf8_lossy(&out.stdout);
+        if let Some(at) = json.find("\"bytes_memlock\":") {
+            let digits: String = json[at + 16..]
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            total += digits.parse::<u64>().unwrap_or(0);
+        }
+    }
+    if total == 0 {
+        bail!("no pinned maps found in {}", tb.pin_dir().display());
+    }
+    Ok(total)
+}
+
+pub fn run(counts: &[usize], mut progress: impl FnMut(&str)) -> Result<Vec<MemPoint>> {
+    tests::testbed::set_quiet(true);
+    let tb = Testbed::new(Mode::Tc, 2)?;
+    let mut points = Vec::new();
+    for &n in counts {
+        progress(&format!("memory: daemon with {n} services"));
+        let path = tb.dir().join(format!("memory-{n}.toml"));
+        std::fs::write(&path, config(n))?;
+        let mut daemon = tb.start_daemon(&["--config".to_string(), path.display().to_string()])?;
+        let pid = daemon.pid();
+        let started = Instant::now();
+        let (mut last, mut idle_since) = (u64::MAX, Instant::now());
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            if !daemon.is_running() {
+                bail!("the daemon with {n} services exited:\n{}", daemon.log());
+            }
+            let now = cpu_ticks(pid)?;
+            if now != last {
+                (last, idle_since) = (now, Instant::now());
+            } else if idle_since.elapsed() >= Duration::from_secs(2) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("the daemon with {n} services did not settle within 300 s");
+            }
+        }
+        points.push(MemPoint {
+            services: n,
+            rss_kib: vm_rss_kib(pid)?,
+            map_bytes: pinned_map_bytes(&tb)?,
+            settle_s: started.elapsed().as_secs_f64(),
+        });
+        drop(daemon);
+        tb.down()?;
+    }
+    Ok(points)
+}
