@@ -93,7 +93,12 @@ pub struct Config {
 const _: () = assert!(size_of::<Config>() == 32);
 
 pub const DEFAULT_TCP_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
-pub const DEFAULT_CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
+/// 65 s: longer than Linux's 60 s TIME_WAIT. A closed flow keeps its SNAT
+/// port reserved until the backend has forgotten the old connection; reused
+/// earlier, a new SYN from the same (SNAT port, backend) pair can meet the
+/// backend's TIME_WAIT socket and be refused (PAWS, random per-connection
+/// timestamps).
+pub const DEFAULT_CLOSING_TIMEOUT_NS: u64 = 65 * 1_000_000_000;
 pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 
 impl Config {

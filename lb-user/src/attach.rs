@@ -173,27 +173,24 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<Vec<String>
 fn attach_one(dp: &mut DataPlane, iface: &str, idx: u32, hook: Hook) -> Result<String> {
     let path = link_path(dp.pin_dir(), iface, hook);
     if path.exists() {
-        let fd: FdLink = PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?
-            .into();
-        match hook {
-            Hook::Xdp => {
-                let link = XdpLink::try_from(fd).context("pinned link is not an XDP link")?;
-                dp.xdp()
-                    .attach_to_link(link)
-                    .context("replacing the program on the XDP link")?;
+        match adopt(dp, &path, hook) {
+            Ok(()) => {
+                return Ok(format!(
+                    "{iface}: adopted pinned {hook} link, program replaced atomically"
+                ))
             }
-            Hook::Tc => {
-                let link =
-                    SchedClassifierLink::try_from(fd).context("pinned link is not a TC link")?;
-                dp.tc()
-                    .attach_to_link(link)
-                    .context("replacing the program on the TC link")?;
+            // The interface the link was made for is gone (a container's veth
+            // after a restart: "Link has been severed"), or the pin is not a
+            // link of ours: drop it and attach afresh.
+            Err(e) => {
+                tracing::warn!(
+                    "{iface}: pinned {hook} link {} is unusable ({e:#}); replacing it",
+                    path.display()
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing stale pin {}", path.display()))?;
             }
         }
-        return Ok(format!(
-            "{iface}: adopted pinned {hook} link, program replaced atomically"
-        ));
     }
     let fd: FdLink = match hook {
         Hook::Xdp => {
@@ -225,6 +222,28 @@ fn attach_one(dp: &mut DataPlane, iface: &str, idx: u32, hook: Hook) -> Result<S
         "{iface}: attached {hook} (ingress), link pinned at {}",
         path.display()
     ))
+}
+
+/// Swaps our program into the pinned link at `path`.
+fn adopt(dp: &mut DataPlane, path: &Path, hook: Hook) -> Result<()> {
+    let fd: FdLink = PinnedLink::from_pin(path)
+        .with_context(|| format!("opening pinned link {}", path.display()))?
+        .into();
+    match hook {
+        Hook::Xdp => {
+            let link = XdpLink::try_from(fd).context("pinned link is not an XDP link")?;
+            dp.xdp()
+                .attach_to_link(link)
+                .context("replacing the program on the XDP link")?;
+        }
+        Hook::Tc => {
+            let link = SchedClassifierLink::try_from(fd).context("pinned link is not a TC link")?;
+            dp.tc()
+                .attach_to_link(link)
+                .context("replacing the program on the TC link")?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes every pinned link (the kernel detaches each program once no fd

@@ -149,7 +149,9 @@ pub struct ConntrackConfig {
     /// default 1 h).
     pub tcp_timeout: Duration,
     /// Idle time after which a TCP flow that saw FIN or RST is forgotten
-    /// (`closing_timeout`; default 10 s).
+    /// (`closing_timeout`; default 65 s: longer than the backends' 60 s
+    /// TIME_WAIT, so a SNAT port is not reused while a backend still
+    /// remembers the old connection).
     pub closing_timeout: Duration,
     /// Idle time after which a UDP flow is forgotten (`udp_timeout`; default
     /// 60 s).
@@ -1950,7 +1952,7 @@ backends = "tasks.web:80"
             ConntrackConfig {
                 capacity: 262_144,
                 tcp_timeout: Duration::from_secs(3600),
-                closing_timeout: Duration::from_secs(10),
+                closing_timeout: Duration::from_secs(65),
                 udp_timeout: Duration::from_secs(60),
             }
         );

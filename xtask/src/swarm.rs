@@ -264,10 +264,11 @@ impl Testbed {
         if self.keep {
             println!(
                 "--keep: left running. Look: docker service ls; docker service logs {LB}; \
-                 curl http://<node address>:{PORT}/. Remove: cargo xtask swarm-e2e runs clean \
-                 up leftovers first, or by hand: docker service rm {WEB} {LB}; docker config rm \
-                 {CONFIG}; docker network rm {NETWORK}; docker volume rm {VOLUME}; docker image \
-                 rm {XDPLB_IMAGE} {NGINX_IMAGE}{}",
+                 curl http://<node address>:{PORT}/. To remove it all, run `cargo xtask \
+                 swarm-e2e` again (it clears leftovers first, and cleans up at the end), or \
+                 by hand: docker service rm {WEB} {LB}; docker config rm {CONFIG}; docker \
+                 network rm {NETWORK}; docker volume rm {VOLUME}; docker image rm \
+                 {XDPLB_IMAGE} {NGINX_IMAGE}{}",
                 if self.swarm_initialised {
                     "; docker swarm leave --force"
                 } else {
