@@ -222,7 +222,7 @@ fn snat_port(
         6 => 7963,
         _ => 7993,
     };
-    let stride = if range <= SNAT_PROBES || range % prime == 0 {
+    let stride = if range <= SNAT_PROBES || range.is_multiple_of(prime) {
         1
     } else {
         prime % range

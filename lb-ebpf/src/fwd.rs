@@ -4,7 +4,6 @@
 //! our own addresses, and the stack drops it as a martian.
 
 use ::core::mem::{size_of, zeroed};
-
 use aya_ebpf::{bindings::bpf_fib_lookup, helpers::generated::bpf_fib_lookup as fib_lookup};
 use lb_common::Conn;
 

@@ -156,7 +156,8 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<Vec<String>
             // From XDP mode to TC mode: the XDP link goes.
             let xdp = link_path(&pin_dir, iface, Hook::Xdp);
             if xdp.exists() {
-                std::fs::remove_file(&xdp).with_context(|| format!("removing {}", xdp.display()))?;
+                std::fs::remove_file(&xdp)
+                    .with_context(|| format!("removing {}", xdp.display()))?;
                 log.push(format!("{iface}: XDP link removed (TC mode now)"));
             }
             log.push(attach_one(dp, iface, idx, Hook::Tc)?);
@@ -258,7 +259,10 @@ pub fn teardown(pin_dir: &Path) -> Result<()> {
         for e in std::fs::read_dir(&links)? {
             let p = e?.path();
             // The id first, with the fd closed again before the unpin.
-            if let Ok(info) = PinnedLink::from_pin(&p).map(FdLink::from).and_then(|l| l.info()) {
+            if let Ok(info) = PinnedLink::from_pin(&p)
+                .map(FdLink::from)
+                .and_then(|l| l.info())
+            {
                 ids.push(info.id());
             }
             std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;

@@ -774,6 +774,8 @@ mod tests {
             cfg: Config {
                 snat_port_min: 40000,
                 snat_port_max: 40999,
+                // Explicit, so the tests do not follow the defaults.
+                closing_timeout_ns: 10 * SECOND,
                 ..Config::with_defaults()
             },
             ..Default::default()

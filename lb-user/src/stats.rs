@@ -1072,7 +1072,13 @@ mod tests {
 
     #[test]
     fn live_flows_follow_the_data_planes_timeouts() {
-        let cfg = Config::with_defaults();
+        // Explicit timeouts: the test is about the rule, not the defaults.
+        let cfg = Config {
+            tcp_timeout_ns: 3600 * S,
+            closing_timeout_ns: 10 * S,
+            udp_timeout_ns: 60 * S,
+            ..Config::with_defaults()
+        };
         let now = 10_000 * S;
         let mut n = ConnCounts::default();
         // open TCP, idle 3599 s: live
@@ -1377,7 +1383,7 @@ web (0.0.0.0:80/tcp)                10  1000 B          4       3
 REASON           PACKETS   BYTES
 pass_no_service        2   120 B
 fwd_redirect          10  1000 B
-(19 reasons at zero not shown; --json lists all)
+(20 reasons at zero not shown; --json lists all)
 
 connection table: 6 of 1,000 entries (0.6% full), 3 live flows
 ";

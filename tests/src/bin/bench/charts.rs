@@ -42,6 +42,15 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e:?}")
 }
 
+/// A value as printed on a chart: two decimals below 10, none above.
+fn figure(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 /// One horizontal bar.
 pub struct Bar {
     pub label: String,
@@ -111,7 +120,7 @@ pub fn bars(
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let row = n - 1 - i;
             Text::new(
-                format!("{:.0}", b.value),
+                figure(b.value),
                 (b.value + max * 0.005, SegmentValue::CenterOf(row)),
                 TextStyle::from(("sans-serif", 13).into_font())
                     .pos(Pos::new(HPos::Left, VPos::Center)),
@@ -129,7 +138,7 @@ pub fn bars(
                 style,
             ))
             .map_err(err)?
-            .label(format!("{label}: {value:.0}"))
+            .label(format!("{label}: {}", figure(*value)))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
     }
     if !refs.is_empty() {
