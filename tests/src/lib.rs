@@ -5,3 +5,21 @@
 pub mod netns;
 pub mod packet;
 pub mod testbed;
+
+/// Runs a scenario function `fn name(mode: Mode)` once per attach mode, as
+/// the tests `name::tc` and `name::xdp`.
+#[macro_export]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn tc() {
+                super::$name($crate::testbed::Mode::Tc)
+            }
+            #[test]
+            fn xdp() {
+                super::$name($crate::testbed::Mode::Xdp)
+            }
+        }
+    )*};
+}

@@ -22,23 +22,7 @@ use tests::testbed::{
     UDP_PORT,
 };
 
-/// Runs a scenario once per attach mode, as `name::tc` / `name::xdp`.
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn tc() {
-                super::$name(super::Mode::Tc)
-            }
-            #[test]
-            fn xdp() {
-                super::$name(super::Mode::Xdp)
-            }
-        }
-    )*};
-}
-
-both_modes!(
+tests::both_modes!(
     basic,
     kill9_keeps_forwarding_and_restart_adopts,
     sigterm_cleans_up_unless_persist,

@@ -41,23 +41,7 @@ use tests::testbed::{
     HTTP_PORT, PMTU_BACKEND_ADDR, PMTU_HOP_MTU, SERVICE, UDP_PORT, VIP,
 };
 
-/// Runs a scenario once per attach mode, as `name::tc` / `name::xdp`.
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn tc() {
-                super::$name(super::Mode::Tc)
-            }
-            #[test]
-            fn xdp() {
-                super::$name(super::Mode::Xdp)
-            }
-        }
-    )*};
-}
-
-both_modes!(
+tests::both_modes!(
     s1_spread,
     s2_scale_down_under_load,
     s3_scale_up,
