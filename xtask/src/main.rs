@@ -115,12 +115,16 @@ enum Verb {
     #[command(verbatim_doc_comment)]
     Test,
 
-    /// Benchmark the data plane (and, later, against HAProxy). Needs root.
+    /// Benchmark xdplb beside its baselines and beside HAProxy. Needs root.
     ///
-    /// Runs `cargo run --release --package tests --bin bench -- [--quick] [ARGS...]`
-    /// after `setup`. Figures are meant to be printed beside the harness floor
-    /// (an empty XDP program measured the same way). The bench binary arrives
-    /// with its own issue; until then this verb says so and fails.
+    /// Ensures haproxy and wrk (Debian), builds the daemon, then runs
+    /// `cargo run --package tests --bin bench -- [--quick] [ARGS...]` (dev
+    /// profile: the kernel-reported costs do not depend on it). Every figure
+    /// is printed beside a baseline measured in the same run (an empty XDP
+    /// program, a MAC-swap XDP_TX program, HAProxy 2.6 on the same testbed),
+    /// each target beside its result; docs/BENCHMARKS.md and the
+    /// docs/bench-*.png charts are rewritten. The full run says how long it
+    /// takes up front (about 7 minutes here); --quick takes about 2.5.
     ///
     /// Example:
     ///   cargo xtask bench --quick

@@ -140,9 +140,9 @@ impl Plan {
         let live = 2.0 * (self.live_repeat / 256) as f64 * self.live_rounds as f64 * 0.025;
         // Three balancers x two wrk runs (plus a 1 s warm-up each), and the
         // testbeds' and balancers' start-up.
-        // The control-plane scenarios: about 90 s per balancer.
+        // The control-plane scenarios: about 45 s per balancer.
         let e2e = if self.e2e_secs > 0 {
-            6.0 * (self.e2e_secs as f64 + 1.0) + 40.0 + 180.0
+            6.0 * (self.e2e_secs as f64 + 1.0) + 40.0 + 90.0
         } else {
             0.0
         };
