@@ -330,18 +330,7 @@ impl Testbed {
             .collect::<Result<Vec<_>>>()?;
 
         // client eth0 <-> lb eth0
-        client_ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            lb.name(),
-        ])?;
+        veth(&client_ns, "eth0", &lb, "eth0")?;
         client_ns.ip(&["addr", "add", "10.10.0.2/24", "dev", "eth0"])?;
         client_ns.ip(&["link", "set", "eth0", "up"])?;
         client_ns.ip(&["route", "add", "default", "via", "10.10.0.1"])?;
@@ -350,37 +339,13 @@ impl Testbed {
         // the overlay bridge, lb eth1 <-> l1 on it
         ovl.ip(&["link", "add", "br0", "type", "bridge"])?;
         ovl.ip(&["link", "set", "br0", "up"])?;
-        lb.ip(&[
-            "link",
-            "add",
-            "eth1",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "l1",
-            "netns",
-            ovl.name(),
-        ])?;
-        ovl.ip(&["link", "set", "l1", "master", "br0", "up"])?;
+        bridge_port(&ovl, &lb, "eth1", "l1")?;
         lb.ip(&["addr", "add", "10.20.0.1/24", "dev", "eth1"])?;
         lb.ip(&["link", "set", "eth1", "up"])?;
         // backend i: eth0 <-> b{i} on the bridge
         for (i, ns) in backend_ns.iter().enumerate() {
             let port = format!("b{i}");
-            ns.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                ovl.name(),
-            ])?;
-            ovl.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            bridge_port(&ovl, ns, "eth0", &port)?;
             ns.ip(&[
                 "addr",
                 "add",
@@ -918,24 +883,36 @@ impl Drop for Testbed {
     }
 }
 
+/// A veth pair: `dev` in `ns`, its peer `peer` moved into `peer_ns`.
+fn veth(ns: &NetNs, dev: &str, peer_ns: &NetNs, peer: &str) -> Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        "netns",
+        peer_ns.name(),
+    ])?;
+    Ok(())
+}
+
+/// `dev` in `ns`, plugged into the overlay bridge `br0` as port `port`.
+fn bridge_port(ovl: &NetNs, ns: &NetNs, dev: &str, port: &str) -> Result<()> {
+    veth(ns, dev, ovl, port)?;
+    ovl.ip(&["link", "set", port, "master", "br0", "up"])?;
+    Ok(())
+}
+
 /// The many-tasks namespace: `eth0` on `br0` (bridge port `m0`) with `n`
 /// addresses, added in one `ip -batch` (200 separate `ip` runs take
 /// seconds), and the balancer's route to them.
 fn setup_many(lb: &NetNs, ovl: &NetNs, id: &str, dir: &Path, n: usize) -> Result<NetNs> {
     let ns = NetNs::new("tb-many")?;
-    ns.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "m0",
-        "netns",
-        ovl.name(),
-    ])?;
-    ovl.ip(&["link", "set", "m0", "master", "br0", "up"])?;
+    bridge_port(ovl, &ns, "eth0", "m0")?;
     let mut batch = String::new();
     for i in 0..n {
         // /16: the balancer's 10.20.0.1 is on-link for the answers.
@@ -956,33 +933,10 @@ fn setup_many(lb: &NetNs, ovl: &NetNs, id: &str, dir: &Path, n: usize) -> Result
 fn setup_router(lb: &NetNs, ovl: &NetNs) -> Result<(NetNs, NetNs)> {
     let rtr = NetNs::new("tb-rtr")?;
     let pm = NetNs::new("tb-pm")?;
-    rtr.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "r0",
-        "netns",
-        ovl.name(),
-    ])?;
-    ovl.ip(&["link", "set", "r0", "master", "br0", "up"])?;
+    bridge_port(ovl, &rtr, "eth0", "r0")?;
     rtr.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "eth0"])?;
     rtr.ip(&["link", "set", "eth0", "up"])?;
-    rtr.ip(&[
-        "link",
-        "add",
-        "eth1",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pm.name(),
-    ])?;
+    veth(&rtr, "eth1", &pm, "eth0")?;
     rtr.ip(&["addr", "add", "10.30.0.1/24", "dev", "eth1"])?;
     let mtu = PMTU_HOP_MTU.to_string();
     rtr.ip(&["link", "set", "eth1", "mtu", &mtu, "up"])?;
