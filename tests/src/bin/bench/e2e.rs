@@ -371,7 +371,28 @@ fn measure(tb: &Testbed, balancer: Balancer, secs: u32, out: &mut Vec<Load>) -> 
             let ids = attached_prog_ids(tb.pin_dir())?;
             let stats = BpfStats::enable()?;
             for keepalive in [false, true] {
+                let before = tb.reason_stats()?;
                 out.push(run(keepalive, &|| bpf_run_time_ns(&ids))?);
+                let after = tb.reason_stats()?;
+                let other: Vec<String> = after
+                    .iter()
+                    .filter(|(name, _)| !name.starts_with("fwd_"))
+                    .filter_map(|(name, n)| {
+                        let d = n - before.get(name).copied().unwrap_or(0);
+                        (d > 0).then(|| format!("{name} {d}"))
+                    })
+                    .collect();
+                println!(
+                    "  {} {}: {} connection-table entries; reasons other than forwarding: {}",
+                    balancer.label(),
+                    if keepalive { "keep-alive" } else { "close" },
+                    tb.conn_entries()?,
+                    if other.is_empty() {
+                        "none".to_string()
+                    } else {
+                        other.join(", ")
+                    }
+                );
             }
             drop(stats);
             drop(daemon);

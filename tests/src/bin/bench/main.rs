@@ -41,6 +41,53 @@ struct Args {
     out: PathBuf,
     write: bool,
     e2e: bool,
+    /// `--only`: the sections to run; `None`: all of them.
+    only: Option<Vec<Section>>,
+}
+
+/// The parts `--only` can pick.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Section {
+    /// §1–3: cost per packet, table sizes, live frames.
+    Dataplane,
+    /// §4: end to end against HAProxy.
+    E2e,
+    /// §5: control-plane timings against HAProxy.
+    Control,
+    /// §6: memory.
+    Memory,
+}
+
+impl Section {
+    const ALL: [(&'static str, Section); 4] = [
+        ("dataplane", Section::Dataplane),
+        ("e2e", Section::E2e),
+        ("control", Section::Control),
+        ("memory", Section::Memory),
+    ];
+
+    fn parse_list(list: &str) -> Result<Vec<Section>> {
+        list.split(',')
+            .map(|name| {
+                Self::ALL
+                    .iter()
+                    .find(|(n, _)| *n == name.trim())
+                    .map(|&(_, s)| s)
+                    .with_context(|| {
+                        format!(
+                            "--only: unknown section {name:?}; the sections are {}",
+                            Self::ALL.map(|(n, _)| n).join(", ")
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
+impl Args {
+    fn wants(&self, s: Section) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(&s))
+    }
 }
 
 fn parse_args() -> Result<Args> {
@@ -49,6 +96,7 @@ fn parse_args() -> Result<Args> {
     let mut out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     let mut write = true;
     let mut e2e = true;
+    let mut only = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -57,16 +105,25 @@ fn parse_args() -> Result<Args> {
             "--out" => out = it.next().context("--out needs a directory")?.into(),
             "--no-write" => write = false,
             "--no-e2e" => e2e = false,
+            "--only" => {
+                only = Some(Section::parse_list(
+                    &it.next().context("--only needs a list of sections")?,
+                )?);
+                // A partial run must not overwrite the full report.
+                write = false;
+            }
             "-h" | "--help" => {
                 println!(
-                    "bench [--quick] [--runs N] [--out DIR] [--no-write] [--no-e2e]\n\n\
+                    "bench [--quick] [--runs N] [--out DIR] [--no-write] [--no-e2e] [--only LIST]\n\n\
                      Measures xdplb's data plane beside baselines measured in the same run and\n\
                      writes DIR/BENCHMARKS.md and DIR/bench-*.png (DIR defaults to docs/).\n\
                      --quick: 10,000 runs per case (default 50,000), CONNS up to 100k entries\n\
                      (default 1M), shorter live-frames and wrk runs. --no-write: print only.\n\
                      --no-e2e: skip the parts that run the daemon in the namespace testbed: the\n\
                      comparison with HAProxy (needs haproxy, wrk, bpftool and the xdplb binary)\n\
-                     and the memory figures. Needs root."
+                     and the memory figures. --only dataplane,e2e,control,memory: run just\n\
+                     these sections and print them (implies --no-write), for iterating on one.\n\
+                     Needs root."
                 );
                 std::process::exit(0);
             }
@@ -84,6 +141,7 @@ fn parse_args() -> Result<Args> {
         out,
         write,
         e2e,
+        only,
     })
 }
 
@@ -671,38 +729,22 @@ fn draw_charts(
     Ok(made)
 }
 
-fn main() -> Result<()> {
-    let args = parse_args()?;
-    if !is_root() {
-        bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
-    }
-    let command = std::env::var("XDPLB_BENCH_COMMAND").unwrap_or_else(|_| {
-        std::iter::once("bench".to_string())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" ")
-    });
-    let plan = Plan::new(&args);
-    let mut progress = Progress {
-        started: Instant::now(),
-        step: 0,
-    };
-    println!(
-        "xdplb benchmarks{}: {} runs per case, CONNS up to {} entries, {} live frames x {} rounds.",
-        if args.quick { " (--quick)" } else { "" },
-        args.runs,
-        plan.conns_sizes.last().copied().unwrap_or(0),
-        plan.live_repeat,
-        plan.live_rounds,
-    );
-    // About 5 µs of wall time per test run on these machines: refined below.
-    println!(
-        "estimated duration: about {:.0} s ({} test runs); progress follows.",
-        plan.estimate_s(args.runs, 5e-6),
-        plan.test_runs(args.runs)
-    );
+/// What §1–3 measured, for the charts.
+struct Dataplane {
+    cost: CostResults,
+    conns: Vec<ScalePoint>,
+    backends: Vec<ScalePoint>,
+    live: Option<LiveResults>,
+}
 
-    let mut tables = Vec::new();
+/// §1–3: cost per packet, live frames, table sizes; their tables go to `tables`.
+fn dataplane_sections(
+    args: &Args,
+    plan: &Plan,
+    progress: &mut Progress,
+    tables: &mut Vec<Table>,
+) -> Result<Dataplane> {
+    let first = tables.len();
     let mut lab = PacketLab::with_conns_capacity("bench", COST_LAB_CONNS);
     let t0 = Instant::now();
     let cost = dataplane::per_packet(&mut lab, args.runs, |what| {
@@ -764,7 +806,7 @@ fn main() -> Result<()> {
     backends_table.print();
     // Keep the document in section order.
     let live_table = if live.is_some() {
-        Some(tables.remove(1))
+        Some(tables.remove(first + 1))
     } else {
         None
     };
@@ -772,8 +814,61 @@ fn main() -> Result<()> {
     tables.push(backends_table);
     tables.extend(live_table);
 
+    Ok(Dataplane {
+        cost,
+        conns,
+        backends,
+        live,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
+    }
+    let command = std::env::var("XDPLB_BENCH_COMMAND").unwrap_or_else(|_| {
+        std::iter::once("bench".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let plan = Plan::new(&args);
+    let mut progress = Progress {
+        started: Instant::now(),
+        step: 0,
+    };
+    println!(
+        "xdplb benchmarks{}: {} runs per case, CONNS up to {} entries, {} live frames x {} rounds.",
+        if args.quick { " (--quick)" } else { "" },
+        args.runs,
+        plan.conns_sizes.last().copied().unwrap_or(0),
+        plan.live_repeat,
+        plan.live_rounds,
+    );
+    // About 5 µs of wall time per test run on these machines: refined below.
+    println!(
+        "estimated duration: about {:.0} s ({} test runs); progress follows.",
+        plan.estimate_s(args.runs, 5e-6),
+        plan.test_runs(args.runs)
+    );
+
+    let mut tables = Vec::new();
+    let dataplane = if args.wants(Section::Dataplane) {
+        Some(dataplane_sections(
+            &args,
+            &plan,
+            &mut progress,
+            &mut tables,
+        )?)
+    } else {
+        None
+    };
+
     let mut not_measured: Vec<&str> = Vec::new();
-    let loads = if plan.e2e_secs > 0 {
+    let loads = if !args.wants(Section::E2e) {
+        Vec::new()
+    } else if plan.e2e_secs > 0 {
         match e2e::run(E2E_BACKENDS, plan.e2e_secs, |what| progress.say(what)) {
             Ok(loads) => {
                 let t = e2e_table(&loads, E2E_BACKENDS, plan.e2e_secs);
@@ -791,33 +886,37 @@ fn main() -> Result<()> {
         not_measured.push(NOT_MEASURED_E2E);
         Vec::new()
     };
-    if plan.e2e_secs == 0 {
-        not_measured.push(NOT_MEASURED_CONTROL);
-    } else {
-        match control::run(|what| progress.say(what)) {
-            Ok(rows) => {
-                let t = control_table(&rows);
-                t.print();
-                tables.push(t);
-            }
-            Err(e) => {
-                println!("control plane not measured: {e:#}");
-                not_measured.push(NOT_MEASURED_CONTROL);
+    if args.wants(Section::Control) {
+        if plan.e2e_secs == 0 {
+            not_measured.push(NOT_MEASURED_CONTROL);
+        } else {
+            match control::run(|what| progress.say(what)) {
+                Ok(rows) => {
+                    let t = control_table(&rows);
+                    t.print();
+                    tables.push(t);
+                }
+                Err(e) => {
+                    println!("control plane not measured: {e:#}");
+                    not_measured.push(NOT_MEASURED_CONTROL);
+                }
             }
         }
     }
-    if plan.memory_services.is_empty() {
-        not_measured.push(NOT_MEASURED_MEMORY);
-    } else {
-        match memory::run(&plan.memory_services, |what| progress.say(what)) {
-            Ok(points) => {
-                let t = memory_table(&points);
-                t.print();
-                tables.push(t);
-            }
-            Err(e) => {
-                println!("memory not measured: {e:#}");
-                not_measured.push(NOT_MEASURED_MEMORY);
+    if args.wants(Section::Memory) {
+        if plan.memory_services.is_empty() {
+            not_measured.push(NOT_MEASURED_MEMORY);
+        } else {
+            match memory::run(&plan.memory_services, |what| progress.say(what)) {
+                Ok(points) => {
+                    let t = memory_table(&points);
+                    t.print();
+                    tables.push(t);
+                }
+                Err(e) => {
+                    println!("memory not measured: {e:#}");
+                    not_measured.push(NOT_MEASURED_MEMORY);
+                }
             }
         }
     }
@@ -828,7 +927,15 @@ fn main() -> Result<()> {
     if !args.write {
         return Ok(());
     }
-    let charts = match draw_charts(&args.out, &cost, &conns, &backends, live.as_ref(), &loads) {
+    let d = dataplane.context("the data-plane sections did not run")?;
+    let charts = match draw_charts(
+        &args.out,
+        &d.cost,
+        &d.conns,
+        &d.backends,
+        d.live.as_ref(),
+        &loads,
+    ) {
         Ok(c) => c,
         Err(e) => {
             println!("charts not drawn: {e:#}");
