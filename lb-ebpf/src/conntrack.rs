@@ -43,10 +43,16 @@ fn mirror_key(c: &Conn, proto: u8, family: u8, out: &mut FlowKey) {
     out._pad = [0; 2];
 }
 
-/// Reply path: the reverse entry for `key`, refreshed.
+/// Reply path: the reverse entry for `s.key`, refreshed.
+///
+/// A RST from the backend also closes the forward entry. Otherwise a flow
+/// the backend refused (a connection to a task whose server has stopped)
+/// would keep an open forward entry: refused connections leave no TIME_WAIT
+/// on the client, which soon reuses the port, and its next SYN must be
+/// balanced afresh, not sent back to the task that refused it.
 #[inline(always)]
-pub fn reply(key: &FlowKey, tcp_flags: u8) -> Option<&'static Conn> {
-    let p = CONNS.get_ptr_mut(key)?;
+pub fn reply(s: &mut Scratch, tcp_flags: u8) -> Option<&'static Conn> {
+    let p = CONNS.get_ptr_mut(&s.key)?;
     // SAFETY: the pointer comes from a successful map lookup; concurrent
     // updates of these plain fields can at worst lose a timestamp refresh.
     let c = unsafe { &mut *p };
@@ -55,15 +61,32 @@ pub fn reply(key: &FlowKey, tcp_flags: u8) -> Option<&'static Conn> {
     }
     c.last_seen_ns = now();
     c.tcp_state = state_after(c.tcp_state, tcp_flags);
+    if tcp_flags & TCP_RST != 0 {
+        mirror_key(c, s.key.proto, s.key.family, &mut s.key2);
+        if let Some(f) = CONNS.get_ptr_mut(&s.key2) {
+            // SAFETY: as above; one byte written.
+            let f = unsafe { &mut *f };
+            if f.flags & CONN_F_REVERSE == 0
+                && f.new_sport_be == s.key.dport_be
+                && f.new_dst == s.key.src
+            {
+                f.tcp_state = TCP_STATE_CLOSING;
+            }
+        }
+    }
     Some(c)
 }
 
-/// Is the backend of an existing flow still usable for it?
+/// Is the backend of an existing flow still usable for it? A `draining`
+/// backend keeps its flows but takes no new connection: a SYN without ACK
+/// (`fresh_syn`) is always the start of one, since a client never sends it
+/// on an established connection. Re-picking a retransmitted SYN is harmless:
+/// the client has no connection yet.
 #[inline(always)]
-fn keeps_flow(c: &Conn, svc: &Service) -> bool {
+fn keeps_flow(c: &Conn, svc: &Service, fresh_syn: bool) -> bool {
     match BACKENDS.get(c.backend) {
         Some(b) => {
-            (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING)
+            (b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !fresh_syn))
                 && b.service == svc.id
                 && b.addr == c.new_dst
                 && b.port_be == c.new_dport_be
@@ -90,7 +113,7 @@ pub fn forward(
             && c.service == svc.id
             && !c.expired(s.key.proto, cfg, now)
             && !(fresh_syn && c.tcp_state == TCP_STATE_CLOSING);
-        if reusable && keeps_flow(c, svc) {
+        if reusable && keeps_flow(c, svc, fresh_syn) {
             c.last_seen_ns = now;
             c.tcp_state = state_after(c.tcp_state, tcp_flags);
             return Ok((c, false));

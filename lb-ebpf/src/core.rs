@@ -112,7 +112,7 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
     let cfg: &Config = CONFIG.get(0).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
 
     if is_reply(s, cfg) {
-        let c = conntrack::reply(&s.key, tcp_flags).ok_or(Out::pass(reason::PASS_REPLY_NO_CONN))?;
+        let c = conntrack::reply(s, tcp_flags).ok_or(Out::pass(reason::PASS_REPLY_NO_CONN))?;
         if s.l3.ttl <= 1 {
             return Err(Out::pass(reason::PASS_TTL_EXPIRED));
         }

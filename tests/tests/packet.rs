@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{
     hash::flow_hash, reason, Conn, Counters, FlowKey, BACKEND_ACTIVE, BACKEND_DOWN,
-    BACKEND_DRAINING, CONN_F_REVERSE, PROTO_TCP, PROTO_UDP, TCP_STATE_OPEN,
+    BACKEND_DRAINING, CONN_F_REVERSE, PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING, TCP_STATE_OPEN,
 };
 use tests::packet::*;
 
@@ -45,6 +45,7 @@ both_hooks!(
     truncated_frames_pass_unchanged,
     unparsed_packets_pass_with_their_reason,
     draining_keeps_flows_and_down_repicks,
+    fresh_syns_leave_draining_and_refused_flows,
     snat_exhaustion_drops,
     no_neighbour_and_oversized,
 );
@@ -1188,6 +1189,94 @@ fn draining_keeps_flows_and_down_repicks(hook: Hook) {
         &Pkt::tcp(client(CLIENT_V4, p3), vip, TCP_SYN),
     );
     assert_eq!(got, b);
+}
+
+/// A SYN without ACK always starts a connection. On the entry of a flow whose
+/// backend is draining it is balanced afresh (draining takes no new
+/// connections), and a backend's RST closes the forward entry too, so a
+/// client reusing the port of a refused connection is balanced afresh.
+fn fresh_syns_leave_draining_and_refused_flows(hook: Hook) {
+    let mut lab = lab(hook, "freshsyn");
+    let svc = tcp_v4_service(&mut lab);
+    let vip = sock(VIP_V4, 80);
+    let b = svc.backends[2].0;
+
+    // Draining: the ACK of the flow stays, a new SYN on its 5-tuple moves on.
+    let p1 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[]);
+    let syn = Pkt::tcp(client(CLIENT_V4, p1), vip, TCP_SYN);
+    let (got, port) = new_flow(&mut lab, hook, &svc, &syn);
+    assert_eq!(got, b);
+    lab.set_backend_state(b, BACKEND_DRAINING);
+    let ack = syn.clone().with_flags(TCP_ACK);
+    let want = forwarded(hook, &ack, &svc, b, port).build();
+    expect(
+        &mut lab,
+        hook,
+        "an ACK of a flow to a draining backend",
+        &ack.build(),
+        hook.redirect(),
+        &want,
+    );
+    let key = syn.flow_key();
+    let next = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
+    assert_ne!(next, b);
+    let want = forwarded(hook, &syn, &svc, next, svc.first_snat_port(&key)).build();
+    expect(
+        &mut lab,
+        hook,
+        "a SYN on the 5-tuple of a flow to a draining backend",
+        &syn.build(),
+        hook.redirect(),
+        &want,
+    );
+    assert_eq!(lab.conn(&key).map(|c| c.backend), Some(next));
+    lab.set_backend_state(b, BACKEND_ACTIVE);
+
+    // Refused: the backend answers the SYN with RST|ACK.
+    let p2 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[p1]);
+    let syn = Pkt::tcp(client(CLIENT_V4, p2), vip, TCP_SYN);
+    let key = syn.flow_key();
+    let (got, port) = new_flow(&mut lab, hook, &svc, &syn);
+    assert_eq!(got, b);
+    assert_eq!(lab.conn(&key).map(|c| c.tcp_state), Some(TCP_STATE_OPEN));
+    let rst = Pkt::tcp(
+        svc.backend_sock(b),
+        sock(snat_addr_for(VIP_V4.into()), port),
+        TCP_RST | TCP_ACK,
+    );
+    let (es, ed) = hook.fwd_eth(&rst, CLIENT_V4.into());
+    let want = rst
+        .clone()
+        .from(vip)
+        .to(client(CLIENT_V4, p2))
+        .with_ttl(rst.ttl - 1)
+        .with_eth(es, ed);
+    expect(
+        &mut lab,
+        hook,
+        "the backend's RST to the SYN",
+        &rst.build(),
+        hook.redirect(),
+        &want.build(),
+    );
+    assert_eq!(
+        lab.conn(&key).map(|c| c.tcp_state),
+        Some(TCP_STATE_CLOSING),
+        "the backend's RST must close the forward entry too:\n{}",
+        lab.dump_conns()
+    );
+    // The client's next SYN on that port: draining now, it goes elsewhere.
+    lab.set_backend_state(b, BACKEND_DRAINING);
+    let next = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
+    let want = forwarded(hook, &syn, &svc, next, svc.first_snat_port(&key)).build();
+    expect(
+        &mut lab,
+        hook,
+        "a SYN reusing the port of a refused connection",
+        &syn.build(),
+        hook.redirect(),
+        &want,
+    );
 }
 
 // ---- 9. SNAT exhaustion -------------------------------------------------------------------------

@@ -5,10 +5,18 @@
 //! - scale-up: a task joins DNS; time until it answers its first request;
 //! - task death: a task stops answering (still in DNS, like a crashed
 //!   container); time from its death to the last failed request;
-//! - scale-down 10 -> 3: seven tasks leave DNS and stop at once; failed requests;
+//! - scale-down 10 -> 3: seven tasks leave DNS and stop 2 s later; failed
+//!   requests;
 //! - rolling replacement: five tasks replaced one by one (stop-first, Swarm's
-//!   default: the old task leaves DNS and stops, a new one joins), 2 s apart;
-//!   failed requests.
+//!   default: the old task leaves DNS, stops 2 s later, then a new one
+//!   joins); failed requests.
+//!
+//! The 2 s are Swarm's own order of shutdown: moby's container executor
+//! (`daemon/cluster/executor/container/controller.go`, `Shutdown`) first
+//! removes the task from service discovery (`deactivateServiceBinding`), then
+//! sleeps `defaultGossipConvergeDelay` (2 s, hard-coded), and only then sends
+//! the stop signal. A task that dies without that (a crash) is the task-death
+//! case.
 //!
 //! Both balancers use the same intervals: DNS every second, a TCP check every
 //! second, rise 2, fall 3 (HAProxy: `hold valid 1s`, `default-server inter 1s
@@ -27,6 +35,9 @@ use crate::e2e::{wait_backends, Balancer, Haproxy};
 pub const INTERVAL: Duration = Duration::from_secs(1);
 pub const FALL: u32 = 3;
 const CONCURRENCY: usize = 4;
+/// Swarm's delay between removing a task from DNS and stopping it
+/// (`defaultGossipConvergeDelay`).
+pub const SWARM_STOP_DELAY: Duration = Duration::from_secs(2);
 
 pub struct Timings {
     pub balancer: Balancer,
@@ -104,6 +115,7 @@ fn scenarios(tb: &Testbed, balancer: Balancer) -> Result<Timings> {
     let report = with_load(tb, Duration::from_secs(7), || {
         std::thread::sleep(Duration::from_secs(1));
         tb.set_tasks(&[0, 1, 2]);
+        std::thread::sleep(SWARM_STOP_DELAY);
         for i in 3..10 {
             tb.backend(i).stop();
         }
@@ -117,20 +129,45 @@ fn scenarios(tb: &Testbed, balancer: Balancer) -> Result<Timings> {
         tb.backend(i).start()?;
     }
     std::thread::sleep(Duration::from_secs(2));
-    let report = with_load(tb, Duration::from_secs(13), || {
+    let t0 = Instant::now();
+    let dbg = std::env::var_os("XDPLB_BENCH_DEBUG").is_some();
+    let before = if dbg && balancer != Balancer::Haproxy {
+        tb.reason_stats().ok()
+    } else {
+        None
+    };
+    let report = with_load(tb, Duration::from_secs(17), || {
         std::thread::sleep(Duration::from_secs(1));
         let mut current: Vec<usize> = (0..5).collect();
         for old in 0..5 {
             current.retain(|&t| t != old);
             tb.set_tasks(&current);
+            if dbg {
+                eprintln!("{:?} b{old} leaves DNS", t0.elapsed());
+            }
+            std::thread::sleep(SWARM_STOP_DELAY);
+            if dbg {
+                eprintln!("{:?} b{old} stops", t0.elapsed());
+            }
             tb.backend(old).stop();
             current.push(old + 5);
             tb.set_tasks(&current);
-            std::thread::sleep(Duration::from_secs(2));
+            std::thread::sleep(Duration::from_secs(1));
         }
         Ok(())
     })?;
     let (rolling_failed, rolling_requests) = (report.failed, report.ok + report.failed);
+    if std::env::var_os("XDPLB_BENCH_DEBUG").is_some() {
+        eprintln!("rolling errors: {:#?}", report.errors);
+        if let (Some(b), Ok(a)) = (before, tb.reason_stats()) {
+            for (k, v) in a {
+                let d = v - b.get(k).copied().unwrap_or(0);
+                if d > 0 {
+                    eprintln!("  {k}: {d}");
+                }
+            }
+        }
+    }
     Ok(Timings {
         balancer,
         scale_up_s,

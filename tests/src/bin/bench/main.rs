@@ -421,9 +421,13 @@ fn control_table(rows: &[control::Timings]) -> Table {
          Scale-up: tasks 3 -> 4, time until the new task answers its first request. Task death: \
          a task stops answering but stays in DNS (a crashed container); the time from its death \
          to the last failed request is when the balancer stopped sending to it. Scale-down: ten \
-         tasks -> three, the seven leave DNS and stop at once. Rolling replacement: five tasks \
-         replaced one at a time, 2 s apart, stop-first (Swarm's default order). The baseline is \
-         HAProxy, same testbed shape, same run.",
+         tasks -> three; the seven leave DNS and stop 2 s later. Rolling replacement: five tasks \
+         replaced one at a time, stop-first (Swarm's default order): the old task leaves DNS, \
+         stops 2 s later, and its replacement joins. The 2 s are Swarm's: its executor removes a \
+         task from service discovery, sleeps `defaultGossipConvergeDelay` (2 s) and only then \
+         sends the stop signal (moby, `daemon/cluster/executor/container/controller.go`). A \
+         task that dies without that order is the task-death case. The baseline is HAProxy, same \
+         testbed shape, same run.",
         &[
             "balancer",
             "scale-up to first request",
