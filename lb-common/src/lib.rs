@@ -30,6 +30,9 @@ pub const MAP_TX_PORTS: &str = "TX_PORTS";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_REASON_STATS: &str = "REASON_STATS";
+/// Per backend index: when the backend last refused a connection (see
+/// [`REFUSED_HOLD_NS`]).
+pub const MAP_REFUSED: &str = "REFUSED";
 
 pub const PROG_XDP: &str = "xdplb_xdp";
 pub const PROG_TC: &str = "xdplb_tc";
@@ -71,6 +74,17 @@ pub const BACKEND_DOWN: u8 = 3;
 
 /// `Conn::flags`: this entry translates replies (backend -> client).
 pub const CONN_F_REVERSE: u8 = 1;
+/// `Conn::flags` of a reverse entry: the backend has sent something other
+/// than a RST (for TCP, its SYN-ACK). A RST before that is a refusal.
+pub const CONN_F_REPLIED: u8 = 2;
+
+/// For how long new flows avoid a backend after it refused a connection
+/// (answered a SYN with RST: its server is gone, the task is dying). The
+/// data plane sees this on the first refused SYN, long before DNS or failed
+/// checks take the task out of rotation; each later refusal renews it. If
+/// every candidate in the probe sequence refused, the first one is used
+/// anyway.
+pub const REFUSED_HOLD_NS: u64 = 1_000_000_000;
 
 pub const TCP_STATE_OPEN: u8 = 0;
 /// FIN or RST seen: the entry expires after `Config::closing_timeout_ns`.

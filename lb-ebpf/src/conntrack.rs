@@ -4,13 +4,13 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
     hash::flow_hash, reason, Backend, Config, Conn, FlowKey, Service, BACKEND_ACTIVE,
-    BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES, SNAT_PROBES, TCP_STATE_CLOSING,
-    TCP_STATE_OPEN,
+    BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, MAGLEV_PROBES, REFUSED_HOLD_NS, SNAT_PROBES,
+    TCP_STATE_CLOSING, TCP_STATE_OPEN,
 };
 
 use crate::{
     core::Out,
-    maps::{new_flow_slot, NewFlow, Scratch, BACKENDS, CONNS, MAGLEV},
+    maps::{new_flow_slot, NewFlow, Scratch, BACKENDS, CONNS, MAGLEV, REFUSED},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -59,9 +59,22 @@ pub fn reply(s: &mut Scratch, tcp_flags: u8) -> Option<&'static Conn> {
     if c.flags & CONN_F_REVERSE == 0 {
         return None;
     }
-    c.last_seen_ns = now();
+    let now = now();
+    c.last_seen_ns = now;
     c.tcp_state = state_after(c.tcp_state, tcp_flags);
-    if tcp_flags & TCP_RST != 0 {
+    if tcp_flags & TCP_RST == 0 {
+        if c.flags & CONN_F_REPLIED == 0 {
+            c.flags |= CONN_F_REPLIED;
+        }
+    } else {
+        if c.flags & CONN_F_REPLIED == 0 {
+            // The backend refused the connection: new flows avoid it for a
+            // while (see `pick`).
+            if let Some(p) = REFUSED.get_ptr_mut(c.backend) {
+                // SAFETY: an array slot; a plain store, racing ones agree.
+                unsafe { *p = now };
+            }
+        }
         mirror_key(c, s.key.proto, s.key.family, &mut s.key2);
         if let Some(f) = CONNS.get_ptr_mut(&s.key2) {
             // SAFETY: as above; one byte written.
@@ -83,14 +96,24 @@ pub fn reply(s: &mut Scratch, tcp_flags: u8) -> Option<&'static Conn> {
 /// on an established connection. Re-picking a retransmitted SYN is harmless:
 /// the client has no connection yet.
 #[inline(always)]
-fn keeps_flow(c: &Conn, svc: &Service, fresh_syn: bool) -> bool {
+fn keeps_flow(c: &Conn, svc: &Service, fresh_syn: bool, now: u64) -> bool {
     match BACKENDS.get(c.backend) {
         Some(b) => {
             (b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !fresh_syn))
                 && b.service == svc.id
                 && b.addr == c.new_dst
                 && b.port_be == c.new_dport_be
+                && !(fresh_syn && refused_recently(c.backend, now))
         }
+        None => false,
+    }
+}
+
+/// Did the backend refuse a connection less than `REFUSED_HOLD_NS` ago?
+#[inline(always)]
+fn refused_recently(index: u32, now: u64) -> bool {
+    match REFUSED.get(index) {
+        Some(&at) => at != 0 && now >= at && now - at < REFUSED_HOLD_NS,
         None => false,
     }
 }
@@ -113,7 +136,7 @@ pub fn forward(
             && c.service == svc.id
             && !c.expired(s.key.proto, cfg, now)
             && !(fresh_syn && c.tcp_state == TCP_STATE_CLOSING);
-        if reusable && keeps_flow(c, svc, fresh_syn) {
+        if reusable && keeps_flow(c, svc, fresh_syn, now) {
             c.last_seen_ns = now;
             c.tcp_state = state_after(c.tcp_state, tcp_flags);
             return Ok((c, false));
@@ -147,7 +170,7 @@ fn new_flow(s: &mut Scratch, svc: &Service, cfg: &Config, tcp_flags: u8) -> u32 
     };
     let now = now();
     let hash = flow_hash(&s.key);
-    let Some((index, backend)) = pick(svc, hash) else {
+    let Some((index, backend)) = pick(svc, hash, now) else {
         return reason::DROP_NO_BACKEND;
     };
     let Some(port_be) = snat_port(s, nf, svc, cfg, index, backend, hash, now) else {
@@ -175,15 +198,18 @@ fn new_flow(s: &mut Scratch, svc: &Service, cfg: &Config, tcp_flags: u8) -> u32 
 }
 
 /// Maglev: the backend in the active half at `hash % size`, or one of the
-/// next `MAGLEV_PROBES - 1` slots if that one is not `active` any more.
+/// next `MAGLEV_PROBES - 1` slots if that one is not `active` any more. A
+/// backend that refused a connection lately is passed over too, unless no
+/// probed slot offers anything better.
 #[inline(always)]
-fn pick(svc: &Service, hash: u32) -> Option<(u32, &'static Backend)> {
+fn pick(svc: &Service, hash: u32, now: u64) -> Option<(u32, &'static Backend)> {
     let size = svc.maglev_size;
     if size == 0 {
         return None;
     }
     let base = svc.maglev_base + (svc.active_half & 1) * size;
     let first = hash % size;
+    let mut fallback = None;
     let mut i = 0;
     while i < MAGLEV_PROBES {
         let mut slot = first + i;
@@ -194,14 +220,19 @@ fn pick(svc: &Service, hash: u32) -> Option<(u32, &'static Backend)> {
             if index != 0 {
                 if let Some(b) = BACKENDS.get(index) {
                     if b.state == BACKEND_ACTIVE && b.service == svc.id {
-                        return Some((index, b));
+                        if !refused_recently(index, now) {
+                            return Some((index, b));
+                        }
+                        if fallback.is_none() {
+                            fallback = Some((index, b));
+                        }
                     }
                 }
             }
         }
         i += 1;
     }
-    None
+    fallback
 }
 
 /// Reserves a SNAT port by inserting the reverse entry (`s.key2` ->

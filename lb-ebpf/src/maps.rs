@@ -44,6 +44,11 @@ pub static SNAT_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SNAT_ADDRS, 0
 #[map(name = "TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
 
+/// `bpf_ktime_get_ns` of the backend's last refusal, by backend index (0:
+/// never). Written from the reply path, read when picking.
+#[map(name = "REFUSED")]
+pub static REFUSED: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+
 #[map(name = "SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 

@@ -14,8 +14,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, MAP_BACKENDS,
-    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS, MAP_SERVICES,
-    MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, PROG_TC, PROG_XDP,
+    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS, MAP_REFUSED,
+    MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, PROG_TC, PROG_XDP,
 };
 
 /// The eBPF object, built by `build.rs` through aya-build.
@@ -57,6 +57,7 @@ pub struct DataPlane {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
+    refused: Array<MapData, u64>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -106,6 +107,7 @@ impl DataPlane {
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut ebpf, MAP_REASON_STATS)?,
+            refused: take(&mut ebpf, MAP_REFUSED)?,
             pin_dir: opts.pin_dir.clone(),
             ebpf,
         };
@@ -185,9 +187,13 @@ impl DataPlane {
             .with_context(|| format!("writing BACKENDS[{index}]"))
     }
 
-    /// Zeroes a backend slot's counters on every CPU: a reused index must
-    /// not carry the previous backend's numbers into the new one's series.
+    /// Zeroes a backend slot's counters on every CPU and its last refusal: a
+    /// reused index must not carry the previous backend's numbers into the
+    /// new one's series, nor its refusals into the new one's picks.
     pub fn reset_backend_counters(&mut self, index: u32) -> Result<()> {
+        self.refused
+            .set(index, 0, 0)
+            .with_context(|| format!("zeroing REFUSED[{index}]"))?;
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| e)
             .context("counting CPUs")?;
@@ -195,6 +201,12 @@ impl DataPlane {
         self.backend_stats
             .set(index, zeros, 0)
             .with_context(|| format!("zeroing BACKEND_STATS[{index}]"))
+    }
+
+    /// `CLOCK_MONOTONIC` nanoseconds of the backend's last refused
+    /// connection as the data plane saw it (0: none).
+    pub fn refused_at(&self, index: u32) -> Result<u64> {
+        Ok(self.refused.get(&index, 0)?)
     }
 
     pub fn backend(&self, index: u32) -> Result<Backend> {

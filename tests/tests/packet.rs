@@ -1265,8 +1265,13 @@ fn fresh_syns_leave_draining_and_refused_flows(hook: Hook) {
         "the backend's RST must close the forward entry too:\n{}",
         lab.dump_conns()
     );
-    // The client's next SYN on that port: draining now, it goes elsewhere.
-    lab.set_backend_state(b, BACKEND_DRAINING);
+    assert_ne!(
+        lab.dp().refused_at(b).unwrap(),
+        0,
+        "a RST before any other reply is a refusal"
+    );
+    // The client's next SYN on that port goes elsewhere, and so does a new
+    // flow that lands on the refusing backend's slot.
     let next = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
     let want = forwarded(hook, &syn, &svc, next, svc.first_snat_port(&key)).build();
     expect(
@@ -1277,6 +1282,33 @@ fn fresh_syns_leave_draining_and_refused_flows(hook: Hook) {
         hook.redirect(),
         &want,
     );
+    let p3 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[p1, p2]);
+    let syn3 = Pkt::tcp(client(CLIENT_V4, p3), vip, TCP_SYN);
+    let key3 = syn3.flow_key();
+    let next3 = svc.tables[0][(svc.slot(&key3) + 1) % MAGLEV_SIZE as usize];
+    assert_ne!(next3, b);
+    let want = forwarded(hook, &syn3, &svc, next3, svc.first_snat_port(&key3)).build();
+    expect(
+        &mut lab,
+        hook,
+        "a new flow on the slot of a backend that just refused one",
+        &syn3.build(),
+        hook.redirect(),
+        &want,
+    );
+
+    // A RST after the backend's SYN-ACK ends a connection; it is no refusal.
+    let c = svc.backends[3].0;
+    let p4 = port_landing_on(&svc, CLIENT_V4.into(), vip, c, &[p1, p2, p3]);
+    let syn4 = Pkt::tcp(client(CLIENT_V4, p4), vip, TCP_SYN);
+    let (got, port) = new_flow(&mut lab, hook, &svc, &syn4);
+    assert_eq!(got, c);
+    let from_c = sock(snat_addr_for(VIP_V4.into()), port);
+    for flags in [TCP_SYN | TCP_ACK, TCP_RST | TCP_ACK] {
+        let (action, _) = lab.run(hook, &Pkt::tcp(svc.backend_sock(c), from_c, flags).build());
+        assert_eq!(action, hook.redirect());
+    }
+    assert_eq!(lab.dp().refused_at(c).unwrap(), 0);
 }
 
 // ---- 9. SNAT exhaustion -------------------------------------------------------------------------
