@@ -121,6 +121,68 @@ struct Svc {
     checkers: HashMap<SocketAddr, (watch::Sender<bool>, JoinHandle<()>)>,
 }
 
+/// Logs the data plane's own decisions about refusing tasks: a task that
+/// answers a SYN with RST is passed over by new flows for
+/// [`lb_common::REFUSED_HOLD_NS`] after each refusal. The daemon only reads
+/// the `REFUSED` map (once a second, active tasks only) so the log says why a
+/// task stopped getting connections before its checks failed.
+#[derive(Default)]
+struct Refusals {
+    /// Per task: the last refusal time seen, and when an episode was logged.
+    seen: HashMap<(usize, SocketAddr), (u64, Option<Instant>)>,
+    read: Option<Instant>,
+}
+
+impl Refusals {
+    /// A new episode is logged when the previous log is this old.
+    const EPISODE: Duration = Duration::from_secs(10);
+
+    fn report(&mut self, writer: &Writer, services: &[Svc]) {
+        if self
+            .read
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.read = Some(Instant::now());
+        for (i, s) in services.iter().enumerate() {
+            for b in s.tracker.backends() {
+                if b.state != state::State::Active {
+                    continue;
+                }
+                let Some(index) = writer.backend_index(&s.cfg.name, b.addr) else {
+                    continue;
+                };
+                let Ok(at) = writer.data_plane().refused_at(index) else {
+                    continue;
+                };
+                let entry = self.seen.entry((i, b.addr)).or_insert((at, None));
+                if at == 0 || at == entry.0 {
+                    entry.0 = at;
+                    continue;
+                }
+                entry.0 = at;
+                if entry.1.is_none_or(|t| t.elapsed() >= Self::EPISODE) {
+                    entry.1 = Some(Instant::now());
+                    tracing::warn!(
+                        service = %s.cfg.name,
+                        task = %b.addr,
+                        "task refused a connection (answered a SYN with RST): the data plane \
+                         keeps new flows off it for {} s after each refusal; DNS or failed \
+                         checks decide whether it leaves rotation",
+                        lb_common::REFUSED_HOLD_NS / 1_000_000_000
+                    );
+                }
+            }
+        }
+        self.seen.retain(|(i, addr), _| {
+            services
+                .get(*i)
+                .is_some_and(|s| s.tracker.get(*addr).is_some())
+        });
+    }
+}
+
 /// The running balancer. Owns the writer and the per-service state.
 pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -> Result<()> {
     let lock = InstanceLock::acquire(&cfg.pin_dir)?;
@@ -203,6 +265,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
     let status_file = status::status_path(&cfg.pin_dir);
     let mut status_dirty = true;
     let mut status_written = Instant::now() - Duration::from_secs(10);
+    let mut refusals = Refusals::default();
     tracing::info!(
         "running; SIGTERM or Ctrl-C stops{}",
         if persist {
@@ -262,6 +325,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
                 status_dirty = true;
             }
         }
+        refusals.report(&writer, &services);
         if status_dirty && status_written.elapsed() >= Duration::from_secs(1) {
             if let Err(e) = snapshot(&cfg, &writer, &services).write(&status_file) {
                 tracing::warn!("cannot publish backend status for `xdplb backends`: {e:#}");

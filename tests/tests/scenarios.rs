@@ -676,6 +676,18 @@ fn s4_task_death(mode: Mode) {
             "b{victim} ({how}): no traffic after the window"
         );
     }
+    // A stopped server refuses (RST to SYN); the data plane passes it over
+    // from the first refusal on, so only the few connections already on
+    // their way fail, not every one the window sends it (15-25 at this rate
+    // before the data plane tracked refusals).
+    let (_, _, refusing) = &results[0];
+    assert!(
+        refusing.failed_in_window <= 6,
+        "b{stopped} (server stopped): {} requests failed in the window; the data plane \
+         should pass over a task once it refused a connection\n{}",
+        refusing.failed_in_window,
+        tb.diagnostics()
+    );
 }
 
 // ---- 5. kill -9 -------------------------------------------------------------------
