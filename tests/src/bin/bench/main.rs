@@ -452,9 +452,12 @@ fn control_table(rows: &[control::Timings]) -> Table {
     }
     t.notes.push(
         "HAProxy is a proxy: it retries a refused connection (`retries 3`) before answering 503, \
-         so a dead task costs its clients little. xdplb forwards packets and cannot retry: each \
-         connection it sends to a dead or departed task fails at the client until the task \
-         leaves rotation."
+         so a dead task costs its clients little. xdplb forwards packets and cannot retry a \
+         connection, but its data plane sees a task refuse one (a RST answering a SYN) and passes \
+         over that task for 1 s after each refusal, until checks take it out of rotation: a \
+         stopped server costs about one failed connection per second, not every connection \
+         sent to it (docs/DATAPLANE.md §2). A task that vanishes without refusing (no RST) \
+         delays its connections by a SYN retransmission (~1 s) instead."
             .into(),
     );
     let h = rows.iter().find(|r| r.balancer == Balancer::Haproxy);
