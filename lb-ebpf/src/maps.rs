@@ -3,7 +3,7 @@
 //! or a program upgrade keeps the connection table.
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
+    bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
@@ -31,7 +31,7 @@ pub static SERVICES: HashMap<ServiceKey, Service> =
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 #[map(name = "MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_CAPACITY, 0);
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_CAPACITY, BPF_F_MMAPABLE);
 
 /// Shared (not per-CPU) LRU: a reply may be processed on another CPU than
 /// the request that created the flow.

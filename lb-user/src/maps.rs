@@ -4,7 +4,12 @@
 //! everything above it (table builder, daemon, stats) goes through
 //! [`DataPlane`].
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -58,6 +63,88 @@ pub struct DataPlane {
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
     refused: Array<MapData, u64>,
+    /// `MAGLEV` mapped into this process, when the map allows it.
+    maglev_mem: Option<MaglevMem>,
+}
+
+/// `BPF_F_MMAPABLE` (uapi `linux/bpf.h`).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// The `MAGLEV` array mapped into userspace (`BPF_F_MMAPABLE`), so table
+/// writes are memory stores, not one `bpf()` syscall per slot: a 65,537-slot
+/// half is written in well under a millisecond instead of tens of
+/// milliseconds, which is what made a thousand services take minutes to
+/// settle. The kernel lays array elements out `round_up(value_size, 8)`
+/// bytes apart. The table flip stays a `SERVICES` update through the
+/// syscall, which orders these stores before it.
+struct MaglevMem {
+    ptr: NonNull<u8>,
+    len: usize,
+    stride: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory; every access is an atomic
+// 32-bit load or store.
+unsafe impl Send for MaglevMem {}
+
+impl MaglevMem {
+    fn map(data: &MapData) -> Result<Self> {
+        let info = data.info().context("reading MAGLEV's map info")?;
+        if info.map_flags() & BPF_F_MMAPABLE == 0 {
+            bail!("MAGLEV was created without BPF_F_MMAPABLE (pinned by an older xdplb)");
+        }
+        if info.value_size() != 4 {
+            bail!("MAGLEV values are {} bytes, not 4", info.value_size());
+        }
+        let stride = 8usize;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = (info.max_entries() as usize * stride).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the length against the map.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of MAGLEV");
+        }
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).context("mmap of MAGLEV returned null")?,
+            len,
+            stride,
+            entries: info.max_entries(),
+        })
+    }
+
+    fn slot(&self, index: u32) -> Result<&AtomicU32> {
+        if index >= self.entries {
+            bail!("MAGLEV[{index}] is past the map's {} entries", self.entries);
+        }
+        // SAFETY: in bounds (checked above), 8-byte aligned (page-aligned
+        // base, stride 8), and only ever accessed atomically from here.
+        Ok(unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(index as usize * self.stride)
+                .cast::<AtomicU32>()
+        })
+    }
+}
+
+impl Drop for MaglevMem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference outlives self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -96,7 +183,16 @@ impl DataPlane {
             }
             .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
+        let maglev_mem = match ebpf.map(MAP_MAGLEV) {
+            Some(aya::maps::Map::Array(data)) => MaglevMem::map(data)
+                .inspect_err(|e| {
+                    tracing::info!("Maglev tables are written slot by slot through bpf(): {e:#}");
+                })
+                .ok(),
+            _ => None,
+        };
         let mut dp = Self {
+            maglev_mem,
             config: take(&mut ebpf, MAP_CONFIG)?,
             services: take(&mut ebpf, MAP_SERVICES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
@@ -225,21 +321,32 @@ impl DataPlane {
         }
         let base = svc.maglev_base + half * svc.maglev_size;
         for (i, b) in slots.iter().enumerate() {
-            self.maglev
-                .set(base + i as u32, b, 0)
-                .with_context(|| format!("writing MAGLEV[{}]", base + i as u32))?;
+            self.set_maglev_slot(base + i as u32, *b)?;
         }
         Ok(())
     }
 
     pub fn set_maglev_slot(&mut self, index: u32, backend: u32) -> Result<()> {
+        if let Some(m) = &self.maglev_mem {
+            m.slot(index)?.store(backend, Ordering::Relaxed);
+            return Ok(());
+        }
         self.maglev
             .set(index, backend, 0)
             .with_context(|| format!("writing MAGLEV[{index}]"))
     }
 
     pub fn maglev_slot(&self, index: u32) -> Result<u32> {
+        if let Some(m) = &self.maglev_mem {
+            return Ok(m.slot(index)?.load(Ordering::Relaxed));
+        }
         Ok(self.maglev.get(&index, 0)?)
+    }
+
+    /// Whether Maglev slots are written through a memory mapping (see
+    /// [`MaglevMem`]) rather than one syscall each.
+    pub fn maglev_mapped(&self) -> bool {
+        self.maglev_mem.is_some()
     }
 
     pub fn add_snat_addr(&mut self, key: &AddrKey) -> Result<()> {

@@ -205,3 +205,40 @@ fn apply_flips_on_change_and_a_new_writer_adopts_everything() {
     assert_eq!(w2.data_plane().backend(idx13).unwrap().state, BACKEND_EMPTY);
     assert_eq!(w2.backend_index("web", addr(13)), None);
 }
+
+/// The writer's Maglev slots go through a memory mapping of `MAGLEV`
+/// (`BPF_F_MMAPABLE`). What it stores there must be what the kernel holds:
+/// read back through the `bpf()` syscall from a separate open of the pin,
+/// at the first, a middle and the last slot (the kernel spaces array
+/// elements 8 bytes apart, so a wrong stride shows up at once).
+#[test]
+fn maglev_slots_written_through_the_mapping_are_the_kernels() {
+    require_root();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/xdplb-test-mmap-{}",
+        std::process::id()
+    )));
+    let mut dp = load(&pins);
+    assert!(
+        dp.maglev_mapped(),
+        "MAGLEV should be BPF_F_MMAPABLE and mapped"
+    );
+    let last = 4 * SIZE - 1;
+    let slots = [0, 1, 2, SIZE, last];
+    for (n, &i) in slots.iter().enumerate() {
+        dp.set_maglev_slot(i, 1000 + n as u32).unwrap();
+    }
+    let pinned = lb_user::pinned::PinnedMaps::open(&pins.0).expect("opening the pins");
+    for (n, &i) in slots.iter().enumerate() {
+        assert_eq!(
+            pinned.maglev_slot(i).unwrap(),
+            Some(1000 + n as u32),
+            "MAGLEV[{i}] through bpf()"
+        );
+        assert_eq!(dp.maglev_slot(i).unwrap(), 1000 + n as u32);
+    }
+    assert!(
+        dp.set_maglev_slot(last + 1, 1).is_err(),
+        "a slot past the map must be refused, not written"
+    );
+}
