@@ -70,26 +70,34 @@ pub struct DataPlane {
 /// `BPF_F_MMAPABLE` (uapi `linux/bpf.h`).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// The `MAGLEV` array mapped into userspace (`BPF_F_MMAPABLE`), so table
-/// writes are memory stores, not one `bpf()` syscall per slot: a 65,537-slot
-/// half is written in well under a millisecond instead of tens of
-/// milliseconds, which is what made a thousand services take minutes to
-/// settle. The kernel lays array elements out `round_up(value_size, 8)`
-/// bytes apart. The table flip stays a `SERVICES` update through the
-/// syscall, which orders these stores before it.
+/// Writes and reads of `MAGLEV` through memory mappings (`BPF_F_MMAPABLE`)
+/// instead of one `bpf()` syscall per slot: a 65,537-slot half is compared
+/// and written in about a millisecond instead of tens of milliseconds, which
+/// is what made a thousand services take minutes to settle. Each operation
+/// maps only the pages it touches and unmaps them after, so the daemon's
+/// resident memory does not grow by the table's size. The kernel lays array
+/// elements out `round_up(value_size, 8)` bytes apart. The table flip stays a
+/// `SERVICES` update through the syscall, which orders these stores before it.
 struct MaglevMem {
-    ptr: NonNull<u8>,
-    len: usize,
-    stride: usize,
+    fd: std::os::fd::OwnedFd,
     entries: u32,
+    page: usize,
 }
 
-// SAFETY: the mapping is plain shared memory; every access is an atomic
-// 32-bit load or store.
-unsafe impl Send for MaglevMem {}
+/// Bytes between two `MAGLEV` elements in the mapping.
+const MAGLEV_STRIDE: usize = 8;
+
+/// Slots `first..first + len` of `MAGLEV`, mapped.
+struct MaglevWindow {
+    ptr: NonNull<u8>,
+    map_len: usize,
+    /// Byte offset of slot `first` from `ptr`.
+    skew: usize,
+    len: u32,
+}
 
 impl MaglevMem {
-    fn map(data: &MapData) -> Result<Self> {
+    fn open(data: &MapData) -> Result<Self> {
         let info = data.info().context("reading MAGLEV's map info")?;
         if info.map_flags() & BPF_F_MMAPABLE == 0 {
             bail!("MAGLEV was created without BPF_F_MMAPABLE (pinned by an older xdplb)");
@@ -97,53 +105,82 @@ impl MaglevMem {
         if info.value_size() != 4 {
             bail!("MAGLEV values are {} bytes, not 4", info.value_size());
         }
-        let stride = 8usize;
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let len = (info.max_entries() as usize * stride).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
-        // the length against the map.
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating MAGLEV's fd")?;
+        let mem = Self {
+            fd,
+            entries: info.max_entries(),
+            page,
+        };
+        drop(mem.window(0, 1)?);
+        Ok(mem)
+    }
+
+    fn window(&self, first: u32, len: u32) -> Result<MaglevWindow> {
+        let end = first
+            .checked_add(len)
+            .filter(|&e| e <= self.entries)
+            .with_context(|| {
+                format!(
+                    "MAGLEV[{first}..{}] is past the map's {} entries",
+                    u64::from(first) + u64::from(len),
+                    self.entries
+                )
+            })?;
+        let start_byte = first as usize * MAGLEV_STRIDE;
+        let offset = start_byte / self.page * self.page;
+        let map_len = (end as usize * MAGLEV_STRIDE).div_ceil(self.page) * self.page - offset;
+        // SAFETY: a fresh shared mapping of the map's fd, inside the map
+        // (checked above; the kernel checks it again).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                map_len.max(self.page),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
+                self.fd.as_raw_fd(),
+                libc::off_t::try_from(offset).context("MAGLEV offset")?,
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of MAGLEV");
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmap of MAGLEV[{first}..{end}]"));
         }
-        Ok(Self {
+        Ok(MaglevWindow {
             ptr: NonNull::new(ptr.cast()).context("mmap of MAGLEV returned null")?,
+            map_len: map_len.max(self.page),
+            skew: start_byte - offset,
             len,
-            stride,
-            entries: info.max_entries(),
-        })
-    }
-
-    fn slot(&self, index: u32) -> Result<&AtomicU32> {
-        if index >= self.entries {
-            bail!("MAGLEV[{index}] is past the map's {} entries", self.entries);
-        }
-        // SAFETY: in bounds (checked above), 8-byte aligned (page-aligned
-        // base, stride 8), and only ever accessed atomically from here.
-        Ok(unsafe {
-            &*self
-                .ptr
-                .as_ptr()
-                .add(index as usize * self.stride)
-                .cast::<AtomicU32>()
         })
     }
 }
 
-impl Drop for MaglevMem {
+impl MaglevWindow {
+    fn slot(&self, i: u32) -> &AtomicU32 {
+        assert!(i < self.len, "slot {i} outside a window of {}", self.len);
+        // SAFETY: inside the mapping (i < len), 8-byte aligned (page-aligned
+        // base, skew and stride multiples of 8), and only ever accessed
+        // atomically from here.
+        unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(self.skew + i as usize * MAGLEV_STRIDE)
+                .cast::<AtomicU32>()
+        }
+    }
+}
+
+impl Drop for MaglevWindow {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map` mapped; no reference outlives self.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        // SAFETY: unmaps exactly what `window` mapped; no reference to it
+        // outlives self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
 
@@ -184,7 +221,7 @@ impl DataPlane {
             .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
         let maglev_mem = match ebpf.map(MAP_MAGLEV) {
-            Some(aya::maps::Map::Array(data)) => MaglevMem::map(data)
+            Some(aya::maps::Map::Array(data)) => MaglevMem::open(data)
                 .inspect_err(|e| {
                     tracing::info!("Maglev tables are written slot by slot through bpf(): {e:#}");
                 })
@@ -320,15 +357,15 @@ impl DataPlane {
             );
         }
         let base = svc.maglev_base + half * svc.maglev_size;
-        for (i, b) in slots.iter().enumerate() {
-            self.set_maglev_slot(base + i as u32, *b)?;
-        }
+        self.write_maglev_changes(base, slots)?;
         Ok(())
     }
 
     pub fn set_maglev_slot(&mut self, index: u32, backend: u32) -> Result<()> {
         if let Some(m) = &self.maglev_mem {
-            m.slot(index)?.store(backend, Ordering::Relaxed);
+            m.window(index, 1)?
+                .slot(0)
+                .store(backend, Ordering::Relaxed);
             return Ok(());
         }
         self.maglev
@@ -338,9 +375,46 @@ impl DataPlane {
 
     pub fn maglev_slot(&self, index: u32) -> Result<u32> {
         if let Some(m) = &self.maglev_mem {
-            return Ok(m.slot(index)?.load(Ordering::Relaxed));
+            return Ok(m.window(index, 1)?.slot(0).load(Ordering::Relaxed));
         }
         Ok(self.maglev.get(&index, 0)?)
+    }
+
+    /// `MAGLEV[base..base + len]`.
+    pub fn maglev_range(&self, base: u32, len: u32) -> Result<Vec<u32>> {
+        if let Some(m) = &self.maglev_mem {
+            let w = m.window(base, len)?;
+            return Ok((0..len)
+                .map(|i| w.slot(i).load(Ordering::Relaxed))
+                .collect());
+        }
+        (base..base + len).map(|i| self.maglev_slot(i)).collect()
+    }
+
+    /// Writes `table` at `MAGLEV[base..]`, only the slots that differ from
+    /// what the map holds; returns how many were written.
+    pub fn write_maglev_changes(&mut self, base: u32, table: &[u32]) -> Result<usize> {
+        let len = u32::try_from(table.len()).context("Maglev table length")?;
+        let mut n = 0;
+        if let Some(m) = &self.maglev_mem {
+            let w = m.window(base, len)?;
+            for (i, &new) in table.iter().enumerate() {
+                let slot = w.slot(i as u32);
+                if slot.load(Ordering::Relaxed) != new {
+                    slot.store(new, Ordering::Relaxed);
+                    n += 1;
+                }
+            }
+            return Ok(n);
+        }
+        for (i, &new) in table.iter().enumerate() {
+            let index = base + i as u32;
+            if self.maglev_slot(index)? != new {
+                self.set_maglev_slot(index, new)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Whether Maglev slots are written through a memory mapping (see

@@ -76,8 +76,6 @@ pub fn ip_from_bytes(a: &[u8; 16], family: u8) -> IpAddr {
 struct ServiceState {
     spec: ServiceSpec,
     svc: Service,
-    /// Userspace copy of both halves, so only changed slots are written.
-    halves: [Vec<u32>; 2],
     /// Backend index per address.
     backends: BTreeMap<SocketAddr, u32>,
     /// Backends that were `active` in the pinned maps at adoption.
@@ -176,13 +174,6 @@ impl Writer {
             else {
                 continue;
             };
-            let mut halves = [Vec::new(), Vec::new()];
-            for (h, half) in halves.iter_mut().enumerate() {
-                let base = svc.maglev_base + h as u32 * svc.maglev_size;
-                *half = (0..svc.maglev_size)
-                    .map(|i| self.dp.maglev_slot(base + i))
-                    .collect::<Result<_>>()?;
-            }
             let mut backends = BTreeMap::new();
             let mut adopted_active = Vec::new();
             let mut written = BTreeMap::new();
@@ -215,7 +206,6 @@ impl Writer {
                 ServiceState {
                     spec: spec.clone(),
                     svc,
-                    halves,
                     backends,
                     adopted_active,
                     retired_at: None,
@@ -265,9 +255,9 @@ impl Writer {
             let size = spec.maglev_size as usize;
             // Zero both halves: a region may hold another service's old table.
             let zeros = vec![0u32; size];
-            let mut stale = [vec![u32::MAX; size], vec![u32::MAX; size]];
-            for (h, half) in stale.iter_mut().enumerate() {
-                write_diff(&mut self.dp, &svc, h as u32, half, &zeros)?;
+            for h in 0..2 {
+                self.dp
+                    .write_maglev_changes(base + h * spec.maglev_size, &zeros)?;
             }
             self.dp.set_service(&spec.key(), &svc)?;
             self.services.insert(
@@ -275,7 +265,6 @@ impl Writer {
                 ServiceState {
                     spec: spec.clone(),
                     svc,
-                    halves: stale,
                     backends: BTreeMap::new(),
                     adopted_active: Vec::new(),
                     retired_at: None,
@@ -373,7 +362,11 @@ impl Writer {
                 .map(|p| p.snat_addr != st.svc.snat_addr)
                 .unwrap_or(true)
         };
-        if table != st.halves[active] {
+        let size = st.svc.maglev_size;
+        let live = self
+            .dp
+            .maglev_range(st.svc.maglev_base + active as u32 * size, size)?;
+        if table != live {
             let inactive = 1 - active;
             if let Some(at) = st.retired_at {
                 let wait = RETIRE_GRACE.saturating_sub(at.elapsed());
@@ -381,13 +374,9 @@ impl Writer {
                     std::thread::sleep(wait);
                 }
             }
-            report.slots_written = write_diff(
-                &mut self.dp,
-                &st.svc,
-                inactive as u32,
-                &mut st.halves[inactive],
-                &table,
-            )?;
+            report.slots_written = self
+                .dp
+                .write_maglev_changes(st.svc.maglev_base + inactive as u32 * size, &table)?;
             st.svc.active_half = inactive as u32;
             report.flipped = true;
         }
@@ -433,26 +422,6 @@ fn write_backend(
     dp.set_backend(st.backends[&addr], &b)?;
     st.written.insert(addr, state);
     Ok(())
-}
-
-/// Writes the slots of `half` that differ from `table`; returns how many.
-fn write_diff(
-    dp: &mut DataPlane,
-    svc: &Service,
-    half: u32,
-    cur: &mut [u32],
-    table: &[u32],
-) -> Result<usize> {
-    let base = svc.maglev_base + half * svc.maglev_size;
-    let mut n = 0;
-    for (i, (old, new)) in cur.iter_mut().zip(table).enumerate() {
-        if old != new {
-            dp.set_maglev_slot(base + i as u32, *new)?;
-            *old = *new;
-            n += 1;
-        }
-    }
-    Ok(n)
 }
 
 /// Lowest base where `need` slots fit between the regions in use.
