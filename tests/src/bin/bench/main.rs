@@ -495,7 +495,14 @@ fn memory_table(points: &[memory::MemPoint]) -> Table {
         "6. Memory",
         "The daemon in the testbed's lb namespace with N services in one configuration (each on \
          the VIP with its own port, discovering `tasks.web` with 2 tasks, default Maglev size \
-         65,537, health checks off, DNS every 5 s), read once it uses under 5% of a CPU over 2 s. RSS: \
+         65,537, health checks off, DNS every 5 s). \
+         \"running after\": from its start to its `running;` log line (maps built and filled, \
+         programs attached); \"all tasks active after\": until every service's two tasks were \
+         logged active (first DNS answers, tables written); \"idle after\": until it used under \
+         5% of a CPU over 2 s, when RSS is read. `cargo xtask bench` runs the release build of \
+         the daemon here and in §4-5 (`XDPLB_BIN`). Maglev tables are written through memory mappings of \
+         the BPF array, not one syscall per slot (before that change, 1,000 services took 166 s \
+         to settle and 544 MiB of RSS, half of it a userspace copy of the tables). RSS: \
          VmRSS of the daemon. Pinned maps: the sum of `bytes_memlock` (bpftool) of the maps \
          pinned in its pin directory; the connection table is preallocated at its default \
          capacity, and the Maglev array grows by two halves of 65,537 slots per service. The \
@@ -506,7 +513,9 @@ fn memory_table(points: &[memory::MemPoint]) -> Table {
             "pinned maps",
             "RSS vs 1 service",
             "maps vs 1 service",
-            "settled after",
+            "running after",
+            "all tasks active after",
+            "idle after",
         ],
     );
     let base = points.first();
@@ -519,6 +528,8 @@ fn memory_table(points: &[memory::MemPoint]) -> Table {
             base.map_or("n/a".into(), |b| {
                 ratio(p.map_bytes as f64, b.map_bytes as f64)
             }),
+            format!("{:.1} s", p.running_s),
+            format!("{:.1} s", p.active_s),
             format!("{:.0} s", p.settle_s),
         ]);
     }

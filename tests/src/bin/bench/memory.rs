@@ -21,6 +21,12 @@ pub struct MemPoint {
     pub services: usize,
     pub rss_kib: u64,
     pub map_bytes: u64,
+    /// From start to the daemon's "running;" line (maps built, programs
+    /// attached).
+    pub running_s: f64,
+    /// From start until every service's two tasks were logged `active`.
+    pub active_s: f64,
+    /// From start until it used under 5% of a CPU over 2 s.
     pub settle_s: f64,
 }
 
@@ -107,6 +113,21 @@ pub fn run(counts: &[usize], mut progress: impl FnMut(&str)) -> Result<Vec<MemPo
         let mut daemon = tb.start_daemon(&["--config".to_string(), path.display().to_string()])?;
         let pid = daemon.pid();
         let started = Instant::now();
+        daemon.wait_log("running;", Duration::from_secs(600))?;
+        let running_s = started.elapsed().as_secs_f64();
+        loop {
+            if daemon.count_log(":80 active:") >= 2 * n {
+                break;
+            }
+            if !daemon.is_running() {
+                bail!("the daemon with {n} services exited:\n{}", daemon.log());
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the tasks of {n} services did not all become active within 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let active_s = started.elapsed().as_secs_f64();
         // Settled: under 5% of a CPU over the last 2 s (its DNS polls and
         // map reads go on).
         let window = Duration::from_secs(2);
@@ -130,6 +151,8 @@ pub fn run(counts: &[usize], mut progress: impl FnMut(&str)) -> Result<Vec<MemPo
             services: n,
             rss_kib: vm_rss_kib(pid)?,
             map_bytes: pinned_map_bytes(&tb)?,
+            running_s,
+            active_s,
             settle_s: started.elapsed().as_secs_f64(),
         });
         drop(daemon);
