@@ -377,15 +377,6 @@ impl Testbed {
             "net.ipv4.conf.eth0.rp_filter=0",
             "net.ipv4.conf.eth1.rp_filter=0",
         ])?;
-        // The client is one address opening thousands of connections a
-        // second, like a load generator, not like a crowd of clients. Behind
-        // an L4 balancer it speaks TCP with the task itself, and with
-        // `Connection: close` it is often the first to close, so the
-        // TIME_WAIT sockets pile up on its side (behind HAProxy they are
-        // HAProxy's). Without reuse its ~14k connect ports run out within
-        // seconds and wrk's rate collapses: measured 2.4k req/s with 14k
-        // client TIME_WAITs, 7.7k req/s with reuse, same balancer.
-        client_ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
         if mode == Mode::Xdp {
             // NAPI on the receiving ends of the balancer's XDP_TX/REDIRECT.
             client_ns.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
@@ -549,6 +540,22 @@ impl Testbed {
 
     pub fn client_ns(&self) -> &NetNs {
         &self.client_ns
+    }
+
+    /// Lets the client reuse its TIME_WAIT ports for new connections
+    /// (`tcp_tw_reuse=1`), as a load generator needs. The client is one
+    /// address opening thousands of connections a second, not a crowd of
+    /// clients. Behind an L4 balancer it speaks TCP with the task itself, and
+    /// with `Connection: close` it is often the first to close, so the
+    /// TIME_WAIT sockets pile up on its side (behind HAProxy they are
+    /// HAProxy's). Without reuse its ~14k connect ports run out within
+    /// seconds and wrk's rate collapses: measured 2.4k req/s with 14k client
+    /// TIME_WAITs, 7.7k req/s with reuse, same balancer. The tests leave it
+    /// off: their checks want distinct source ports.
+    pub fn client_reuses_time_wait(&self) -> Result<()> {
+        self.client_ns
+            .exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+            .map(|_| ())
     }
 
     pub fn ovl(&self) -> &NetNs {

@@ -186,6 +186,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<Timings>> {
     for balancer in [Balancer::Haproxy, Balancer::XdplbTc] {
         progress(&format!("control plane: {}", balancer.label()));
         let tb = Testbed::new(Mode::Tc, 10)?;
+        tb.client_reuses_time_wait()?;
         tb.set_tasks(&[0, 1, 2]);
         let timings = match balancer {
             Balancer::Haproxy => {

@@ -410,6 +410,7 @@ pub fn run(backends: usize, secs: u32, mut progress: impl FnMut(&str)) -> Result
     let mut out = Vec::new();
     {
         let tb = Testbed::new(Mode::Tc, backends)?;
+        tb.client_reuses_time_wait()?;
         for b in [Balancer::Haproxy, Balancer::XdplbTc] {
             progress(&format!("end to end: {} (wrk {secs} s x 2)", b.label()));
             measure(&tb, b, secs, &mut out)?;
@@ -417,6 +418,7 @@ pub fn run(backends: usize, secs: u32, mut progress: impl FnMut(&str)) -> Result
     }
     {
         let tb = Testbed::new(Mode::Xdp, backends)?;
+        tb.client_reuses_time_wait()?;
         progress(&format!(
             "end to end: {} (wrk {secs} s x 2)",
             Balancer::XdplbXdp.label()

@@ -549,7 +549,11 @@ fn e2e_table(loads: &[Load], backends: usize, secs: u32) -> Table {
              `balance roundrobin`; xdplb runs its default testbed configuration (TCP checks). \
              wrk from the client namespace: 2 threads, {} connections, {secs} s after a 1 s \
              warm-up; \"close\" sends `Connection: close` (a new connection per request), \
-             \"keep-alive\" reuses connections. CPU per request: HAProxy's process CPU \
+             \"keep-alive\" reuses connections. The client namespace reuses its TIME_WAIT ports \
+             (`tcp_tw_reuse=1`, as load generators are set up): behind an L4 balancer the client \
+             closes first and keeps the TIME_WAIT sockets (behind HAProxy, HAProxy does), and \
+             without reuse its own ports ran out within seconds (2.4k req/s instead of 7.7k, same \
+             balancer). CPU per request: HAProxy's process CPU \
              (utime + stime); xdplb's kernel BPF run time (kernel.bpf_stats_enabled) plus the \
              machine's softirq time (\"CPU/req\", the issue's definition, and the target). \
              Softirq time covers all networking on the machine (the client's and the backends' \
