@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use lb_common::{
     hash::flow_hash, reason, AddrKey, Backend, Config, Conn, FlowKey, Service, ServiceKey,
     BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE, MAGLEV_PROBES,
-    PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING,
+    PROTO_TCP, PROTO_UDP, REFUSED_HOLD_NS, TCP_STATE_CLOSING,
 };
 use serde::Serialize;
 
@@ -37,6 +37,10 @@ pub trait Tables {
     fn backend(&self, index: u32) -> Result<Option<Backend>>;
     /// `MAGLEV[slot]`, `None` past the end.
     fn maglev(&self, slot: u32) -> Result<Option<u32>>;
+    /// `REFUSED[index]`: when the backend last refused a connection (0: never).
+    fn refused_at(&self, _index: u32) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 impl Tables for PinnedMaps {
@@ -57,6 +61,9 @@ impl Tables for PinnedMaps {
     }
     fn maglev(&self, slot: u32) -> Result<Option<u32>> {
         Ok(PinnedMaps::maglev_slot(self, slot)?)
+    }
+    fn refused_at(&self, index: u32) -> Result<u64> {
+        Ok(PinnedMaps::refused_at(self, index)?)
     }
 }
 
@@ -320,7 +327,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
         } else if q.syn && c.tcp_state == TCP_STATE_CLOSING {
             Some("a fresh SYN on a closing connection starts a new one".to_string())
         } else {
-            keeps_flow(t, &c, &svc)?
+            keeps_flow(t, &c, &svc, q.syn, now_ns)?
         };
         let used = why_not.is_none();
         e.connection = Some(conn_info(&c, &key, &cfg, now_ns, used, why_not));
@@ -334,7 +341,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
 
     // A new flow (or a re-pick): Maglev (conntrack.rs `new_flow`, `pick`).
     let hash = flow_hash(&key);
-    let (maglev, chosen) = pick(t, &svc, hash)?;
+    let (maglev, chosen) = pick(t, &svc, hash, now_ns)?;
     e.maglev = Some(maglev);
     match chosen {
         Some((index, b)) => {
@@ -358,10 +365,36 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
     Ok(e)
 }
 
+/// conntrack.rs `refused_recently`: how long ago the backend refused a
+/// connection, if that was less than `REFUSED_HOLD_NS` ago.
+fn refused_recently(t: &impl Tables, index: u32, now_ns: u64) -> Result<Option<u64>> {
+    let at = t.refused_at(index)?;
+    Ok((at != 0 && now_ns >= at && now_ns - at < REFUSED_HOLD_NS).then(|| now_ns - at))
+}
+
 /// conntrack.rs `keeps_flow`: `None` when the flow keeps its backend,
 /// otherwise why it is picked again.
-fn keeps_flow(t: &impl Tables, c: &Conn, svc: &Service) -> Result<Option<String>> {
+fn keeps_flow(
+    t: &impl Tables,
+    c: &Conn,
+    svc: &Service,
+    syn: bool,
+    now_ns: u64,
+) -> Result<Option<String>> {
+    if syn {
+        if let Some(ago) = refused_recently(t, c.backend, now_ns)? {
+            return Ok(Some(format!(
+                "its backend #{} refused a connection {} ms ago: a fresh SYN goes elsewhere",
+                c.backend,
+                ns_to_ms(ago)
+            )));
+        }
+    }
     Ok(match t.backend(c.backend)? {
+        Some(b) if syn && b.state == BACKEND_DRAINING => Some(format!(
+            "its backend #{} is draining: a fresh SYN starts a new connection",
+            c.backend
+        )),
         None => Some(format!("backend index {} is past BACKENDS", c.backend)),
         Some(b) if b.state != BACKEND_ACTIVE && b.state != BACKEND_DRAINING => Some(format!(
             "its backend #{} is {}",
@@ -383,11 +416,13 @@ fn keeps_flow(t: &impl Tables, c: &Conn, svc: &Service) -> Result<Option<String>
 
 /// conntrack.rs `pick`, step by step: the active half's slot `hash % size`
 /// and up to `MAGLEV_PROBES - 1` more, wrapping inside the half, until one
-/// holds an `active` backend of this service.
+/// holds an `active` backend of this service that has not refused a
+/// connection lately; failing that, the first active one that has.
 pub fn pick(
     t: &impl Tables,
     svc: &Service,
     hash: u32,
+    now_ns: u64,
 ) -> Result<(MaglevInfo, Option<(u32, Backend)>)> {
     let size = svc.maglev_size;
     let half = svc.active_half & 1;
@@ -407,6 +442,8 @@ pub fn pick(
     let first = hash % size;
     info.base = base;
     info.first_slot = first;
+    // The first active candidate that refused lately: (probe, index, backend).
+    let mut fallback: Option<(usize, u32, Backend)> = None;
     for i in 0..MAGLEV_PROBES {
         let mut slot = first.wrapping_add(i);
         if slot >= size {
@@ -441,6 +478,12 @@ pub fn pick(
                                 Some(format!("{}, not active", backend_state_name(b.state)));
                         } else if b.service != svc.id {
                             p.why_not = Some(format!("belongs to service {}", b.service));
+                        } else if let Some(ago) = refused_recently(t, index, now_ns)? {
+                            p.why_not =
+                                Some(format!("refused a connection {} ms ago", ns_to_ms(ago)));
+                            if fallback.is_none() {
+                                fallback = Some((info.probes.len(), index, b));
+                            }
                         } else {
                             p.chosen = true;
                             chosen = Some((index, b));
@@ -453,6 +496,12 @@ pub fn pick(
         if chosen.is_some() {
             return Ok((info, chosen));
         }
+    }
+    if let Some((probe, index, b)) = fallback {
+        let p = &mut info.probes[probe];
+        p.chosen = true;
+        p.why_not = None;
+        return Ok((info, Some((index, b))));
     }
     Ok((info, None))
 }
@@ -725,6 +774,7 @@ mod tests {
         conns: HashMap<FlowKey, Conn>,
         backends: Vec<Backend>,
         maglev: Vec<u32>,
+        refused: HashMap<u32, u64>,
     }
 
     impl Tables for Fake {
@@ -745,6 +795,9 @@ mod tests {
         }
         fn maglev(&self, slot: u32) -> Result<Option<u32>> {
             Ok(self.maglev.get(slot as usize).copied())
+        }
+        fn refused_at(&self, index: u32) -> Result<u64> {
+            Ok(self.refused.get(&index).copied().unwrap_or(0))
         }
     }
 
@@ -893,6 +946,57 @@ mod tests {
         let e = run(&f, &query("10.0.0.2:40002"));
         assert_eq!((e.verdict, e.reason), ("drop", Some("drop_no_backend")));
         assert_eq!(e.maglev.unwrap().probes.len(), MAGLEV_PROBES as usize);
+    }
+
+    #[test]
+    fn a_backend_that_refused_lately_is_passed_over_unless_all_did() {
+        let mut f = fake();
+        let q = query("10.0.0.2:40005");
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let first = f.maglev[(SIZE + hash % SIZE) as usize];
+        // `run` looks at 100 s; 0.3 s ago is inside the 1 s hold.
+        f.refused.insert(first, 100 * SECOND - 300_000_000);
+        let e = run(&f, &q);
+        let m = e.maglev.as_ref().unwrap();
+        assert_eq!(
+            m.probes[0].why_not.as_deref(),
+            Some("refused a connection 300 ms ago"),
+            "{e:#?}"
+        );
+        assert_ne!(e.backend.as_ref().unwrap().index, first);
+        // 1.5 s ago: over.
+        f.refused.insert(first, 100 * SECOND - 1_500_000_000);
+        assert_eq!(run(&f, &q).backend.unwrap().index, first);
+        // Every backend refused lately: the first candidate after all.
+        for i in 1..=3 {
+            f.refused.insert(i, 100 * SECOND - 1);
+        }
+        let e = run(&f, &q);
+        assert_eq!(e.verdict, "forward");
+        assert_eq!(e.backend.as_ref().unwrap().index, first, "{e:#?}");
+        assert!(e.maglev.unwrap().probes[0].chosen);
+    }
+
+    #[test]
+    fn a_fresh_syn_leaves_a_draining_or_refusing_backends_entry() {
+        let mut q = query("10.0.0.2:40006");
+        let mut f = fake();
+        entry(&mut f, &q, 2, TCP_STATE_OPEN, 90 * SECOND);
+        f.backends[2].state = BACKEND_DRAINING;
+        assert!(run(&f, &q).connection.unwrap().used, "an ACK stays");
+        q.syn = true;
+        let e = run(&f, &q);
+        let c = e.connection.unwrap();
+        assert!(!c.used);
+        assert!(c.why_not.unwrap().contains("draining"));
+        f.backends[2].state = BACKEND_ACTIVE;
+        assert!(
+            run(&f, &q).connection.unwrap().used,
+            "a retransmitted SYN stays"
+        );
+        f.refused.insert(2, 100 * SECOND - 1);
+        let c = run(&f, &q).connection.unwrap();
+        assert!(!c.used && c.why_not.unwrap().contains("refused"));
     }
 
     fn entry(f: &mut Fake, q: &Query, backend: u32, state: u8, last_seen: u64) {

@@ -18,7 +18,7 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, BACKEND_EMPTY,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS,
-    MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAX_BACKENDS,
+    MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAX_BACKENDS,
 };
 
 /// Why the pinned maps cannot be read. Every message is one line an
@@ -82,6 +82,8 @@ pub struct PinnedMaps {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
+    /// `REFUSED`; `None` in pins made by builds from before it existed.
+    refused: Option<Array<MapData, u64>>,
 }
 
 fn is_permission(e: &MapError) -> bool {
@@ -215,7 +217,25 @@ impl PinnedMaps {
             service_stats: open(pin_dir, MAP_SERVICE_STATS)?,
             backend_stats: open(pin_dir, MAP_BACKEND_STATS)?,
             reason_stats: open(pin_dir, MAP_REASON_STATS)?,
+            refused: if pin_dir.join(MAP_REFUSED).exists() {
+                Some(open(pin_dir, MAP_REFUSED)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// `REFUSED[index]`: when the backend last refused a connection
+    /// (`CLOCK_MONOTONIC` ns; 0: never, or pins without that map).
+    pub fn refused_at(&self, index: u32) -> Result<u64, PinnedError> {
+        match &self.refused {
+            Some(m) => match m.get(&index, 0) {
+                Ok(at) => Ok(at),
+                Err(MapError::OutOfBounds { .. }) => Ok(0),
+                Err(e) => Err(read_err(MAP_REFUSED)(e)),
+            },
+            None => Ok(0),
+        }
     }
 
     pub fn pin_dir(&self) -> &Path {
