@@ -255,15 +255,17 @@ fn adopt(dp: &mut DataPlane, path: &Path, hook: Hook) -> Result<()> {
 pub fn teardown(pin_dir: &Path) -> Result<()> {
     let links = pin_dir.join("links");
     let mut ids = Vec::new();
+    let mut prog_ids = Vec::new();
     if links.exists() {
         for e in std::fs::read_dir(&links)? {
             let p = e?.path();
-            // The id first, with the fd closed again before the unpin.
+            // The ids first, with the fd closed again before the unpin.
             if let Ok(info) = PinnedLink::from_pin(&p)
                 .map(FdLink::from)
                 .and_then(|l| l.info())
             {
                 ids.push(info.id());
+                prog_ids.push(info.program_id());
             }
             std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
         }
@@ -276,13 +278,27 @@ pub fn teardown(pin_dir: &Path) -> Result<()> {
             .filter(|id| ids.contains(id))
             .collect();
         if alive.is_empty() {
-            return Ok(());
+            break;
         }
         if std::time::Instant::now() > deadline {
             bail!("the kernel still holds links {alive:?} 5 s after their pins were removed");
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    // The kernel frees a link's id *before* it detaches the program (the
+    // detach waits for the RTNL lock), so a packet can still meet the
+    // program for a moment. The program goes only after the detach: wait for
+    // that too. Bounded, and no error: something else (an `xdplb` process
+    // still holding the object) may keep a program loaded, detached.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < deadline
+        && aya::programs::loaded_programs()
+            .filter_map(|p| p.ok().map(|p| p.id()))
+            .any(|id| prog_ids.contains(&id))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// The interfaces with pinned links, and their hooks.

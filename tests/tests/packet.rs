@@ -1135,19 +1135,14 @@ fn draining_keeps_flows_and_down_repicks(hook: Hook) {
 
     // A new flow whose slot points at the draining backend probes onwards.
     let p2 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[p1]);
-    let syn2 = Pkt::tcp(client(CLIENT_V4, p2), vip, TCP_SYN);
-    let key2 = syn2.flow_key();
-    let next = svc.tables[0][(svc.slot(&key2) + 1) % MAGLEV_SIZE as usize];
-    assert_ne!(next, b);
-    let want = forwarded(hook, &syn2, &svc, next, svc.first_snat_port(&key2)).build();
-    expect(
+    let next = expect_next_slot(
         &mut lab,
         hook,
+        &svc,
+        &Pkt::tcp(client(CLIENT_V4, p2), vip, TCP_SYN),
         "new flow on a draining backend's slot",
-        &syn2.build(),
-        hook.redirect(),
-        &want,
     );
+    assert_ne!(next, b);
 
     // Down: the established flow is re-picked like a new flow.
     lab.set_backend_state(b, BACKEND_DOWN);
@@ -1191,45 +1186,41 @@ fn draining_keeps_flows_and_down_repicks(hook: Hook) {
     assert_eq!(got, b);
 }
 
+/// Sends `pkt`, whose own Maglev slot holds a backend that must be passed
+/// over, and expects it forwarded to the backend of the next slot, from the
+/// first SNAT port of its hash. Returns that backend.
+fn expect_next_slot(lab: &mut PacketLab, hook: Hook, svc: &Svc, pkt: &Pkt, what: &str) -> u32 {
+    let key = pkt.flow_key();
+    let next = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
+    let want = forwarded(hook, pkt, svc, next, svc.first_snat_port(&key)).build();
+    expect(lab, hook, what, &pkt.build(), hook.redirect(), &want);
+    next
+}
+
 /// A SYN without ACK always starts a connection. On the entry of a flow whose
 /// backend is draining it is balanced afresh (draining takes no new
-/// connections), and a backend's RST closes the forward entry too, so a
-/// client reusing the port of a refused connection is balanced afresh.
+/// connections; the ACKs of that flow stay, see the test above), and a
+/// backend's RST closes the forward entry too, so a client reusing the port
+/// of a refused connection is balanced afresh.
 fn fresh_syns_leave_draining_and_refused_flows(hook: Hook) {
     let mut lab = lab(hook, "freshsyn");
     let svc = tcp_v4_service(&mut lab);
     let vip = sock(VIP_V4, 80);
     let b = svc.backends[2].0;
 
-    // Draining: the ACK of the flow stays, a new SYN on its 5-tuple moves on.
     let p1 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[]);
     let syn = Pkt::tcp(client(CLIENT_V4, p1), vip, TCP_SYN);
-    let (got, port) = new_flow(&mut lab, hook, &svc, &syn);
-    assert_eq!(got, b);
+    assert_eq!(new_flow(&mut lab, hook, &svc, &syn).0, b);
     lab.set_backend_state(b, BACKEND_DRAINING);
-    let ack = syn.clone().with_flags(TCP_ACK);
-    let want = forwarded(hook, &ack, &svc, b, port).build();
-    expect(
+    let next = expect_next_slot(
         &mut lab,
         hook,
-        "an ACK of a flow to a draining backend",
-        &ack.build(),
-        hook.redirect(),
-        &want,
-    );
-    let key = syn.flow_key();
-    let next = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
-    assert_ne!(next, b);
-    let want = forwarded(hook, &syn, &svc, next, svc.first_snat_port(&key)).build();
-    expect(
-        &mut lab,
-        hook,
+        &svc,
+        &syn,
         "a SYN on the 5-tuple of a flow to a draining backend",
-        &syn.build(),
-        hook.redirect(),
-        &want,
     );
-    assert_eq!(lab.conn(&key).map(|c| c.backend), Some(next));
+    assert_ne!(next, b);
+    assert_eq!(lab.conn(&syn.flow_key()).map(|c| c.backend), Some(next));
     lab.set_backend_state(b, BACKEND_ACTIVE);
 
     // Refused: the backend answers the SYN with RST|ACK.
@@ -1272,30 +1263,22 @@ fn fresh_syns_leave_draining_and_refused_flows(hook: Hook) {
     );
     // The client's next SYN on that port goes elsewhere, and so does a new
     // flow that lands on the refusing backend's slot.
-    let next = svc.tables[0][(svc.slot(&key) + 1) % MAGLEV_SIZE as usize];
-    let want = forwarded(hook, &syn, &svc, next, svc.first_snat_port(&key)).build();
-    expect(
+    expect_next_slot(
         &mut lab,
         hook,
+        &svc,
+        &syn,
         "a SYN reusing the port of a refused connection",
-        &syn.build(),
-        hook.redirect(),
-        &want,
     );
     let p3 = port_landing_on(&svc, CLIENT_V4.into(), vip, b, &[p1, p2]);
-    let syn3 = Pkt::tcp(client(CLIENT_V4, p3), vip, TCP_SYN);
-    let key3 = syn3.flow_key();
-    let next3 = svc.tables[0][(svc.slot(&key3) + 1) % MAGLEV_SIZE as usize];
-    assert_ne!(next3, b);
-    let want = forwarded(hook, &syn3, &svc, next3, svc.first_snat_port(&key3)).build();
-    expect(
+    let next = expect_next_slot(
         &mut lab,
         hook,
+        &svc,
+        &Pkt::tcp(client(CLIENT_V4, p3), vip, TCP_SYN),
         "a new flow on the slot of a backend that just refused one",
-        &syn3.build(),
-        hook.redirect(),
-        &want,
     );
+    assert_ne!(next, b);
 
     // A RST after the backend's SYN-ACK ends a connection; it is no refusal.
     let c = svc.backends[3].0;
