@@ -137,14 +137,16 @@ impl Refusals {
     /// A new episode is logged when the previous log is this old.
     const EPISODE: Duration = Duration::from_secs(10);
 
-    fn report(&mut self, writer: &Writer, services: &[Svc]) {
+    /// Returns whether a task refused a connection since the last read.
+    fn report(&mut self, writer: &Writer, services: &[Svc]) -> bool {
         if self
             .read
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
-            return;
+            return false;
         }
         self.read = Some(Instant::now());
+        let mut changed = false;
         for (i, s) in services.iter().enumerate() {
             for b in s.tracker.backends() {
                 if b.state != state::State::Active {
@@ -162,6 +164,7 @@ impl Refusals {
                     continue;
                 }
                 entry.0 = at;
+                changed = true;
                 if entry.1.is_none_or(|t| t.elapsed() >= Self::EPISODE) {
                     entry.1 = Some(Instant::now());
                     tracing::warn!(
@@ -180,6 +183,7 @@ impl Refusals {
                 .get(*i)
                 .is_some_and(|s| s.tracker.get(*addr).is_some())
         });
+        changed
     }
 }
 
@@ -325,7 +329,9 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
                 status_dirty = true;
             }
         }
-        refusals.report(&writer, &services);
+        if refusals.report(&writer, &services) {
+            status_dirty = true;
+        }
         if status_dirty && status_written.elapsed() >= Duration::from_secs(1) {
             if let Err(e) = snapshot(&cfg, &writer, &services).write(&status_file) {
                 tracing::warn!("cannot publish backend status for `xdplb backends`: {e:#}");
@@ -480,6 +486,12 @@ fn reconcile_checkers(
 
 /// The daemon's view for `xdplb backends` / `xdplb stats`.
 fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc]) -> Status {
+    let (mono_now, unix_now) = (crate::pinned::monotonic_now_ns(), status::now_ms());
+    // REFUSED holds CLOCK_MONOTONIC ns; the status file speaks Unix ms.
+    let refused_ms = |index: Option<u32>| {
+        let at = writer.data_plane().refused_at(index?).ok()?;
+        (at != 0 && at <= mono_now).then(|| unix_now.saturating_sub((mono_now - at) / 1_000_000))
+    };
     Status {
         version: status::STATUS_VERSION,
         pid: std::process::id(),
@@ -507,6 +519,7 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc]) -> Status {
                             detail: c.detail.clone(),
                             at_ms: status::instant_to_ms(c.at),
                         }),
+                        last_refused_ms: refused_ms(writer.backend_index(&s.cfg.name, b.addr)),
                     })
                     .collect(),
             })

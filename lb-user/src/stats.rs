@@ -888,6 +888,10 @@ pub struct BackendRow {
     /// How long it has been in `state` (ms) when read.
     pub in_state_ms: u64,
     pub last_check: Option<CheckRow>,
+    /// When the data plane last saw the task refuse a connection (Unix ms).
+    pub last_refused_unix_ms: Option<u64>,
+    /// Its age when read (ms).
+    pub refused_ago_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -898,6 +902,9 @@ pub struct CheckRow {
     pub at_unix_ms: u64,
     pub age_ms: u64,
 }
+
+/// `xdplb backends` mentions refusals younger than this in the REASON column.
+const RECENT_REFUSAL_MS: u64 = 60_000;
 
 impl BackendsReport {
     pub fn from_status(s: &Status, now_ms: u64) -> Self {
@@ -930,6 +937,8 @@ impl BackendsReport {
                                 at_unix_ms: c.at_ms,
                                 age_ms: now_ms.saturating_sub(c.at_ms),
                             }),
+                            last_refused_unix_ms: b.last_refused_ms,
+                            refused_ago_ms: b.last_refused_ms.map(|t| now_ms.saturating_sub(t)),
                         })
                         .collect(),
                 })
@@ -965,13 +974,21 @@ impl BackendsReport {
                         fmt_duration_ms(c.age_ms)
                     ),
                 };
+                let reason = match b.refused_ago_ms {
+                    Some(ago) if ago < RECENT_REFUSAL_MS => format!(
+                        "{} (refused a connection {} ago)",
+                        b.reason,
+                        fmt_duration_ms(ago)
+                    ),
+                    _ => b.reason.clone(),
+                };
                 t.row(vec![
                     s.name.clone(),
                     b.addr.to_string(),
                     b.state.clone(),
                     fmt_duration_ms(b.in_state_ms),
                     check,
-                    b.reason.clone(),
+                    reason,
                 ]);
             }
         }
@@ -1183,6 +1200,7 @@ mod tests {
                             detail: "connected".into(),
                             at_ms: 999_500,
                         }),
+                        last_refused_ms: Some(999_700),
                     },
                     BackendStatus {
                         addr: "10.1.0.12:8080".parse().unwrap(),
@@ -1191,6 +1209,7 @@ mod tests {
                         reason: "new in DNS".into(),
                         since_ms: 998_000,
                         last_check: None,
+                        last_refused_ms: None,
                     },
                     BackendStatus {
                         addr: "10.1.0.13:8080".parse().unwrap(),
@@ -1199,6 +1218,7 @@ mod tests {
                         reason: "new in DNS".into(),
                         since_ms: 999_000,
                         last_check: None,
+                        last_refused_ms: None,
                     },
                 ],
             }],
@@ -1400,7 +1420,8 @@ connection table: 6 of 1,000 entries (0.6% full), 3 live flows
                 "addr": "10.1.0.11:8080", "index": 1, "state": "active",
                 "reason": "2 checks passed", "since_unix_ms": 900_000, "in_state_ms": 100_400,
                 "last_check": {"ok": true, "latency_us": 412, "detail": "connected",
-                               "at_unix_ms": 999_500, "age_ms": 900}
+                               "at_unix_ms": 999_500, "age_ms": 900},
+                "last_refused_unix_ms": 999_700, "refused_ago_ms": 700
             })
         );
         assert_eq!(
@@ -1418,7 +1439,7 @@ connection table: 6 of 1,000 entries (0.6% full), 3 live flows
         let text = r.render();
         let want = "\
 SERVICE  BACKEND         STATE      FOR  LAST CHECK              REASON
-web      10.1.0.11:8080  active   1m40s  ok in 412 µs, 0.9s ago  2 checks passed
+web      10.1.0.11:8080  active   1m40s  ok in 412 µs, 0.9s ago  2 checks passed (refused a connection 0.7s ago)
 web      10.1.0.12:8080  probing   2.4s  none yet                new in DNS
 web      10.1.0.13:8080  probing   1.4s  none yet                new in DNS
 ";

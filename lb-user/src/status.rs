@@ -50,6 +50,11 @@ pub struct BackendStatus {
     /// Unix time (ms) when it entered `state`.
     pub since_ms: u64,
     pub last_check: Option<CheckStatus>,
+    /// Unix time (ms) of the last connection the task refused, as the data
+    /// plane recorded it (`REFUSED`); `None`: none since its index was
+    /// assigned. Absent in status files of older daemons.
+    #[serde(default)]
+    pub last_refused_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

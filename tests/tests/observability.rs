@@ -438,6 +438,7 @@ fn status_for(lab: &PacketLab, w: &World, pid: u32) -> Status {
                 detail: "connected".into(),
                 at_ms: now - 500,
             }),
+            last_refused_ms: None,
         })
         .collect();
     Status {

@@ -681,6 +681,13 @@ fn s4_task_death(mode: Mode) {
     // their way fail, not every one the window sends it (15-25 at this rate
     // before the data plane tracked refusals).
     let (_, _, refusing) = &results[0];
+    let text = tb.backends_text().expect("xdplb backends");
+    let addr = format!("{}:{HTTP_PORT}", backend_addr(stopped));
+    let row = text.lines().find(|l| l.contains(&addr)).unwrap_or_default();
+    assert!(
+        row.contains("refused a connection"),
+        "`xdplb backends` should show that {addr} refused a connection:\n{text}"
+    );
     assert!(
         refusing.failed_in_window <= 6,
         "b{stopped} (server stopped): {} requests failed in the window; the data plane \
