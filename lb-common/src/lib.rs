@@ -86,6 +86,14 @@ pub const CONN_F_REPLIED: u8 = 2;
 /// anyway.
 pub const REFUSED_HOLD_NS: u64 = 1_000_000_000;
 
+/// Is a refusal recorded at `at` (a `REFUSED` value; 0: none) still inside
+/// [`REFUSED_HOLD_NS`] at `now` (both `bpf_ktime_get_ns`)? One definition for
+/// the data plane and for `xdplb explain`.
+#[inline(always)]
+pub fn refused_within_hold(at: u64, now: u64) -> bool {
+    at != 0 && now >= at && now - at < REFUSED_HOLD_NS
+}
+
 pub const TCP_STATE_OPEN: u8 = 0;
 /// FIN or RST seen: the entry expires after `Config::closing_timeout_ns`.
 pub const TCP_STATE_CLOSING: u8 = 1;

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    hash::flow_hash, reason, Backend, Config, Conn, FlowKey, Service, BACKEND_ACTIVE,
-    BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, MAGLEV_PROBES, REFUSED_HOLD_NS, SNAT_PROBES,
+    hash::flow_hash, reason, refused_within_hold, Backend, Config, Conn, FlowKey, Service,
+    BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, MAGLEV_PROBES, SNAT_PROBES,
     TCP_STATE_CLOSING, TCP_STATE_OPEN,
 };
 
@@ -113,7 +113,7 @@ fn keeps_flow(c: &Conn, svc: &Service, fresh_syn: bool, now: u64) -> bool {
 #[inline(always)]
 fn refused_recently(index: u32, now: u64) -> bool {
     match REFUSED.get(index) {
-        Some(&at) => at != 0 && now >= at && now - at < REFUSED_HOLD_NS,
+        Some(&at) => refused_within_hold(at, now),
         None => false,
     }
 }

@@ -11,9 +11,9 @@ use std::{fmt::Write as _, net::SocketAddr};
 
 use anyhow::{bail, Result};
 use lb_common::{
-    hash::flow_hash, reason, AddrKey, Backend, Config, Conn, FlowKey, Service, ServiceKey,
-    BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE, MAGLEV_PROBES,
-    PROTO_TCP, PROTO_UDP, REFUSED_HOLD_NS, TCP_STATE_CLOSING,
+    hash::flow_hash, reason, refused_within_hold, AddrKey, Backend, Config, Conn, FlowKey, Service,
+    ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE,
+    MAGLEV_PROBES, PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING,
 };
 use serde::Serialize;
 
@@ -369,7 +369,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
 /// connection, if that was less than `REFUSED_HOLD_NS` ago.
 fn refused_recently(t: &impl Tables, index: u32, now_ns: u64) -> Result<Option<u64>> {
     let at = t.refused_at(index)?;
-    Ok((at != 0 && now_ns >= at && now_ns - at < REFUSED_HOLD_NS).then(|| now_ns - at))
+    Ok(refused_within_hold(at, now_ns).then(|| now_ns - at))
 }
 
 /// conntrack.rs `keeps_flow`: `None` when the flow keeps its backend,
