@@ -129,26 +129,13 @@ fn scenarios(tb: &Testbed, balancer: Balancer) -> Result<Timings> {
         tb.backend(i).start()?;
     }
     std::thread::sleep(Duration::from_secs(2));
-    let t0 = Instant::now();
-    let dbg = std::env::var_os("XDPLB_BENCH_DEBUG").is_some();
-    let before = if dbg && balancer != Balancer::Haproxy {
-        tb.reason_stats().ok()
-    } else {
-        None
-    };
     let report = with_load(tb, Duration::from_secs(17), || {
         std::thread::sleep(Duration::from_secs(1));
         let mut current: Vec<usize> = (0..5).collect();
         for old in 0..5 {
             current.retain(|&t| t != old);
             tb.set_tasks(&current);
-            if dbg {
-                eprintln!("{:?} b{old} leaves DNS", t0.elapsed());
-            }
             std::thread::sleep(SWARM_STOP_DELAY);
-            if dbg {
-                eprintln!("{:?} b{old} stops", t0.elapsed());
-            }
             tb.backend(old).stop();
             current.push(old + 5);
             tb.set_tasks(&current);
@@ -157,17 +144,6 @@ fn scenarios(tb: &Testbed, balancer: Balancer) -> Result<Timings> {
         Ok(())
     })?;
     let (rolling_failed, rolling_requests) = (report.failed, report.ok + report.failed);
-    if std::env::var_os("XDPLB_BENCH_DEBUG").is_some() {
-        eprintln!("rolling errors: {:#?}", report.errors);
-        if let (Some(b), Ok(a)) = (before, tb.reason_stats()) {
-            for (k, v) in a {
-                let d = v - b.get(k).copied().unwrap_or(0);
-                if d > 0 {
-                    eprintln!("  {k}: {d}");
-                }
-            }
-        }
-    }
     Ok(Timings {
         balancer,
         scale_up_s,

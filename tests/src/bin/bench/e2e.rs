@@ -61,7 +61,8 @@ pub struct Load {
     pub softirq_us_per_req: f64,
 }
 
-fn clk_tck() -> f64 {
+/// Clock ticks per second of `/proc` CPU times.
+pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
@@ -71,15 +72,20 @@ fn clk_tck() -> f64 {
     }
 }
 
-/// utime + stime of `pid`, in nanoseconds.
-fn process_cpu_ns(pid: u32) -> Result<f64> {
+/// utime + stime of `pid`, in clock ticks.
+pub fn process_cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at state.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11).context("no utime")?.parse()?;
-    let stime: f64 = f.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) * 1e9 / clk_tck())
+    let utime: u64 = f.get(11).context("no utime")?.parse()?;
+    let stime: u64 = f.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// utime + stime of `pid`, in nanoseconds.
+fn process_cpu_ns(pid: u32) -> Result<f64> {
+    Ok(process_cpu_ticks(pid)? as f64 * 1e9 / clk_tck())
 }
 
 /// The machine's softirq time over all CPUs, in nanoseconds.

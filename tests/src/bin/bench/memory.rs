@@ -17,6 +17,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tests::testbed::{dns::DNS_ADDR, Mode, Testbed, SERVICE, VIP};
 
+use crate::e2e::{clk_tck, process_cpu_ticks};
+
 pub struct MemPoint {
     pub services: usize,
     pub rss_kib: u64,
@@ -43,16 +45,6 @@ fn config(services: usize) -> String {
     s
 }
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 fn vm_rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -62,15 +54,6 @@ fn vm_rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f.get(11).context("no utime")?.parse::<u64>()?
-        + f.get(12).context("no stime")?.parse::<u64>()?)
-}
-
-/// `bytes_memlock` of every map pinned directly in the pin directory.
 fn pinned_map_bytes(tb: &Testbed) -> Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(tb.pin_dir())? {
@@ -132,13 +115,13 @@ pub fn run(counts: &[usize], mut progress: impl FnMut(&str)) -> Result<Vec<MemPo
         // map reads go on).
         let window = Duration::from_secs(2);
         let idle_ticks = (clk_tck() * window.as_secs_f64() * 0.05).max(1.0) as u64;
-        let mut last = cpu_ticks(pid)?;
+        let mut last = process_cpu_ticks(pid)?;
         loop {
             std::thread::sleep(window);
             if !daemon.is_running() {
                 bail!("the daemon with {n} services exited:\n{}", daemon.log());
             }
-            let now = cpu_ticks(pid)?;
+            let now = process_cpu_ticks(pid)?;
             if now - last <= idle_ticks {
                 break;
             }
