@@ -8,9 +8,9 @@
 //! stay as they are).
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::{File, OpenOptions, Permissions, TryLockError},
     io::Write as _,
-    os::fd::AsRawFd as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -140,16 +140,21 @@ fn ifindex(iface: &str) -> Result<u32> {
 }
 
 /// Attaches (or re-attaches, adopting pinned links) the data plane on
-/// `iface`. Returns sentences for the log.
+/// `iface`. Returns the ifindex attached to, and sentences for the log.
 ///
 /// XDP mode attaches the TC program as well: XDP forwards what it can send
 /// itself (known neighbour, interface in TX_PORTS) and leaves the rest,
 /// untouched, to TC on the same interface, whose `bpf_redirect_neigh`
 /// resolves neighbours (docs/DATAPLANE.md §7).
-pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<Vec<String>> {
+pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<(u32, Vec<String>)> {
     let idx = ifindex(iface)?;
     let pin_dir = dp.pin_dir().to_path_buf();
-    std::fs::create_dir_all(pin_dir.join("links"))?;
+    let links = pin_dir.join("links");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&links)
+        .with_context(|| format!("creating {}", links.display()))?;
     let mut log = Vec::new();
     match hook {
         Hook::Tc => {
@@ -168,7 +173,7 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<Vec<String>
             log.push(attach_one(dp, iface, idx, Hook::Xdp)?);
         }
     }
-    Ok(log)
+    Ok((idx, log))
 }
 
 fn attach_one(dp: &mut DataPlane, iface: &str, idx: u32, hook: Hook) -> Result<String> {
@@ -247,30 +252,29 @@ fn adopt(dp: &mut DataPlane, path: &Path, hook: Hook) -> Result<()> {
     Ok(())
 }
 
-/// Removes every pinned link (the kernel detaches each program once no fd
-/// refers to it) and then the pinned maps, and waits until the kernel has
-/// really let go of the links: a link released through bpffs is freed from
-/// a workqueue (`bpf_link_put`, kernel/bpf/syscall.c), so the program can
-/// keep forwarding for a moment after its pin is gone.
-pub fn teardown(pin_dir: &Path) -> Result<()> {
-    let links = pin_dir.join("links");
+/// Removes our pinned links (the kernel detaches each program once no fd
+/// refers to it), then our pinned maps and the emptied directories (only
+/// what xdplb made: see `pin_dir`), and waits until the kernel has really
+/// let go of the links: a link released through bpffs is freed from a
+/// workqueue (`bpf_link_put`, kernel/bpf/syscall.c), so the program can keep
+/// forwarding for a moment after its pin is gone. Returns how many pins went.
+pub fn teardown(pin_dir: &Path) -> Result<usize> {
     let mut ids = Vec::new();
     let mut prog_ids = Vec::new();
-    if links.exists() {
-        for e in std::fs::read_dir(&links)? {
-            let p = e?.path();
-            // The ids first, with the fd closed again before the unpin.
-            if let Ok(info) = PinnedLink::from_pin(&p)
-                .map(FdLink::from)
-                .and_then(|l| l.info())
-            {
-                ids.push(info.id());
-                prog_ids.push(info.program_id());
-            }
-            std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
+    let links = link_pins(pin_dir)?;
+    for (p, _, _) in &links {
+        // The ids first, with the fd closed again before the unpin.
+        if let Ok(info) = PinnedLink::from_pin(p)
+            .map(FdLink::from)
+            .and_then(|l| l.info())
+        {
+            ids.push(info.id());
+            prog_ids.push(info.program_id());
         }
+        std::fs::remove_file(p).with_context(|| format!("unpinning {}", p.display()))?;
     }
-    DataPlane::unpin_all(pin_dir)?;
+    let removed = links.len() + DataPlane::unpin_maps(pin_dir)?;
+    crate::pin_dir::remove_dirs(pin_dir)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let alive: Vec<u32> = aya::programs::loaded_links()
@@ -298,21 +302,53 @@ pub fn teardown(pin_dir: &Path) -> Result<()> {
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    Ok(removed)
+}
+
+/// Removes the pins of `iface`'s links. For an interface that went away:
+/// the kernel severed its links with the device, and a pin would only keep
+/// the dead link (and the program) alive.
+pub fn unpin_links(pin_dir: &Path, iface: &str) -> Result<()> {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let path = link_path(pin_dir, iface, hook);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("unpinning {}", path.display()));
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
 /// The interfaces with pinned links, and their hooks.
 pub fn pinned_links(pin_dir: &Path) -> Result<Vec<(String, Hook)>> {
+    Ok(link_pins(pin_dir)?
+        .into_iter()
+        .map(|(_, iface, hook)| (iface, hook))
+        .collect())
+}
+
+/// The pins under `<pin_dir>/links` that [`link_path`] names: regular files
+/// (on bpffs, pins) called `<iface>@xdp` or `<iface>@tc`. Anything else
+/// there is not ours.
+fn link_pins(pin_dir: &Path) -> Result<Vec<(PathBuf, String, Hook)>> {
     let links = pin_dir.join("links");
     let mut out = Vec::new();
-    if !links.exists() {
+    if !links.is_dir() {
         return Ok(out);
     }
-    for e in std::fs::read_dir(&links)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if let Some((iface, kind)) = name.rsplit_once('@') {
-            let hook = if kind == "xdp" { Hook::Xdp } else { Hook::Tc };
-            out.push((iface.replace("%2e", ".").replace("%25", "%"), hook));
+    for e in std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (iface, hook) = match name.rsplit_once('@') {
+            Some((iface, "xdp")) => (iface, Hook::Xdp),
+            Some((iface, "tc")) => (iface, Hook::Tc),
+            _ => continue,
+        };
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            let iface = iface.replace("%2e", ".").replace("%25", "%");
+            out.push((e.path(), iface, hook));
         }
     }
     Ok(out)
@@ -320,9 +356,15 @@ pub fn pinned_links(pin_dir: &Path) -> Result<Vec<(String, Hook)>> {
 
 /// An exclusive lock per pin directory: a second `xdplb run` on the same host
 /// (same pins) is refused instead of fighting over the maps.
+///
+/// The lock is `flock` on `/run/xdplb/<pin dir>.lock` (mode 0600, in a
+/// directory created 0700), which holds the holder's pid. The file is never
+/// removed: unlinking it before the lock is released would let a second
+/// process lock the unlinked inode while a third creates a new file at the
+/// path and locks that, two "exclusive" holders at once. The kernel releases
+/// the lock when the holder's fd closes, however it dies.
 pub struct InstanceLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl InstanceLock {
@@ -339,44 +381,48 @@ impl InstanceLock {
 
     pub fn acquire(pin_dir: &Path) -> Result<Self> {
         let path = Self::lock_path(pin_dir);
-        std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/run")))?;
+        let dir = path.parent().unwrap_or(Path::new("/run"));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
-        // SAFETY: flock on an fd we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            bail!(
-                "another xdplb instance (pid {}) is running with pin directory {}; stop it first \
-                 (or use another --pin-dir)",
-                holder.trim(),
-                pin_dir.display()
-            );
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "another xdplb instance (pid {}) is running with pin directory {}; stop it \
+                     first (or use another --pin-dir)",
+                    holder.trim(),
+                    pin_dir.display()
+                );
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
         }
+        // Older versions left it 0644.
+        file.set_permissions(Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 600 {}", path.display()))?;
         file.set_len(0)?;
         write!(file, "{}", std::process::id())?;
-        Ok(Self { _file: file, path })
+        Ok(Self { _file: file })
     }
 
     /// Is some process holding the lock right now?
     pub fn is_held(pin_dir: &Path) -> bool {
-        let path = Self::lock_path(pin_dir);
-        let Ok(file) = File::open(&path) else {
+        let Ok(file) = File::open(Self::lock_path(pin_dir)) else {
             return false;
         };
-        // SAFETY: flock on an fd we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        rc != 0
-    }
-}
-
-impl Drop for InstanceLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
     }
 }

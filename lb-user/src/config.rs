@@ -91,6 +91,8 @@ pub const DEFAULT_SNAT_PORTS: (u16, u16) = (20000, 29999);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Shortest connection-table timeout accepted.
 pub const MIN_CONNTRACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Backend slots the `BACKENDS` map has (index 0 means "no backend").
+pub const MAX_BACKEND_SLOTS: u32 = lb_common::MAX_BACKENDS - 1;
 
 // ---- the model ------------------------------------------------------------------
 
@@ -109,6 +111,12 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// Connection-table size and timeouts (`[conntrack]`).
     pub conntrack: ConntrackConfig,
+    /// How many backend slots (entries of the `BACKENDS` map) the daemon
+    /// hands out over all services (`backend_slots`; default and maximum
+    /// [`MAX_BACKEND_SLOTS`]). A service whose tasks need more slots than are
+    /// free keeps its last good table, and the error shows in `xdplb
+    /// backends` and `/metrics` until slots free up.
+    pub backend_slots: u32,
     /// The balanced services (`[[service]]`), at least one.
     pub services: Vec<ServiceConfig>,
     /// Where the top-level settings were written (errors only; never
@@ -194,6 +202,11 @@ pub struct ServiceConfig {
     pub maglev_size: u32,
     /// Source NAT towards the backends (`snat_ports`, `snat_addr`).
     pub snat: SnatConfig,
+    /// At most this many tasks of the DNS answer become backends
+    /// (`max_backends`); the others are left out and logged. `None`, the
+    /// default: what the Maglev table serves well, `maglev_size / 100`
+    /// (655 for the default size). See [`ServiceConfig::backend_cap`].
+    pub max_backends: Option<u32>,
     /// Where this service was written (errors only; never affects equality).
     pub origin: Origin,
 }
@@ -361,6 +374,9 @@ pub struct HostFacts {
     /// for the host's own outgoing connections (health checks among them).
     /// Linux uses this range for IPv6 too.
     pub local_port_range: (u16, u16),
+    /// Every address of the namespace's interfaces: a configured
+    /// `snat_addr` must be one of them.
+    pub addresses: Vec<IpAddr>,
 }
 
 // ---- behaviour of the model ----------------------------------------------------
@@ -409,6 +425,7 @@ impl Config {
             attach: short.attach.unwrap_or_default(),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             conntrack: ConntrackConfig::default(),
+            backend_slots: MAX_BACKEND_SLOTS,
             services: vec![service],
             origin,
         };
@@ -431,6 +448,23 @@ impl Config {
         }
         let (eph_lo, eph_hi) = facts.local_port_range;
         for s in &self.services {
+            if let Some(addr) = s.snat.addr {
+                if !facts.addresses.contains(&addr) {
+                    let present: Vec<String> =
+                        facts.addresses.iter().map(|a| a.to_string()).collect();
+                    return Err(invalid(
+                        s.origin.at("snat_addr"),
+                        Some(s.name.clone()),
+                        "snat_addr",
+                        &addr.to_string(),
+                        format!(
+                            "is not an address of this host (it has {}); backends would answer \
+                             a machine that never asked",
+                            present.join(", ")
+                        ),
+                    ));
+                }
+            }
             let (lo, hi) = s.snat.ports;
             if lo <= eph_hi && eph_lo <= hi {
                 return Err(ConfigError::SnatOverlapsEphemeral {
@@ -474,6 +508,15 @@ impl Config {
             ));
         }
         self.conntrack.check(&self.origin)?;
+        if !(1..=MAX_BACKEND_SLOTS).contains(&self.backend_slots) {
+            return Err(invalid(
+                at("backend_slots"),
+                None,
+                "backend_slots",
+                &self.backend_slots.to_string(),
+                format!("must be 1 to {MAX_BACKEND_SLOTS} (the size of the BACKENDS map)"),
+            ));
+        }
         if self.services.is_empty() {
             return Err(ConfigError::NoServices {
                 at: self.origin.whole(),
@@ -594,8 +637,16 @@ impl ServiceConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             maglev_size: DEFAULT_MAGLEV_SIZE,
             snat: SnatConfig::default(),
+            max_backends: None,
             origin: Origin::default(),
         }
+    }
+
+    /// How many tasks may be backends at once: `max_backends`, or
+    /// `maglev_size / 100` (a Maglev table spreads evenly when it has about
+    /// 100 slots per backend or more).
+    pub fn backend_cap(&self) -> usize {
+        self.max_backends.unwrap_or((self.maglev_size / 100).max(1)) as usize
     }
 
     /// The checks of one service on its own.
@@ -741,6 +792,21 @@ impl ServiceConfig {
                 suggestion: prime_suggestion(self.maglev_size),
             });
         }
+        if let Some(max) = self.max_backends {
+            if max == 0 || max > self.maglev_size {
+                return Err(invalid(
+                    at("max_backends"),
+                    Some(service()),
+                    "max_backends",
+                    &max.to_string(),
+                    format!(
+                        "must be 1 to maglev_size ({}): a Maglev table cannot hold more backends \
+                         than slots",
+                        self.maglev_size
+                    ),
+                ));
+            }
+        }
         let (lo, hi) = self.snat.ports;
         if lo == 0 || lo > hi {
             return Err(ConfigError::SnatRange {
@@ -842,9 +908,15 @@ impl HostFacts {
         let text = std::fs::read_to_string(RANGE).with_context(|| format!("reading {RANGE}"))?;
         let local_port_range = parse_local_port_range(&text)
             .with_context(|| format!("{RANGE} holds {text:?}, not two port numbers"))?;
+        let addresses = crate::screen::HostAddrs::read()
+            .context("listing the host's addresses")?
+            .addrs
+            .into_iter()
+            .collect();
         Ok(Self {
             interfaces,
             local_port_range,
+            addresses,
         })
     }
 }
@@ -1651,6 +1723,7 @@ struct RawConfig {
     attach: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
     conntrack: Option<RawConntrack>,
+    backend_slots: Option<Spanned<u32>>,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
 }
@@ -1685,6 +1758,7 @@ struct RawService {
     maglev_size: Option<Spanned<u32>>,
     snat_ports: Option<Spanned<String>>,
     snat_addr: Option<Spanned<String>>,
+    max_backends: Option<Spanned<u32>>,
 }
 
 /// Turns the raw file into the model, recording where each key was.
@@ -1722,6 +1796,7 @@ impl Converter<'_> {
         origin.keys.insert("interfaces", self.pos(&raw.interfaces));
         self.note(&mut origin, "attach", &raw.attach);
         self.note(&mut origin, "pin_dir", &raw.pin_dir);
+        self.note(&mut origin, "backend_slots", &raw.backend_slots);
         let attach = match &raw.attach {
             Some(v) => self.parse(&origin, &None, "attach", v, str::parse)?,
             None => AttachMode::default(),
@@ -1776,6 +1851,9 @@ impl Converter<'_> {
             attach,
             pin_dir,
             conntrack,
+            backend_slots: raw
+                .backend_slots
+                .map_or(MAX_BACKEND_SLOTS, Spanned::into_inner),
             services,
             origin,
         })
@@ -1806,6 +1884,7 @@ impl Converter<'_> {
         self.note(&mut origin, "maglev_size", &raw.maglev_size);
         self.note(&mut origin, "snat_ports", &raw.snat_ports);
         self.note(&mut origin, "snat_addr", &raw.snat_addr);
+        self.note(&mut origin, "max_backends", &raw.max_backends);
 
         // The name errors will carry, before the real one is known.
         let label = Some(
@@ -1878,6 +1957,9 @@ impl Converter<'_> {
         if let Some(v) = &raw.snat_addr {
             s.snat.addr = Some(self.parse(&origin, &label, "snat_addr", v, parse_ip)?);
         }
+        if let Some(v) = raw.max_backends {
+            s.max_backends = Some(v.into_inner());
+        }
         s.origin = origin;
         Ok(s)
     }
@@ -1931,6 +2013,7 @@ backends = "tasks.web:80"
         HostFacts {
             interfaces: vec!["eth0".into(), "eth1".into(), "lo".into()],
             local_port_range: (32768, 60999),
+            addresses: vec!["127.0.0.1".parse().unwrap(), "10.0.1.2".parse().unwrap()],
         }
     }
 
@@ -1987,6 +2070,7 @@ backends = "tasks.web:80"
                 ports: (20000, 29999),
                 addr: None,
             },
+            max_backends: None,
             origin: Origin::default(),
         };
         assert_eq!(s[0], want);
@@ -2718,6 +2802,65 @@ check = "http:/ready"
                 }
             ),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn max_backends_defaults_to_what_maglev_serves_and_is_bounded() {
+        let cfg = parse_ok(MINIMAL);
+        assert_eq!(cfg.services[0].backend_cap(), 655, "65537 / 100");
+        let cfg = parse_ok(&format!("{MINIMAL}maglev_size = 251\n"));
+        assert_eq!(cfg.services[0].backend_cap(), 2);
+        let cfg = parse_ok(&format!("{MINIMAL}max_backends = 40\n"));
+        assert_eq!(cfg.services[0].backend_cap(), 40);
+        for bad in ["0", "65538"] {
+            let e = parse_err(&format!("{MINIMAL}max_backends = {bad}\n"), 5);
+            assert!(
+                matches!(
+                    &e,
+                    ConfigError::InvalidValue {
+                        key: "max_backends",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+            assert!(e.to_string().contains("maglev_size (65537)"), "{e}");
+        }
+    }
+
+    #[test]
+    fn backend_slots_are_bounded_by_the_map() {
+        let cfg = parse_ok(MINIMAL);
+        assert_eq!(cfg.backend_slots, MAX_BACKEND_SLOTS);
+        let cfg = parse_ok(&format!("backend_slots = 4\n{MINIMAL}"));
+        assert_eq!(cfg.backend_slots, 4);
+        for bad in ["0", "65536"] {
+            let e = parse_err(&format!("backend_slots = {bad}\n{MINIMAL}"), 1);
+            assert!(
+                matches!(
+                    &e,
+                    ConfigError::InvalidValue {
+                        key: "backend_slots",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn snat_addr_must_belong_to_this_host() {
+        let cfg = parse_ok(&format!("{MINIMAL}snat_addr = \"10.0.1.2\"\n"));
+        cfg.validate(&facts()).expect("10.0.1.2 is a host address");
+        let cfg = parse_ok(&format!("{MINIMAL}snat_addr = \"10.0.1.3\"\n"));
+        let e = cfg.validate(&facts()).expect_err("10.0.1.3 is not ours");
+        assert_located(&e, 5);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("not an address of this host") && msg.contains("10.0.1.2"),
+            "{msg}"
         );
     }
 

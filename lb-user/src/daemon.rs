@@ -23,15 +23,27 @@ use crate::{
     config::{AttachMode, CheckKind, Config, HostFacts, Proto, ServiceConfig, ShortForm},
     discovery::{self, HickoryResolve},
     health::{self, CheckSpec, HealthEvent, SpecKind},
+    ifwatch::{self, Interfaces},
     maps::{DataPlane, LoadOptions},
+    screen::{self, HostAddrs, Rejection},
     state::{self, BackendTracker, Transition},
-    status::{self, BackendStatus, CheckStatus, ServiceStatus, Status},
+    status::{
+        self, BackendStatus, CheckStatus, RejectedStatus, ServiceError, ServiceStatus, Status,
+    },
     table::{ServiceSpec, Writer},
 };
 
 /// The shortest time between two map updates of one service: bursts of
 /// transitions are written as one table flip.
 const COALESCE: Duration = Duration::from_millis(100);
+
+/// How often the host's addresses are read again (they decide what a DNS
+/// answer may hold and whether a SNAT source is still valid).
+const HOST_REREAD: Duration = Duration::from_secs(2);
+
+fn writer_host_addrs() -> Result<HostAddrs> {
+    HostAddrs::read().context("listing this host's addresses")
+}
 
 /// `xdplb run`: builds the config from the command line, then runs.
 pub fn run_cli(args: RunArgs) -> Result<()> {
@@ -73,15 +85,19 @@ pub fn down(pin_dir: &Path) -> Result<()> {
             pin_dir.display()
         );
     }
+    // Before the existence test: under `ip netns exec` the pins are hidden,
+    // not gone, and saying "nothing to remove" would be a lie.
+    crate::pin_dir::check(pin_dir)?;
     if !pin_dir.exists() {
-        bail!("nothing to remove: {} does not exist", pin_dir.display());
+        tracing::info!("nothing to remove: {} does not exist", pin_dir.display());
+        return Ok(());
     }
     let links = attach::pinned_links(pin_dir)?;
-    attach::teardown(pin_dir)?;
+    let removed = attach::teardown(pin_dir)?;
     for (iface, hook) in links {
         tracing::info!("{iface}: {hook} program detached");
     }
-    tracing::info!("removed pinned state under {}", pin_dir.display());
+    tracing::info!("removed {removed} xdplb pins under {}", pin_dir.display());
     Ok(())
 }
 
@@ -119,6 +135,105 @@ struct Svc {
     cfg: ServiceConfig,
     tracker: BackendTracker,
     checkers: HashMap<SocketAddr, (watch::Sender<bool>, JoinHandle<()>)>,
+    /// The last DNS answer as it came, before screening.
+    answer: Option<BTreeSet<IpAddr>>,
+    /// Addresses of that answer that are not backends, and why.
+    rejected: BTreeMap<IpAddr, Rejection>,
+    /// The map update that keeps failing, while it does.
+    failing: Option<Failing>,
+    /// Failed map updates since start.
+    map_write_errors: u64,
+}
+
+/// A service whose maps lag behind its state: the data plane keeps the last
+/// good table while the update is retried with back-off.
+struct Failing {
+    message: String,
+    since: std::time::Instant,
+    attempts: u64,
+    retry_at: Instant,
+}
+
+/// The first retry of a failed map update; each failure doubles it up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl Svc {
+    /// Screens a DNS answer (screen.rs): logs each newly rejected address
+    /// once, and returns the addresses that may be backends.
+    fn screen(&mut self, answer: BTreeSet<IpAddr>, host: &HostAddrs) -> BTreeSet<IpAddr> {
+        let current: BTreeSet<IpAddr> = self.tracker.backends().map(|b| b.addr.ip()).collect();
+        let policy = screen::Policy {
+            family: self.cfg.backends.family,
+            vip: self.cfg.listen.addr,
+            host,
+            cap: self.cfg.backend_cap(),
+        };
+        let out = screen::screen(&answer, &current, &policy);
+        for (ip, why) in &out.rejected {
+            if self.rejected.get(ip) == Some(why) {
+                continue;
+            }
+            if *why == Rejection::OverCap {
+                tracing::warn!(
+                    service = %self.cfg.name,
+                    task = %ip,
+                    max_backends = policy.cap,
+                    "DNS answer holds more tasks than max_backends: task left out"
+                );
+            } else {
+                tracing::warn!(
+                    service = %self.cfg.name,
+                    addr = %ip,
+                    "DNS answer rejected: {why}; it never becomes a backend"
+                );
+            }
+        }
+        self.rejected = out.rejected;
+        self.answer = Some(answer);
+        out.accepted
+    }
+
+    /// Records a failed map update and schedules the retry.
+    fn failed(&mut self, e: &anyhow::Error) {
+        let message = format!("{e:#}");
+        self.map_write_errors += 1;
+        let (attempts, since) = match &self.failing {
+            Some(f) => (f.attempts + 1, f.since),
+            None => (1, std::time::Instant::now()),
+        };
+        let backoff = RETRY_FIRST
+            .saturating_mul(1 << (attempts - 1).min(8) as u32)
+            .min(RETRY_MAX);
+        if self.failing.as_ref().is_none_or(|f| f.message != message) {
+            tracing::warn!(
+                service = %self.cfg.name,
+                attempts,
+                retry_in_ms = backoff.as_millis() as u64,
+                "map update failed, the data plane keeps the last good table: {message}"
+            );
+        } else {
+            tracing::debug!(service = %self.cfg.name, attempts, "map update failed again: {message}");
+        }
+        self.failing = Some(Failing {
+            message,
+            since,
+            attempts,
+            retry_at: Instant::now() + backoff,
+        });
+    }
+
+    fn succeeded(&mut self) {
+        if let Some(f) = self.failing.take() {
+            tracing::info!(
+                service = %self.cfg.name,
+                attempts = f.attempts,
+                "map update succeeded again after {:.1} s of failures",
+                f.since.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Logs the data plane's own decisions about refusing tasks: a task that
@@ -189,6 +304,8 @@ impl Refusals {
 
 /// The running balancer. Owns the writer and the per-service state.
 pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -> Result<()> {
+    // Before the lock file or anything else exists.
+    crate::pin_dir::check(&cfg.pin_dir)?;
     let lock = InstanceLock::acquire(&cfg.pin_dir)?;
     // Bound before anything is attached, so a taken port fails start-up cleanly.
     let metrics = match metrics_addr {
@@ -199,13 +316,27 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         ),
         None => None,
     };
+    // Everything that can fail on its own is set up before anything is
+    // attached: from here on, an error ends the daemon only through the
+    // teardown below.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Signals whose default action would end the daemon without a word (and
+    // leave it forwarding from a frozen table behind a stale lock): logged
+    // and ignored. SIGPIPE is ignored by Rust's runtime already.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let mut host = writer_host_addrs()?;
+    let mut host_read = Instant::now();
     let fresh = !cfg.pin_dir.join("links").exists();
     let started = start(&cfg).await;
-    let (mut writer, mut services) = match started {
+    let (mut writer, mut services, mut ifaces) = match started {
         Ok(v) => v,
         Err(e) => {
             if fresh {
-                // Leave nothing behind that we created.
+                // Leave nothing behind that we created (our pins, by name;
+                // whatever else is in the directory stays).
                 let _ = attach::teardown(&cfg.pin_dir);
             }
             return Err(e);
@@ -219,10 +350,9 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
     let mut tasks = Vec::new();
     if let Some(listener) = metrics {
         let (pin, stop) = (cfg.pin_dir.clone(), stop_rx.clone());
-        tracing::info!(
-            "Prometheus metrics on http://{}/metrics",
-            listener.local_addr()?
-        );
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("Prometheus metrics on http://{addr}/metrics");
+        }
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve_on(listener, pin, stop).await {
                 tracing::error!("metrics endpoint stopped: {e:#}");
@@ -259,9 +389,10 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         }));
     }
     drop(dns_tx);
+    // Interfaces that vanish and come back (ifwatch.rs).
+    let (if_tx, mut if_rx) = mpsc::channel::<ifwatch::Event>(64);
+    tasks.push(tokio::spawn(ifwatch::watch(if_tx, stop_rx.clone())));
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(COALESCE / 2);
     // Per service: changes not yet written, and when the maps were last written.
     let mut dirty = vec![false; services.len()];
@@ -284,21 +415,66 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         let (i, transitions) = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); break }
             _ = int.recv() => { tracing::info!("interrupt received"); break }
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received and ignored: this version does not reload its \
+                                configuration; restart it (state is adopted) to apply a new one");
+                (None, Vec::new())
+            }
+            _ = usr1.recv() => { tracing::info!("SIGUSR1 received and ignored"); (None, Vec::new()) }
+            _ = usr2.recv() => { tracing::info!("SIGUSR2 received and ignored"); (None, Vec::new()) }
             Some((i, set)) = dns_rx.recv() => {
                 let s = &mut services[i];
                 let port = s.cfg.backends.port;
                 tracing::debug!(service = %s.cfg.name, tasks = set.len(), "DNS answer changed");
+                let set = s.screen(set, &host);
+                status_dirty = true;
                 (Some(i), s.tracker.on_dns(&set, port, now.into_std()))
             }
             Some((i, ev)) = health_rx.recv() => {
                 status_dirty = true;
                 (Some(i), services[i].tracker.on_event(&ev, now.into_std()))
             }
+            Some(ev) = if_rx.recv() => {
+                if ifaces.handle(&ev, writer.data_plane_mut()) {
+                    // Published at once, like a backend state change.
+                    status_written = Instant::now() - Duration::from_secs(10);
+                    status_dirty = true;
+                }
+                (None, Vec::new())
+            }
             _ = tick.tick() => (None, Vec::new()),
         };
         let mut changed: Vec<(usize, Vec<Transition>)> = Vec::new();
         if let Some(i) = i {
             changed.push((i, transitions));
+        }
+        // The host's addresses decide what a DNS answer may hold and which
+        // SNAT source is valid; when they change, every service is screened
+        // and written again.
+        if host_read.elapsed() >= HOST_REREAD {
+            host_read = Instant::now();
+            match HostAddrs::read() {
+                Ok(h) if h != host => {
+                    tracing::info!(
+                        addresses = ?h.addrs,
+                        "this host's addresses changed: DNS answers are screened again and \
+                         SNAT sources re-checked"
+                    );
+                    host = h.clone();
+                    writer.set_host_addrs(h);
+                    for (j, s) in services.iter_mut().enumerate() {
+                        if let Some(answer) = s.answer.clone() {
+                            let set = s.screen(answer, &host);
+                            let port = s.cfg.backends.port;
+                            changed.push((j, s.tracker.on_dns(&set, port, now.into_std())));
+                        }
+                        dirty[j] = true;
+                    }
+                    status_dirty = true;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot list this host's addresses: {e}"),
+            }
         }
         for (j, s) in services.iter_mut().enumerate() {
             let t = s.tracker.on_tick(now.into_std());
@@ -319,11 +495,20 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         }
         // A change after a quiet period is written at once; a burst (200
         // tasks passing their checks) becomes one table flip per COALESCE.
-        for (i, s) in services.iter().enumerate() {
-            if dirty[i] && applied[i].elapsed() >= COALESCE {
-                apply(&mut writer, s)?;
-                dirty[i] = false;
+        // A failed update keeps the service dirty: the data plane keeps the
+        // last good table, and the update is retried with back-off. One
+        // service's trouble never stops the others or the daemon.
+        for (i, s) in services.iter_mut().enumerate() {
+            let retry_due = s.failing.as_ref().is_none_or(|f| f.retry_at <= now);
+            if dirty[i] && retry_due && applied[i].elapsed() >= COALESCE {
                 applied[i] = Instant::now();
+                match apply(&mut writer, s) {
+                    Ok(()) => {
+                        dirty[i] = false;
+                        s.succeeded();
+                    }
+                    Err(e) => s.failed(&e),
+                }
                 // State changes are published at once, check results once a second.
                 status_written = Instant::now() - Duration::from_secs(10);
                 status_dirty = true;
@@ -333,7 +518,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
             status_dirty = true;
         }
         if status_dirty && status_written.elapsed() >= Duration::from_secs(1) {
-            if let Err(e) = snapshot(&cfg, &writer, &services).write(&status_file) {
+            if let Err(e) = snapshot(&cfg, &writer, &services, &ifaces).write(&status_file) {
                 tracing::warn!("cannot publish backend status for `xdplb backends`: {e:#}");
             }
             status_dirty = false;
@@ -369,7 +554,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
 }
 
 /// Loads (adopting pinned maps and links), writes CONFIG, attaches.
-async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
+async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
     let specs: Vec<ServiceSpec> = cfg.services.iter().map(spec_of).collect();
     let maglev_capacity = specs
         .iter()
@@ -387,6 +572,8 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
     }
     dp.set_config(&cfg.dataplane_config())?;
     let mut writer = Writer::new(dp, maglev_capacity, &specs)?;
+    writer.set_backend_slots(cfg.backend_slots);
+    let mut ifaces = Interfaces::default();
     for iface in &cfg.interfaces {
         let (hook, why) = match cfg.attach {
             AttachMode::Auto => attach::auto_hook(iface),
@@ -394,9 +581,11 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
             AttachMode::Tc => (Hook::Tc, format!("{iface}: TC (configured)")),
         };
         tracing::info!("attach mode for {why}");
-        for msg in attach::attach(writer.data_plane_mut(), iface, hook)? {
+        let (index, log) = attach::attach(writer.data_plane_mut(), iface, hook)?;
+        for msg in log {
             tracing::info!("{msg}");
         }
+        ifaces.attached(iface, hook, index);
     }
 
     let now = std::time::Instant::now();
@@ -419,9 +608,13 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>)> {
             cfg: s.clone(),
             tracker,
             checkers: HashMap::new(),
+            answer: None,
+            rejected: BTreeMap::new(),
+            failing: None,
+            map_write_errors: 0,
         });
     }
-    Ok((writer, services))
+    Ok((writer, services, ifaces))
 }
 
 /// Starts checkers for backends the tracker knows and stops the others.
@@ -485,7 +678,7 @@ fn reconcile_checkers(
 }
 
 /// The daemon's view for `xdplb backends` / `xdplb stats`.
-fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc]) -> Status {
+fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces) -> Status {
     let (mono_now, unix_now) = (crate::pinned::monotonic_now_ns(), status::now_ms());
     // REFUSED holds CLOCK_MONOTONIC ns; the status file speaks Unix ms.
     let refused_ms = |index: Option<u32>| {
@@ -497,6 +690,7 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc]) -> Status {
         pid: std::process::id(),
         written_ms: status::now_ms(),
         pin_dir: cfg.pin_dir.clone(),
+        interfaces: ifaces.status(),
         services: services
             .iter()
             .map(|s| ServiceStatus {
@@ -522,6 +716,21 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc]) -> Status {
                         last_refused_ms: refused_ms(writer.backend_index(&s.cfg.name, b.addr)),
                     })
                     .collect(),
+                rejected: s
+                    .rejected
+                    .iter()
+                    .map(|(addr, why)| RejectedStatus {
+                        addr: *addr,
+                        reason: why.to_string(),
+                    })
+                    .collect(),
+                snat_addr: writer.snat_addr(&s.cfg.name),
+                error: s.failing.as_ref().map(|f| ServiceError {
+                    message: f.message.clone(),
+                    since_ms: status::instant_to_ms(f.since),
+                    attempts: f.attempts,
+                }),
+                map_write_errors: s.map_write_errors,
             })
             .collect(),
     }

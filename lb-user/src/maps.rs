@@ -29,6 +29,22 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Where production pins live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
 
+/// The maps lb-ebpf pins by name in the pin directory (its `::pinned` maps;
+/// the per-CPU scratch maps `NEW_FLOW` and `SCRATCH` are not pinned).
+pub const PINNED_MAPS: [&str; 11] = [
+    MAP_CONFIG,
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_CONNS,
+    MAP_SNAT_ADDRS,
+    MAP_TX_PORTS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASON_STATS,
+    MAP_REFUSED,
+];
+
 /// How to load the object.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -201,8 +217,7 @@ impl DataPlane {
         if EBPF_OBJECT.is_empty() {
             bail!("this xdplb was built with AYA_BUILD_SKIP=1 and embeds no eBPF object; rebuild without it (`cargo xtask build`)");
         }
-        std::fs::create_dir_all(&opts.pin_dir)
-            .with_context(|| format!("creating pin directory {}", opts.pin_dir.display()))?;
+        crate::pin_dir::create(&opts.pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
             .map_max_entries(MAP_CONNS, opts.conns_capacity)
@@ -436,6 +451,13 @@ impl DataPlane {
             .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))
     }
 
+    /// Drops `ifindex` from TX_PORTS (an interface that went away).
+    pub fn remove_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .remove(ifindex)
+            .with_context(|| format!("removing ifindex {ifindex} from TX_PORTS"))
+    }
+
     pub fn conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
         match self.conns.get(key, 0) {
             Ok(c) => Ok(Some(c)),
@@ -474,13 +496,28 @@ impl DataPlane {
             .collect()
     }
 
-    /// Removes every pin under the pin directory (maps only; links are the
-    /// caller's). Used by tests and by `xdplb down`.
-    pub fn unpin_all(pin_dir: &Path) -> Result<()> {
-        if pin_dir.exists() {
-            std::fs::remove_dir_all(pin_dir)
-                .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+    /// Removes the map pins xdplb makes under `pin_dir` ([`PINNED_MAPS`]);
+    /// anything else there stays. Returns how many went. On bpffs a regular
+    /// file is a pin, so a directory or symlink of the same name is not ours.
+    pub fn unpin_maps(pin_dir: &Path) -> Result<usize> {
+        let mut removed = 0;
+        for name in PINNED_MAPS {
+            let path = pin_dir.join(name);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("unpinning {}", path.display()))?;
+                removed += 1;
+            }
         }
+        Ok(removed)
+    }
+
+    /// Removes xdplb's map pins, then `pin_dir` if nothing else is in it
+    /// (tests and examples; `xdplb down` goes through `attach::teardown`,
+    /// which removes the links first).
+    pub fn unpin_all(pin_dir: &Path) -> Result<()> {
+        Self::unpin_maps(pin_dir)?;
+        crate::pin_dir::remove_dirs(pin_dir)?;
         Ok(())
     }
 }

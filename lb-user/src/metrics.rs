@@ -7,8 +7,26 @@
 //! The body is the OpenMetrics 1.0 text format written by `prometheus-client`
 //! (the format Prometheus asks for first); classic Prometheus text parsers
 //! read it too. Every metric is described in docs/OBSERVABILITY.md.
+//!
+//! A scrape costs the same whatever the size of the connection table: the
+//! counters, services and backends are read on every scrape (BACKENDS in
+//! batches, so the number of slots does not matter either), but the walk of
+//! the connection table, the one read that grows with it, is reused for
+//! [`CONNTRACK_WALK_EVERY`] and its age is exported. One snapshot is taken
+//! at a time: requests that arrive while one is being taken wait for it and
+//! get the same body. At most [`MAX_CONNECTIONS`] connections are served at
+//! once.
 
-use std::{convert::Infallible, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
@@ -25,9 +43,36 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Semaphore},
+};
 
-use crate::stats::{take_snapshot, Snapshot};
+use crate::{
+    pinned::{monotonic_now_ns, PinnedError, PinnedMaps},
+    stats::{ConnCounts, Daemon, MapsView, Snapshot},
+    status,
+};
+
+/// How long one walk of the connection table serves scrapes.
+///
+/// The walk is the only read whose cost grows with the table: about 0.2 s of
+/// CPU for a million entries (docs/BENCHMARKS.md §7). Walking on every
+/// scrape would let the scrapers decide how much CPU the daemon spends on
+/// it (two Prometheus servers and a dashboard refreshing every second make
+/// four walks a second); walking at most every 10 s bounds that at a few
+/// percent of one CPU. The price: `xdplb_conntrack_entries` and the
+/// `*_active_connections` gauges can be up to 10 s plus a scrape interval
+/// old, and `xdplb_conntrack_walk_age_seconds` says how old. Packet, byte
+/// and new-connection counters and backend states are read on every scrape.
+pub const CONNTRACK_WALK_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections the endpoint serves at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long one connection may stay open, keep-alive included: a client
+/// that stops reading cannot hold one of the [`MAX_CONNECTIONS`] for good.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE_OPENMETRICS: &str =
@@ -45,8 +90,18 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// The metrics of one snapshot, in the OpenMetrics text format.
-pub fn encode_snapshot(s: &Snapshot) -> Result<String> {
+/// How old the connection-table figures of a snapshot are.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WalkAge {
+    /// Since the walk finished.
+    pub age: Duration,
+    /// How long the walk took.
+    pub took: Duration,
+}
+
+/// The metrics of one snapshot, in the OpenMetrics text format. `walk`
+/// says how old its connection-table figures are.
+pub fn encode_snapshot(s: &Snapshot, walk: WalkAge) -> Result<String> {
     let counters = || Family::<Labels, Counter>::default();
     let gauges = || Family::<Labels, Gauge>::default();
     let (svc_packets, svc_bytes, svc_new) = (counters(), counters(), counters());
@@ -58,6 +113,10 @@ pub fn encode_snapshot(s: &Snapshot) -> Result<String> {
         Gauge::<i64>::default(),
         Gauge::<i64>::default(),
         Gauge::<i64>::default(),
+    );
+    let (walk_age, walk_took) = (
+        Gauge::<f64, AtomicU64>::default(),
+        Gauge::<f64, AtomicU64>::default(),
     );
 
     let gauge_value = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -92,6 +151,8 @@ pub fn encode_snapshot(s: &Snapshot) -> Result<String> {
     entries.set(gauge_value(s.conntrack.entries));
     capacity.set(gauge_value(s.conntrack.capacity));
     daemon.set(i64::from(s.daemon.running));
+    walk_age.set(walk.age.as_secs_f64());
+    walk_took.set(walk.took.as_secs_f64());
 
     let mut reg = Registry::default();
     reg.register(
@@ -156,6 +217,17 @@ pub fn encode_snapshot(s: &Snapshot) -> Result<String> {
         capacity,
     );
     reg.register(
+        "xdplb_conntrack_walk_age_seconds",
+        "Age of the connection-table walk behind xdplb_conntrack_entries and the \
+         *_active_connections gauges (one walk serves scrapes for up to 10 s)",
+        walk_age,
+    );
+    reg.register(
+        "xdplb_conntrack_walk_duration_seconds",
+        "How long that walk of the connection table took",
+        walk_took,
+    );
+    reg.register(
         "xdplb_daemon_running",
         "1 when a live daemon's status file supplied names and states, 0 when they come from the maps",
         daemon,
@@ -175,35 +247,189 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// What `/metrics` answers: the body, or the status and the reason.
+pub type Scrape = Result<Bytes, (StatusCode, String)>;
+
+/// One snapshot at a time: requests that arrive while one is being taken
+/// wait for it and share its body (a `Bytes`, so not a copy each).
+#[derive(Default)]
+struct SingleFlight {
+    /// The last snapshot and its number. Held while a snapshot is taken, so
+    /// requests that arrive meanwhile wait for that one.
+    last: Arc<tokio::sync::Mutex<Taken>>,
+    /// The number of the last finished snapshot, readable without the lock.
+    finished: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Taken {
+    number: u64,
+    scrape: Option<Scrape>,
+}
+
+impl SingleFlight {
+    /// `take`'s result, or that of the snapshot that was being taken when
+    /// the call came. `take` runs on a blocking thread.
+    async fn run(&self, take: impl FnOnce() -> Scrape + Send + 'static) -> Scrape {
+        let seen = self.finished.load(Ordering::Acquire);
+        let mut taken = Arc::clone(&self.last).lock_owned().await;
+        if taken.number > seen {
+            if let Some(s) = &taken.scrape {
+                return s.clone();
+            }
+        }
+        // The snapshot runs in a task of its own that holds the lock: a
+        // client that hangs up neither stops it nor lets a second one start.
+        let finished = Arc::clone(&self.finished);
+        let snapshot = tokio::spawn(async move {
+            let scrape = tokio::task::spawn_blocking(take)
+                .await
+                .unwrap_or_else(|e| Err(failed(e)));
+            taken.number += 1;
+            taken.scrape = Some(scrape.clone());
+            finished.store(taken.number, Ordering::Release);
+            scrape
+        });
+        snapshot.await.unwrap_or_else(|e| Err(failed(e)))
+    }
+}
+
+fn failed(e: tokio::task::JoinError) -> (StatusCode, String) {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("reading the maps failed: {e}\n"),
+    )
+}
+
+/// Takes the snapshots behind `/metrics`: one at a time, shared by the
+/// requests that wait for it, with the connection-table walk reused for
+/// `walk_every`.
+pub struct Scraper {
+    pin_dir: PathBuf,
+    walk_every: Duration,
+    flight: SingleFlight,
+    walk: Mutex<Option<Walk>>,
+    walks: AtomicU64,
+}
+
+struct Walk {
+    /// CONNS's id: maps recreated under the same pins need a new walk.
+    conns_id: u32,
+    counts: ConnCounts,
+    at: Instant,
+    took: Duration,
+}
+
+impl Scraper {
+    /// Reads the maps under `pin_dir`, walking the connection table at
+    /// most once per `walk_every` ([`CONNTRACK_WALK_EVERY`] in the daemon).
+    pub fn new(pin_dir: impl Into<PathBuf>, walk_every: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            pin_dir: pin_dir.into(),
+            walk_every,
+            flight: SingleFlight::default(),
+            walk: Mutex::new(None),
+            walks: AtomicU64::new(0),
+        })
+    }
+
+    /// Snapshots taken so far (each served one request or more).
+    pub fn snapshots(&self) -> u64 {
+        self.flight.finished.load(Ordering::Acquire)
+    }
+
+    /// Walks of the connection table so far.
+    pub fn walks(&self) -> u64 {
+        self.walks.load(Ordering::Relaxed)
+    }
+
+    /// The body of `/metrics`: a new snapshot, or the one being taken when
+    /// the request came.
+    pub async fn scrape(self: &Arc<Self>) -> Scrape {
+        let me = Arc::clone(self);
+        self.flight
+            .run(move || {
+                me.read()
+                    .map(Bytes::from)
+                    .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")))
+            })
+            .await
+    }
+
+    /// One snapshot, encoded (blocking).
+    fn read(&self) -> Result<String> {
+        let t0 = Instant::now();
+        let maps = PinnedMaps::open(&self.pin_dir)?;
+        let t1 = t0.elapsed();
+        let daemon = Daemon::read(&self.pin_dir);
+        let t2 = t0.elapsed();
+        let mut view = MapsView::read_without_conns(&maps, daemon.status())?;
+        let t3 = t0.elapsed();
+        let walk;
+        (view.conns, walk) = self.conns(&maps)?;
+        let t4 = t0.elapsed();
+        let snapshot = Snapshot::build(
+            &view,
+            &daemon,
+            &self.pin_dir,
+            status::now_ms(),
+            monotonic_now_ns(),
+        );
+        let t5 = t0.elapsed();
+        let r = encode_snapshot(&snapshot, walk);
+        eprintln!(
+            "PROFILE open {t1:?} daemon {t2:?} view {t3:?} conns {t4:?} build {t5:?} encode {:?}",
+            t0.elapsed()
+        );
+        r
+    }
+
+    /// The connection-table census: the last walk while it is younger than
+    /// `walk_every` and of the same maps, else a new walk.
+    fn conns(&self, maps: &PinnedMaps) -> Result<(ConnCounts, WalkAge), PinnedError> {
+        let mut last = self.walk.lock().unwrap_or_else(PoisonError::into_inner);
+        match last.as_ref() {
+            Some(w) if w.conns_id == maps.conns_id() && w.at.elapsed() < self.walk_every => {}
+            _ => {
+                let started = Instant::now();
+                let counts = ConnCounts::walk(maps)?;
+                self.walks.fetch_add(1, Ordering::Relaxed);
+                *last = Some(Walk {
+                    conns_id: maps.conns_id(),
+                    counts,
+                    at: Instant::now(),
+                    took: started.elapsed(),
+                });
+            }
+        }
+        let w = last.as_ref().expect("walked above");
+        Ok((
+            w.counts.clone(),
+            WalkAge {
+                age: w.at.elapsed(),
+                took: w.took,
+            },
+        ))
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
-    pin_dir: PathBuf,
+    scraper: Arc<Scraper>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     Ok(match (get, req.uri().path()) {
-        (true, "/metrics") => {
-            // Map reads are syscalls, and a full CONNS walk takes a while:
-            // keep them off the async workers.
-            let read = tokio::task::spawn_blocking(move || {
-                take_snapshot(&pin_dir).and_then(|s| encode_snapshot(&s))
-            })
-            .await;
-            match read {
-                Ok(Ok(body)) => {
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                    r.headers_mut().insert(
-                        CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(CONTENT_TYPE_OPENMETRICS),
-                    );
-                    r
-                }
-                Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("reading the maps failed: {e}\n"),
-                ),
+        (true, "/metrics") => match scraper.scrape().await {
+            Ok(body) => {
+                let mut r = Response::new(Full::new(body));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(CONTENT_TYPE_OPENMETRICS),
+                );
+                r
             }
-        }
+            Err((status, reason)) => text(status, reason),
+        },
         (true, "/") => text(
             StatusCode::OK,
             "xdplb: Prometheus metrics at /metrics\n".into(),
@@ -216,9 +442,9 @@ async fn handle(
 }
 
 /// Serves `GET /metrics` on `addr` until `shutdown` becomes `true` (or its
-/// sender goes away). Each scrape opens the maps under `pin_dir` afresh, so
-/// it follows a daemon that recreated them; while there are none it answers
-/// 503 with the reason.
+/// sender goes away). Each snapshot opens the maps under `pin_dir` afresh,
+/// so it follows a daemon that recreated them; while there are none it
+/// answers 503 with the reason.
 pub async fn serve(
     addr: SocketAddr,
     pin_dir: PathBuf,
@@ -239,21 +465,45 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 pub async fn serve_on(
     listener: TcpListener,
     pin_dir: PathBuf,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    serve_with(
+        listener,
+        Scraper::new(pin_dir, CONNTRACK_WALK_EVERY),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_on`] with a scraper of the caller's (tests and the bench count
+/// its snapshots and walks).
+pub async fn serve_with(
+    listener: TcpListener,
+    scraper: Arc<Scraper>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     tracing::info!(
-        "metrics: http://{}/metrics (read from the maps under {})",
+        "metrics: http://{}/metrics (read from the maps under {}; connection table walked at most every {} s)",
         listener
             .local_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string()),
-        pin_dir.display()
+        scraper.pin_dir.display(),
+        scraper.walk_every.as_secs_f64(),
     );
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         if *shutdown.borrow_and_update() {
             break;
         }
+        let next = async {
+            let slot = Arc::clone(&open)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            (slot, listener.accept().await)
+        };
         tokio::select! {
-            accepted = listener.accept() => {
+            (slot, accepted) = next => {
                 let (stream, peer) = match accepted {
                     Ok(v) => v,
                     Err(e) => {
@@ -263,22 +513,34 @@ pub async fn serve_on(
                         continue;
                     }
                 };
-                let pin_dir = pin_dir.clone();
+                let scraper = Arc::clone(&scraper);
                 let mut stop = shutdown.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, pin_dir.clone()));
+                    let _slot = slot;
+                    let svc = service_fn(move |req| handle(req, Arc::clone(&scraper)));
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(Duration::from_secs(10))
                         .serve_connection(TokioIo::new(stream), svc);
                     tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => {
-                            if let Err(e) = r {
-                                tracing::debug!("metrics: connection from {peer}: {e}");
+                    let ended = tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = stop.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+                    };
+                    let r = match ended {
+                        Some(r) => r,
+                        None => {
+                            // Finish the response in flight, if any, then close.
+                            conn.as_mut().graceful_shutdown();
+                            match tokio::time::timeout(Duration::from_secs(10), conn).await {
+                                Ok(r) => r,
+                                Err(_) => return,
                             }
                         }
-                        _ = stop.wait_for(|s| *s) => {}
+                    };
+                    if let Err(e) = r {
+                        tracing::debug!("metrics: connection from {peer}: {e}");
                     }
                 });
             }
@@ -363,7 +625,7 @@ mod tests {
 
     #[test]
     fn every_metric_is_there_with_help_and_labels() {
-        let text = encode_snapshot(&snapshot()).unwrap();
+        let text = encode_snapshot(&snapshot(), WalkAge::default()).unwrap();
         for line in [
             "# HELP xdplb_service_packets Packets forwarded for the service",
             "# TYPE xdplb_service_packets counter",
@@ -428,6 +690,54 @@ mod tests {
             .expect("serve stops when told")
             .unwrap()
             .unwrap();
+    }
+
+    /// The first snapshot waits at a gate until nineteen more requests
+    /// queue behind it: all twenty get its body, and it is the only one
+    /// taken. A request after it takes a new one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_during_a_snapshot_wait_for_it_and_share_it() {
+        use std::sync::Condvar;
+        let flight = Arc::new(SingleFlight::default());
+        let taken = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let take = || {
+            let (taken, gate) = (Arc::clone(&taken), Arc::clone(&gate));
+            move || {
+                let n = taken.fetch_add(1, Ordering::SeqCst) + 1;
+                let (open, cv) = &*gate;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+                Ok(Bytes::from(format!("snapshot {n}")))
+            }
+        };
+        let request = || {
+            let (flight, take) = (Arc::clone(&flight), take());
+            tokio::spawn(async move { flight.run(take).await })
+        };
+        let first = request();
+        while taken.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut requests: Vec<_> = (0..19).map(|_| request()).collect();
+        // One runtime thread: each queued task reaches the lock and waits.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        requests.insert(0, first);
+        for r in requests {
+            assert_eq!(r.await.unwrap(), Ok(Bytes::from("snapshot 1")));
+        }
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            1,
+            "twenty requests during one snapshot took more than one"
+        );
+        assert_eq!(flight.run(take()).await, Ok(Bytes::from("snapshot 2")));
     }
 
     /// A minimal HTTP/1.0 GET, so the test needs no client crate.

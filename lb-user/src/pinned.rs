@@ -8,13 +8,21 @@
 //! hash it is) and checked against this build's key and value sizes. CONFIG's
 //! `abi_version` must match [`lb_common::ABI_VERSION`]: a CLI that reads
 //! another layout would print numbers that mean nothing.
+//!
+//! The two reads that cover a whole map, every BACKENDS slot and the CONNS
+//! walk, use `BPF_MAP_LOOKUP_BATCH` (4,096 elements per syscall) instead of
+//! one or two syscalls per element; kernels without it get the old way.
 
 use std::{
     io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    Pod,
+};
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, BACKEND_EMPTY,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS,
@@ -67,6 +75,12 @@ pub enum PinnedError {
         #[source]
         source: MapError,
     },
+    #[error("reading pinned map {map} in batches (BPF_MAP_LOOKUP_BATCH)")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The pinned maps of one pin directory, typed.
@@ -75,6 +89,13 @@ pub struct PinnedMaps {
     config: Config,
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
+    /// BACKENDS and CONNS again, for the batched reads aya has no call for.
+    backends_fd: OwnedFd,
+    conns_fd: OwnedFd,
+    /// The kernel's id of CONNS: a new id means the maps were recreated.
+    conns_id: u32,
+    /// Use `BPF_MAP_LOOKUP_BATCH` (see [`Self::one_by_one`]).
+    batched: bool,
     maglev: Array<MapData, u32>,
     conns: HashMap<MapData, FlowKey, Conn>,
     conns_capacity: u32,
@@ -201,18 +222,26 @@ impl PinnedMaps {
             });
         }
         let conns_data = open_data(pin_dir, MAP_CONNS)?;
-        let conns_capacity = conns_data
-            .info()
-            .map_err(read_err(MAP_CONNS))?
-            .max_entries();
+        let conns_info = conns_data.info().map_err(read_err(MAP_CONNS))?;
+        let backends_data = open_data(pin_dir, MAP_BACKENDS)?;
+        let dup = |map: &'static str, data: &MapData| {
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| PinnedError::Batch { map, source })
+        };
         Ok(Self {
             pin_dir: pin_dir.into(),
             config,
             services: open(pin_dir, MAP_SERVICES)?,
-            backends: open(pin_dir, MAP_BACKENDS)?,
+            backends_fd: dup(MAP_BACKENDS, &backends_data)?,
+            conns_fd: dup(MAP_CONNS, &conns_data)?,
+            conns_id: conns_info.id(),
+            batched: true,
+            backends: typed(pin_dir, MAP_BACKENDS, backends_data)?,
             maglev: open(pin_dir, MAP_MAGLEV)?,
             conns: typed(pin_dir, MAP_CONNS, conns_data)?,
-            conns_capacity,
+            conns_capacity: conns_info.max_entries(),
             snat_addrs: open(pin_dir, MAP_SNAT_ADDRS)?,
             service_stats: open(pin_dir, MAP_SERVICE_STATS)?,
             backend_stats: open(pin_dir, MAP_BACKEND_STATS)?,
@@ -271,9 +300,40 @@ impl PinnedMaps {
         }
     }
 
-    /// Every backend slot in use (state not `empty`), by index.
+    /// The same maps, read one element per syscall even where the kernel
+    /// has `BPF_MAP_LOOKUP_BATCH`: how kernels older than 5.6 read, and the
+    /// bench's baseline.
+    pub fn one_by_one(mut self) -> Self {
+        self.batched = false;
+        self
+    }
+
+    /// The kernel's id of CONNS. Maps recreated under the same pin
+    /// directory (`xdplb down`, then `run`) get a new one.
+    pub fn conns_id(&self) -> u32 {
+        self.conns_id
+    }
+
+    /// Every backend slot in use (state not `empty`), by index: the whole
+    /// array in about 16 syscalls, whatever the number in use.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>, PinnedError> {
         let mut out = Vec::new();
+        if self.batched {
+            match lookup_batch(self.backends_fd.as_fd(), |&index: &u32, b: &Backend| {
+                if index != 0 && index < MAX_BACKENDS && b.state != BACKEND_EMPTY {
+                    out.push((index, *b));
+                }
+            }) {
+                Ok(()) => return Ok(out),
+                Err(BatchError::Unsupported) => {}
+                Err(BatchError::Failed(source)) => {
+                    return Err(PinnedError::Batch {
+                        map: MAP_BACKENDS,
+                        source,
+                    })
+                }
+            }
+        }
         for index in 1..MAX_BACKENDS {
             let b = self
                 .backends
@@ -311,10 +371,24 @@ impl PinnedMaps {
         }
     }
 
-    /// Walks CONNS. Entries created or evicted during the walk may be missed
-    /// or seen twice (the kernel's get-next-key restarts when the current
-    /// key vanished); entries that vanish between key and value are skipped.
+    /// Walks CONNS, 4,096 entries per syscall (batches copy whole hash
+    /// buckets, so an entry is seen at most once). Entries created or
+    /// evicted during the walk may be missed. Without batches, two syscalls
+    /// per entry, and an entry may be seen twice (the kernel's get-next-key
+    /// restarts when the current key vanished).
     pub fn for_each_conn(&self, mut f: impl FnMut(&FlowKey, &Conn)) -> Result<(), PinnedError> {
+        if self.batched {
+            match lookup_batch(self.conns_fd.as_fd(), &mut f) {
+                Ok(()) => return Ok(()),
+                Err(BatchError::Unsupported) => {}
+                Err(BatchError::Failed(source)) => {
+                    return Err(PinnedError::Batch {
+                        map: MAP_CONNS,
+                        source,
+                    })
+                }
+            }
+        }
         for k in self.conns.keys() {
             let k = k.map_err(read_err(MAP_CONNS))?;
             match self.conns.get(&k, 0) {
@@ -358,6 +432,103 @@ impl PinnedMaps {
                 Ok(sum_counters(v.iter()))
             })
             .collect()
+    }
+}
+
+// ---- batched reads ---------------------------------------------------------
+
+/// `BPF_MAP_LOOKUP_BATCH` in uapi `linux/bpf.h`'s `enum bpf_cmd`. Linux 5.6
+/// added it for arrays (commit cb4d03ab499d, "bpf: Add generic support for
+/// lookup batch op") and for hash maps, LRU ones included (commit
+/// 057996380a42, "bpf: Add batch ops to all htab bpf map"). aya 0.14 has no
+/// call for it.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The kernel's `ENOTSUPP` (not `EOPNOTSUPP`): a map type without batches.
+const ENOTSUPP: i32 = 524;
+
+/// The `batch` member of `union bpf_attr` (uapi `linux/bpf.h`). Passing
+/// fewer bytes than the whole union is allowed; the kernel zero-fills the
+/// rest.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+const _: () = assert!(size_of::<BatchAttr>() == 56);
+
+/// Elements per `BPF_MAP_LOOKUP_BATCH` call: 416 KiB of buffers for CONNS.
+/// A hash map's batch holds whole buckets (ENOSPC if one does not fit), and
+/// no bucket comes near 4,096 entries.
+const BATCH: usize = 4096;
+
+enum BatchError {
+    /// The kernel has no batches, or not for this map type: read one by one.
+    Unsupported,
+    Failed(io::Error),
+}
+
+/// Hands every element of the map behind `fd` to `f`, reading [`BATCH`] at
+/// a time. `K` and `V` must be the map's key and value types, which `typed`
+/// checked when the map was opened.
+fn lookup_batch<K: Pod + Default, V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    mut f: impl FnMut(&K, &V),
+) -> Result<(), BatchError> {
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
+    // Where the next batch starts: a key for arrays, a bucket number for
+    // hash maps; the kernel writes at most a key's size (40 bytes here).
+    let mut next = [0u64; 8];
+    let mut first = true;
+    loop {
+        let start = next;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { start.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` points at buffers of `count` keys and values of the
+        // map's own sizes and at two 64-byte positions, all alive until the
+        // call returns; the kernel writes nothing beyond them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let done = if rc < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // The end of the map; `count` says how many came with it.
+                Some(libc::ENOENT) => true,
+                Some(libc::EINVAL | ENOTSUPP) if first => return Err(BatchError::Unsupported),
+                _ => return Err(BatchError::Failed(e)),
+            }
+        } else {
+            false
+        };
+        let n = (attr.count as usize).min(BATCH);
+        for (k, v) in keys[..n].iter().zip(&values[..n]) {
+            f(k, v);
+        }
+        if done {
+            return Ok(());
+        }
+        first = false;
     }
 }
 

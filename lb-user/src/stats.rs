@@ -29,7 +29,7 @@ use crate::{
     cli::{BackendsArgs, StatsArgs},
     explain::{backend_state_name, listen_of},
     pinned::{monotonic_now_ns, PinnedError, PinnedMaps},
-    status::{self, Status},
+    status::{self, InterfaceStatus, Status},
     table::ip_from_bytes,
 };
 
@@ -145,6 +145,17 @@ impl ConnCounts {
         *self.by_service.entry(c.service).or_default() += 1;
         *self.by_backend.entry((c.service, c.backend)).or_default() += 1;
     }
+
+    /// Walks CONNS once, judging expiry at the time of the walk. It costs
+    /// time in proportion to the table (about 250 syscalls for a million
+    /// entries, each entry copied and counted).
+    pub fn walk(maps: &PinnedMaps) -> Result<Self, PinnedError> {
+        let config = maps.config();
+        let now = monotonic_now_ns();
+        let mut conns = Self::default();
+        maps.for_each_conn(|k, c| conns.add(k, c, &config, now))?;
+        Ok(conns)
+    }
 }
 
 /// Everything read from the maps for one snapshot.
@@ -165,6 +176,19 @@ pub struct MapsView {
 impl MapsView {
     /// Reads the maps (services, backends, counters, a walk of CONNS).
     pub fn read(maps: &PinnedMaps, status: Option<&Status>) -> Result<Self, PinnedError> {
+        Ok(Self {
+            conns: ConnCounts::walk(maps)?,
+            ..Self::read_without_conns(maps, status)?
+        })
+    }
+
+    /// Everything but the CONNS walk (`conns` stays empty), for a reader
+    /// that keeps a walk of its own (the metrics endpoint). Its cost grows
+    /// with the services and backends in use, not with the connection table.
+    pub fn read_without_conns(
+        maps: &PinnedMaps,
+        status: Option<&Status>,
+    ) -> Result<Self, PinnedError> {
         let config = maps.config();
         let services = maps.services()?;
         let backends = maps.backends()?;
@@ -183,9 +207,6 @@ impl MapsView {
             backend_counters.insert(i, maps.backend_counters(i)?);
         }
         let reasons = maps.reason_counters()?;
-        let mut conns = ConnCounts::default();
-        let now = monotonic_now_ns();
-        maps.for_each_conn(|k, c| conns.add(k, c, &config, now))?;
         Ok(Self {
             config,
             services,
@@ -193,7 +214,7 @@ impl MapsView {
             service_counters,
             backend_counters,
             reasons,
-            conns,
+            conns: ConnCounts::default(),
             conns_capacity: maps.conns_capacity(),
         })
     }
@@ -228,6 +249,9 @@ pub struct DaemonInfo {
     /// Age of the status file (ms) when read.
     pub status_age_ms: Option<u64>,
     pub note: Option<String>,
+    /// The configured interfaces and whether the program is on them, from
+    /// the daemon; empty without it.
+    pub interfaces: Vec<InterfaceStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -458,6 +482,7 @@ impl Snapshot {
                 status_file: daemon.path(),
                 status_age_ms: status.map(|s| time_unix_ms.saturating_sub(s.written_ms)),
                 note: daemon.note(),
+                interfaces: status.map(|s| s.interfaces.clone()).unwrap_or_default(),
             },
             services,
             reasons,
@@ -678,6 +703,7 @@ pub fn render_text(s: &Snapshot, rates: bool) -> String {
     if let Some(secs) = s.interval_secs {
         let _ = writeln!(out, "rates over the last {secs:.1}s");
     }
+    render_interfaces(&s.daemon.interfaces, s.time_unix_ms, &mut out);
     out.push('\n');
     if s.services.is_empty() {
         out.push_str("no services in the maps yet\n");
@@ -798,6 +824,31 @@ pub fn render_text(s: &Snapshot, rates: bool) -> String {
     out
 }
 
+/// The "interfaces:" block: one line per configured interface, e.g.
+/// `  eth1  attached (xdp, ifindex 9) for 1.2s`.
+fn render_interfaces(list: &[InterfaceStatus], now_ms: u64, out: &mut String) {
+    if list.is_empty() {
+        return;
+    }
+    out.push_str("interfaces:\n");
+    let width = list.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    for i in list {
+        let _ = write!(
+            out,
+            "  {:width$}  {} ({}, ifindex {}) for {}",
+            i.name,
+            i.state,
+            i.hook,
+            i.ifindex,
+            fmt_duration_ms(now_ms.saturating_sub(i.since_unix_ms))
+        );
+        if let Some(m) = &i.message {
+            let _ = write!(out, ": {m}");
+        }
+        out.push('\n');
+    }
+}
+
 /// Writes to stdout; `false` when the reader went away (`| head`).
 fn emit(text: &str) -> Result<bool> {
     let mut out = std::io::stdout().lock();
@@ -876,6 +927,29 @@ pub struct BackendsService {
     pub listen: String,
     pub backends_name: String,
     pub backends: Vec<BackendRow>,
+    /// Addresses of the last DNS answer that are not backends, and why.
+    pub rejected: Vec<RejectedRow>,
+    /// The SNAT source address in use.
+    pub snat_addr: Option<std::net::IpAddr>,
+    /// The failing map update, while there is one.
+    pub error: Option<ErrorRow>,
+    /// Failed map updates since the daemon started.
+    pub map_write_errors: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RejectedRow {
+    pub addr: std::net::IpAddr,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ErrorRow {
+    pub message: String,
+    pub since_unix_ms: u64,
+    /// How long the maps have lagged behind (ms) when read.
+    pub for_ms: u64,
+    pub attempts: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -941,6 +1015,22 @@ impl BackendsReport {
                             refused_ago_ms: b.last_refused_ms.map(|t| now_ms.saturating_sub(t)),
                         })
                         .collect(),
+                    rejected: svc
+                        .rejected
+                        .iter()
+                        .map(|r| RejectedRow {
+                            addr: r.addr,
+                            reason: r.reason.clone(),
+                        })
+                        .collect(),
+                    snat_addr: svc.snat_addr,
+                    error: svc.error.as_ref().map(|e| ErrorRow {
+                        message: e.message.clone(),
+                        since_unix_ms: e.since_ms,
+                        for_ms: now_ms.saturating_sub(e.since_ms),
+                        attempts: e.attempts,
+                    }),
+                    map_write_errors: svc.map_write_errors,
                 })
                 .collect(),
         }
@@ -991,8 +1081,31 @@ impl BackendsReport {
                     reason,
                 ]);
             }
+            for r in &s.rejected {
+                t.row(vec![
+                    s.name.clone(),
+                    r.addr.to_string(),
+                    "rejected".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("from DNS: {}", r.reason),
+                ]);
+            }
         }
         t.render(&mut out);
+        for s in &self.services {
+            if let Some(e) = &s.error {
+                let _ = writeln!(
+                    out,
+                    "{}: map update failing for {} ({} attempts; the data plane keeps the last \
+                     good table): {}",
+                    s.name,
+                    fmt_duration_ms(e.for_ms),
+                    e.attempts,
+                    e.message
+                );
+            }
+        }
         out
     }
 }
@@ -1182,6 +1295,7 @@ mod tests {
             pid: 4242,
             written_ms: 1_000_000,
             pin_dir: "/sys/fs/bpf/xdplb".into(),
+            interfaces: Vec::new(),
             services: vec![ServiceStatus {
                 name: "web".into(),
                 listen: "0.0.0.0:80/tcp".into(),
@@ -1221,6 +1335,17 @@ mod tests {
                         last_refused_ms: None,
                     },
                 ],
+                rejected: vec![status::RejectedStatus {
+                    addr: "127.0.0.1".parse().unwrap(),
+                    reason: "loopback address".into(),
+                }],
+                snat_addr: Some("10.1.0.1".parse().unwrap()),
+                error: Some(status::ServiceError {
+                    message: "no free backend slot".into(),
+                    since_ms: 990_000,
+                    attempts: 4,
+                }),
+                map_write_errors: 4,
             }],
         }
     }
@@ -1254,7 +1379,8 @@ mod tests {
                 "pid": null,
                 "status_file": "/run/xdplb/x.status.json",
                 "status_age_ms": null,
-                "note": "the daemon isn't running (no status file /run/xdplb/x.status.json): services show as VIP:port/proto, backend states come from the maps"
+                "note": "the daemon isn't running (no status file /run/xdplb/x.status.json): services show as VIP:port/proto, backend states come from the maps",
+                "interfaces": []
             },
             "services": [{
                 "id": 1,
@@ -1361,6 +1487,32 @@ mod tests {
     }
 
     #[test]
+    fn interfaces_block() {
+        let iface = |name: &str, ifindex, state: &str, message: Option<&str>| InterfaceStatus {
+            name: name.into(),
+            ifindex,
+            hook: "tc".into(),
+            state: state.into(),
+            message: message.map(String::from),
+            since_unix_ms: 1_000,
+        };
+        let mut out = String::new();
+        render_interfaces(
+            &[
+                iface("eth0", 2, "attached", None),
+                iface("bond0", 7, "missing", Some("removed")),
+            ],
+            2_500,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            "interfaces:\n  eth0   attached (tc, ifindex 2) for 1.5s\n  bond0  missing (tc, \
+             ifindex 7) for 1.5s: removed\n"
+        );
+    }
+
+    #[test]
     fn human_formats() {
         assert_eq!(fmt_count(0), "0");
         assert_eq!(fmt_count(999), "999");
@@ -1438,12 +1590,23 @@ connection table: 6 of 1,000 entries (0.6% full), 3 live flows
         );
         let text = r.render();
         let want = "\
-SERVICE  BACKEND         STATE      FOR  LAST CHECK              REASON
-web      10.1.0.11:8080  active   1m40s  ok in 412 µs, 0.9s ago  2 checks passed (refused a connection 0.7s ago)
-web      10.1.0.12:8080  probing   2.4s  none yet                new in DNS
-web      10.1.0.13:8080  probing   1.4s  none yet                new in DNS
+SERVICE  BACKEND         STATE       FOR  LAST CHECK              REASON
+web      10.1.0.11:8080  active    1m40s  ok in 412 µs, 0.9s ago  2 checks passed (refused a connection 0.7s ago)
+web      10.1.0.12:8080  probing    2.4s  none yet                new in DNS
+web      10.1.0.13:8080  probing    1.4s  none yet                new in DNS
+web      127.0.0.1       rejected      -  -                       from DNS: loopback address
+web: map update failing for 10s (4 attempts; the data plane keeps the last good table): no free backend slot
 ";
         assert_eq!(text, want);
+        assert_eq!(
+            json["services"][0]["rejected"],
+            serde_json::json!([{"addr": "127.0.0.1", "reason": "loopback address"}])
+        );
+        assert_eq!(
+            json["services"][0]["error"],
+            serde_json::json!({"message": "no free backend slot", "since_unix_ms": 990_000,
+                               "for_ms": 10_400, "attempts": 4})
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! What the daemon knows that the maps do not: service names and each
 //! backend's state, reason, age and latest health check. The daemon writes it
-//! as JSON next to its lock (`/run/xdplb/<pin dir>.status.json`, atomically:
+//! as JSON next to its lock (`/run/xdplb/<pin dir>.status.json`, mode 0600, atomically:
 //! write a temporary file, then rename), at most once a second and on every
 //! state change; `xdplb backends` and `xdplb stats` read it. The format is
 //! versioned (`version`) and documented in docs/OBSERVABILITY.md.
 
 use std::{
+    fs::OpenOptions,
+    io::Write as _,
     net::SocketAddr,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -24,9 +27,31 @@ pub struct Status {
     pub written_ms: u64,
     pub pin_dir: PathBuf,
     pub services: Vec<ServiceStatus>,
+    /// The configured interfaces and whether the program is on them.
+    /// Absent in status files of older daemons.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceStatus>,
 }
 
+/// One configured interface (lb-user/src/ifwatch.rs).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// The device the program is on; while missing or failing, the last one
+    /// seen.
+    pub ifindex: u32,
+    /// `xdp` or `tc` (XDP mode attaches TC as well).
+    pub hook: String,
+    /// `attached`, `missing` (no interface of that name) or `error`
+    /// (attaching failed; retried).
+    pub state: String,
+    /// What happened, unless attached.
+    pub message: Option<String>,
+    /// Unix time (ms) when it entered `state`.
+    pub since_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServiceStatus {
     pub name: String,
     /// `ADDR:PORT/proto`.
@@ -36,6 +61,37 @@ pub struct ServiceStatus {
     /// The DNS name the tasks come from.
     pub backends_name: String,
     pub backends: Vec<BackendStatus>,
+    /// Addresses of the last DNS answer that are not backends, with the
+    /// reason (loopback, an address of this host, over `max_backends`, ...).
+    /// Absent in status files of older daemons.
+    #[serde(default)]
+    pub rejected: Vec<RejectedStatus>,
+    /// The SNAT source address in use, once chosen.
+    #[serde(default)]
+    pub snat_addr: Option<std::net::IpAddr>,
+    /// The last failed map update, while the service's maps lag behind its
+    /// state (the data plane keeps the last good table; retried with
+    /// back-off). `None` once an update succeeds.
+    #[serde(default)]
+    pub error: Option<ServiceError>,
+    /// Map updates that failed since the daemon started (a counter).
+    #[serde(default)]
+    pub map_write_errors: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RejectedStatus {
+    pub addr: std::net::IpAddr,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceError {
+    pub message: String,
+    /// Unix time (ms) of the first failure of this episode.
+    pub since_ms: u64,
+    /// Failed attempts in this episode.
+    pub attempts: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -88,7 +144,17 @@ impl Status {
     pub fn write(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self)?;
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        // Mode 0600: it names every backend and its health. A fresh file
+        // (O_EXCL), so a leftover 0644 one or a symlink is not written through.
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(&text)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
     }
 

@@ -24,6 +24,7 @@ use lb_common::{
 use crate::{
     maglev::{self, MaglevBackend},
     maps::DataPlane,
+    screen::HostAddrs,
 };
 
 /// What a service looks like to the writer.
@@ -99,6 +100,10 @@ pub struct Writer {
     maglev_capacity: u32,
     /// Backend indexes in use (index -> owning service id).
     used_backends: HashMap<u32, u32>,
+    /// At most this many backend indexes are handed out (`backend_slots`).
+    backend_slots: u32,
+    /// This host's addresses: a SNAT source must be one of them.
+    host: HostAddrs,
 }
 
 /// What one `apply` did, for logs and tests.
@@ -117,9 +122,33 @@ impl Writer {
             services: BTreeMap::new(),
             maglev_capacity,
             used_backends: HashMap::new(),
+            backend_slots: MAX_BACKENDS - 1,
+            host: HostAddrs::read().context("listing the host's addresses")?,
         };
         w.adopt(specs)?;
         Ok(w)
+    }
+
+    /// Hands out at most `n` backend indexes (config `backend_slots`).
+    /// Indexes already in use stay.
+    pub fn set_backend_slots(&mut self, n: u32) {
+        self.backend_slots = n.min(MAX_BACKENDS - 1);
+    }
+
+    /// The host's addresses changed: a SNAT source that is no longer one of
+    /// them is chosen again on the service's next [`Writer::apply`].
+    /// Returns whether anything changed.
+    pub fn set_host_addrs(&mut self, host: HostAddrs) -> bool {
+        let changed = host != self.host;
+        self.host = host;
+        changed
+    }
+
+    /// The SNAT source address service `name` uses now, if it has one.
+    pub fn snat_addr(&self, name: &str) -> Option<IpAddr> {
+        let st = self.services.get(name)?;
+        let ip = ip_from_bytes(&st.svc.snat_addr, family_of(st.spec.listen.ip()));
+        (!ip.is_unspecified()).then_some(ip)
     }
 
     pub fn data_plane(&self) -> &DataPlane {
@@ -289,20 +318,47 @@ impl Writer {
             .with_context(|| format!("unknown service {name}"))?;
         let id = st.svc.id;
 
-        // SNAT address: fixed, or what the kernel would use towards a backend.
+        // Room for the new backends, checked before anything is written: a
+        // service that does not fit keeps its last good table.
+        let new = backends
+            .keys()
+            .filter(|a| !st.backends.contains_key(a))
+            .count();
+        // Departed backends free their indexes only after the flip, so they
+        // do not count as room.
+        let in_use = self.used_backends.len();
+        let free = (self.backend_slots as usize).saturating_sub(in_use);
+        if new > free {
+            bail!(
+                "no free backend slot: {new} new task(s) need slots, {free} of backend_slots = {} \
+                 are free ({in_use} in use)",
+                self.backend_slots
+            );
+        }
+
+        // SNAT address: fixed, or what the kernel would use towards the
+        // backends. Never an address from DNS: the source must be one of this
+        // host's addresses, and it is chosen again only when it stops being one.
         if st.spec.snat_addr.is_none() {
-            if let Some(first) = backends.keys().next() {
-                let ip = source_addr_towards(*first)?;
+            let family = family_of(st.spec.listen.ip());
+            let current = ip_from_bytes(&st.svc.snat_addr, family);
+            let keep = !current.is_unspecified() && self.host.contains(current);
+            if !keep && !backends.is_empty() {
+                let ip = choose_snat(backends.keys(), &self.host).with_context(|| {
+                    format!("choosing the SNAT source address of service {name}")
+                })?;
                 let (bytes, family) = addr_bytes(ip);
-                if st.svc.snat_addr != bytes {
+                if current.is_unspecified() {
                     tracing::info!(service = name, snat = %ip, "SNAT source address chosen (route towards the backends)");
-                    st.svc.snat_addr = bytes;
-                    self.dp.add_snat_addr(&AddrKey {
-                        addr: bytes,
-                        family,
-                        _pad: [0; 3],
-                    })?;
+                } else {
+                    tracing::warn!(service = name, snat = %ip, old = %current, "SNAT source address chosen again: the old one is no longer an address of this host");
                 }
+                self.dp.add_snat_addr(&AddrKey {
+                    addr: bytes,
+                    family,
+                    _pad: [0; 3],
+                })?;
+                st.svc.snat_addr = bytes;
             }
         } else if let Some(ip) = st.spec.snat_addr {
             let (bytes, family) = addr_bytes(ip);
@@ -325,9 +381,9 @@ impl Writer {
         }
         for addr in backends.keys() {
             if !st.backends.contains_key(addr) {
-                let index = (1..MAX_BACKENDS)
+                let index = (1..=self.backend_slots)
                     .find(|i| !self.used_backends.contains_key(i))
-                    .context("no free backend index")?;
+                    .context("no free backend slot")?;
                 self.used_backends.insert(index, id);
                 st.backends.insert(*addr, index);
                 self.dp.reset_backend_counters(index)?;
@@ -436,6 +492,40 @@ fn first_fit(regions: &[(u32, u32)], need: u32, capacity: u32) -> Option<u32> {
         base = base.max(b + len);
     }
     (base.checked_add(need)? <= capacity).then_some(base)
+}
+
+fn family_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv6() {
+        FAMILY_V6
+    } else {
+        FAMILY_V4
+    }
+}
+
+/// The SNAT source for a service with `backends`: the source the kernel
+/// would use towards the first backend that has a route, if that source is
+/// an ordinary address of this host.
+fn choose_snat<'a>(
+    backends: impl Iterator<Item = &'a SocketAddr>,
+    host: &HostAddrs,
+) -> Result<IpAddr> {
+    let mut why = Vec::new();
+    for b in backends {
+        match source_addr_towards(*b) {
+            Ok(ip) if host.contains(ip) && !ip.is_loopback() => return Ok(ip),
+            Ok(ip) => why.push(format!(
+                "{b}: source {ip} is not a non-loopback host address"
+            )),
+            Err(e) => why.push(format!("{b}: {e:#}")),
+        }
+        if why.len() >= 3 {
+            break;
+        }
+    }
+    bail!(
+        "no usable source address towards the backends ({})",
+        why.join("; ")
+    )
 }
 
 /// The source address the kernel would pick to reach `dst` (a connected UDP

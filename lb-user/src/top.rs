@@ -429,6 +429,7 @@ mod tests {
                 status_file: "/run/x".into(),
                 status_age_ms: Some(1),
                 note: None,
+                interfaces: Vec::new(),
             },
             services: vec![ServiceStats {
                 id: 1,

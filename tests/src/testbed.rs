@@ -190,6 +190,9 @@ pub struct DaemonConfig {
     /// Also balance `10.10.0.1:5353/udp` to the backends' UDP echo (service
     /// `web-udp`, no health checks, as UDP services default to).
     pub udp: bool,
+    /// Top-level settings written before everything else (e.g.
+    /// `backend_slots = 4`), one per line.
+    pub extra_top: String,
 }
 
 impl DaemonConfig {
@@ -205,6 +208,7 @@ impl DaemonConfig {
             drain_timeout: Duration::from_secs(3),
             closing_timeout: Duration::from_secs(10),
             udp: true,
+            extra_top: String::new(),
         }
     }
 
@@ -214,6 +218,7 @@ impl DaemonConfig {
         let mut s = String::new();
         let _ = writeln!(s, "interfaces = [\"eth0\", \"eth1\"]");
         let _ = writeln!(s, "attach = \"{}\"", self.attach);
+        s.push_str(&self.extra_top);
         let _ = writeln!(s, "\n[conntrack]");
         let _ = writeln!(s, "closing_timeout = {}", ms(self.closing_timeout));
         let _ = writeln!(s, "\n[[service]]");
@@ -562,6 +567,31 @@ impl Testbed {
         &self.ovl
     }
 
+    /// Deletes the balancer's backend-side `eth1` (its peer `l1` on br0 goes
+    /// with it), as a reconnect, a bond rebuild or a re-plumbed container
+    /// veth does. [`recreate_eth1`](Self::recreate_eth1) brings it back.
+    pub fn delete_eth1(&self) -> Result<()> {
+        self.lb.ip(&["link", "del", "eth1"])?;
+        Ok(())
+    }
+
+    /// Re-creates `eth1` as [`build`](Self::build) made it: a veth whose
+    /// peer `l1` is a port of br0 (GRO on `l1` in XDP mode), with
+    /// 10.20.0.1/24, up. A new device: new ifindex, new MAC. Routes that
+    /// extras added through `eth1` (many tasks) are not restored.
+    pub fn recreate_eth1(&self) -> Result<()> {
+        bridge_port(&self.ovl, &self.lb, "eth1", "l1")?;
+        if self.mode == Mode::Xdp {
+            self.ovl.exec(&["ethtool", "-K", "l1", "gro", "on"])?;
+        }
+        self.lb
+            .exec(&["sysctl", "-qw", "net.ipv4.conf.eth1.rp_filter=0"])?;
+        let addr = format!("{LB_OVERLAY_ADDR}/24");
+        self.lb.ip(&["addr", "add", &addr, "dev", "eth1"])?;
+        self.lb.ip(&["link", "set", "eth1", "up"])?;
+        Ok(())
+    }
+
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         self.rt.handle()
     }
@@ -753,6 +783,13 @@ impl Testbed {
     /// `xdplb backends --pin-dir PIN_DIR`: the daemon's view of every task.
     pub fn backends_text(&self) -> Result<String> {
         self.xdplb_text(&["backends"])
+    }
+
+    /// `xdplb backends --json --pin-dir PIN_DIR`, parsed.
+    pub fn backends_json(&self) -> Result<serde_json::Value> {
+        let text = self.xdplb_text(&["backends", "--json"])?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing `xdplb backends --json`: {text}"))
     }
 
     /// `xdplb ARGS --pin-dir PIN_DIR`'s stdout; fails unless it exits 0.

@@ -446,12 +446,14 @@ fn status_for(lab: &PacketLab, w: &World, pid: u32) -> Status {
         pid,
         written_ms: now,
         pin_dir: lab.pin_dir().into(),
+        interfaces: Vec::new(),
         services: vec![ServiceStatus {
             name: "web".into(),
             listen: format!("{}/tcp", w.tcp.vip),
             id: w.tcp.id(),
             backends_name: "tasks.web".into(),
             backends,
+            ..Default::default()
         }],
     }
 }

@@ -11,6 +11,10 @@
 //!   default: the old task leaves DNS, stops 2 s later, then a new one
 //!   joins); failed requests.
 //!
+//! - interface re-created (xdplb only): the balancer's backend-side `eth1`
+//!   is deleted and re-created 1 s later; time from the re-creation to the
+//!   daemon's re-attach (its status file), and to the first request answered.
+//!
 //! The 2 s are Swarm's own order of shutdown: moby's container executor
 //! (`daemon/cluster/executor/container/controller.go`, `Shutdown`) first
 //! removes the task from service discovery (`deactivateServiceBinding`), then
@@ -25,6 +29,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use lb_user::status::{self, InterfaceStatus, Status};
 use tests::testbed::{
     client::{Load, LoadReport},
     wait_until, Mode, Testbed,
@@ -49,6 +54,10 @@ pub struct Timings {
     pub scale_down_requests: u64,
     pub rolling_failed: u64,
     pub rolling_requests: u64,
+    /// xdplb: `eth1` re-created; ms from the re-creation to the re-attach,
+    /// to the end of the testbed's own configuration of the device, and to
+    /// the first request answered.
+    pub reattach_ms: Option<(f64, f64, f64)>,
 }
 
 /// Runs `f` while the client sends requests for `dur`.
@@ -153,7 +162,44 @@ fn scenarios(tb: &Testbed, balancer: Balancer) -> Result<Timings> {
         scale_down_requests,
         rolling_failed,
         rolling_requests,
+        reattach_ms: None,
     })
+}
+
+/// Deletes `eth1` and re-creates it 1 s later: ms from the re-creation to
+/// the daemon's re-attach (the `since` of its status), to the device being
+/// configured (address, up), and to the first request answered.
+fn reattach(tb: &Testbed) -> Result<(f64, f64, f64)> {
+    let path = status::status_path(tb.pin_dir());
+    let eth1 = |state: &str| -> Option<InterfaceStatus> {
+        Status::read(&path)
+            .ok()?
+            .interfaces
+            .into_iter()
+            .find(|i| i.name == "eth1" && i.state == state)
+    };
+    tb.delete_eth1()?;
+    wait_until(Duration::from_secs(5), "the daemon to see eth1 go", || {
+        eth1("missing")
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (created_ms, t) = (status::now_ms(), Instant::now());
+    tb.recreate_eth1()?;
+    let configured = t.elapsed();
+    let first = wait_until(
+        Duration::from_secs(10),
+        "a request through the new eth1",
+        || tb.get().ok().map(|_| t.elapsed()),
+    )?;
+    let attached = wait_until(Duration::from_secs(5), "eth1 re-attached", || {
+        eth1("attached").filter(|i| i.since_unix_ms >= created_ms)
+    })?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok((
+        (attached.since_unix_ms - created_ms) as f64,
+        ms(configured),
+        ms(first),
+    ))
 }
 
 pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<Timings>> {
@@ -180,7 +226,8 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<Timings>> {
                 cfg.fall = FALL;
                 let daemon = tb.start_daemon(&tb.config_args(&cfg)?)?;
                 wait_backends(&tb, 3, "xdplb to reach three tasks")?;
-                let t = scenarios(&tb, balancer)?;
+                let mut t = scenarios(&tb, balancer)?;
+                t.reattach_ms = Some(reattach(&tb)?);
                 drop(daemon);
                 tb.down()?;
                 t

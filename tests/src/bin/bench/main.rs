@@ -18,6 +18,7 @@ mod e2e;
 mod live;
 mod memory;
 mod report;
+mod scrape;
 
 use std::{
     path::{Path, PathBuf},
@@ -56,14 +57,17 @@ enum Section {
     Control,
     /// §6: memory.
     Memory,
+    /// §7: the cost of a `/metrics` scrape with full tables.
+    Metrics,
 }
 
 impl Section {
-    const ALL: [(&'static str, Section); 4] = [
+    const ALL: [(&'static str, Section); 5] = [
         ("dataplane", Section::Dataplane),
         ("e2e", Section::E2e),
         ("control", Section::Control),
         ("memory", Section::Memory),
+        ("metrics", Section::Metrics),
     ];
 
     fn parse_list(list: &str) -> Result<Vec<Section>> {
@@ -121,7 +125,7 @@ fn parse_args() -> Result<Args> {
                      (default 1M), shorter live-frames and wrk runs. --no-write: print only.\n\
                      --no-e2e: skip the parts that run the daemon in the namespace testbed: the\n\
                      comparison with HAProxy (needs haproxy, wrk, bpftool and the xdplb binary)\n\
-                     and the memory figures. --only dataplane,e2e,control,memory: run just\n\
+                     and the memory figures. --only dataplane,e2e,control,memory,metrics: run just\n\
                      these sections and print them (implies --no-write), for iterating on one.\n\
                      Needs root."
                 );
@@ -211,7 +215,13 @@ impl Plan {
             .iter()
             .map(|n| *n as f64 * 0.25 + 5.0)
             .sum();
-        self.test_runs(runs) as f64 * per_run + fill + live + e2e + memory + 10.0
+        self.test_runs(runs) as f64 * per_run
+            + fill
+            + live
+            + e2e
+            + memory
+            + scrape::ESTIMATE_S
+            + 10.0
     }
 }
 
@@ -486,6 +496,16 @@ fn control_table(rows: &[control::Timings]) -> Table {
             verdict(r.rolling_failed == 0),
             hap(|h| h.rolling_failed.to_string()),
         ));
+        if let Some((attach, configured, first)) = r.reattach_ms {
+            t.notes.push(format!(
+                "interface re-created: the backend-side eth1 deleted and re-created 1 s later; \
+                 {} re-attached its program {attach:.0} ms after the re-creation (a link event; \
+                 status-file resolution 1 ms); the first request was answered {first:.0} ms after \
+                 it, {configured:.0} ms of which the testbed spent giving the device its address \
+                 and bringing it up",
+                r.balancer.label()
+            ));
+        }
     }
     t
 }
@@ -939,6 +959,20 @@ fn main() -> Result<()> {
                     println!("memory not measured: {e:#}");
                     not_measured.push(NOT_MEASURED_MEMORY);
                 }
+            }
+        }
+    }
+
+    if args.wants(Section::Metrics) {
+        match scrape::run(|what| progress.say(what)) {
+            Ok(r) => {
+                let t = scrape::table(&r);
+                t.print();
+                tables.push(t);
+            }
+            Err(e) => {
+                println!("metrics scrape not measured: {e:#}");
+                not_measured.push(scrape::NOT_MEASURED);
             }
         }
     }
