@@ -74,6 +74,29 @@ pub fn auto_hook(iface: &str) -> (Hook, String) {
     }
 }
 
+/// What XDP on `iface` needs that the daemon cannot arrange, for a warning
+/// at start; `None` on a physical NIC.
+///
+/// XDP_TX/XDP_REDIRECT into a veth is delivered only when the receiving peer
+/// has NAPI (GRO on, or an XDP program of its own), and the frames keep no
+/// "checksum still to be finished" state, so senders on veths must not
+/// offload their checksums (DESIGN.md, toolchain facts). Without both,
+/// every forwarded frame is dropped and shows only as `xdp_tx_errors` in
+/// `ethtool -S` or as bad checksums at the receiver.
+pub fn xdp_caveat(iface: &str) -> Option<String> {
+    let (driver, bus) = driver_info(iface)?;
+    if !bus.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{iface}: XDP on a virtual device (driver {driver}): forwarded frames are dropped unless \
+         the peer of every veth the balancer sends into has NAPI (`ethtool -K <peer> gro on`, or \
+         an XDP program on the peer) and the senders' tx checksum offload is off (`ethtool -K \
+         <dev> tx off`). Inside a container the peers are out of reach: use `--attach tc` (or \
+         `auto`, which picks TC here)"
+    ))
+}
+
 /// (driver, bus_info) from ETHTOOL_GDRVINFO.
 fn driver_info(iface: &str) -> Option<(String, String)> {
     const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;

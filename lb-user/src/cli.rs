@@ -17,6 +17,17 @@ use crate::config::{AttachMode, BackendsConfig, CheckKind, Listen};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` or `json` (one object per line, for log
+    /// pipelines). Logs go to stderr, coloured only on a terminal
+    /// (NO_COLOR turns that off too); RUST_LOG filters them (default info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        value_name = "FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]

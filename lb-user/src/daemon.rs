@@ -16,6 +16,7 @@ use tokio::{
     task::JoinHandle,
     time::Instant,
 };
+use tracing::Instrument as _;
 
 use crate::{
     attach::{self, Hook, InstanceLock},
@@ -39,7 +40,7 @@ const COALESCE: Duration = Duration::from_millis(100);
 
 /// How often the host's addresses are read again (they decide what a DNS
 /// answer may hold and whether a SNAT source is still valid).
-const HOST_REREAD: Duration = Duration::from_secs(2);
+const HOST_REREAD: Duration = Duration::from_secs(1);
 
 fn writer_host_addrs() -> Result<HostAddrs> {
     HostAddrs::read().context("listing this host's addresses")
@@ -350,9 +351,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
     let mut tasks = Vec::new();
     if let Some(listener) = metrics {
         let (pin, stop) = (cfg.pin_dir.clone(), stop_rx.clone());
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!("Prometheus metrics on http://{addr}/metrics");
-        }
+        // serve_on logs the address once.
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve_on(listener, pin, stop).await {
                 tracing::error!("metrics endpoint stopped: {e:#}");
@@ -369,15 +368,20 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
             b.nameserver,
             b.interval.min(discovery::DEFAULT_QUERY_TIMEOUT),
         );
-        tasks.push(tokio::spawn(discovery::run(
-            resolver,
-            b.name.clone(),
-            b.family.into(),
-            b.interval,
-            b.empty_polls,
-            tx,
-            stop_rx.clone(),
-        )));
+        // Log lines carry the configured service name (two services may ask
+        // for the same DNS name); the DNS name is the `dns` field.
+        tasks.push(tokio::spawn(
+            discovery::run(
+                resolver,
+                b.name.clone(),
+                b.family.into(),
+                b.interval,
+                b.empty_polls,
+                tx,
+                stop_rx.clone(),
+            )
+            .instrument(tracing::info_span!("discovery", service = %s.cfg.name)),
+        ));
         let fwd = dns_tx.clone();
         tasks.push(tokio::spawn(async move {
             while rx.changed().await.is_ok() {
@@ -439,6 +443,9 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
                     // Published at once, like a backend state change.
                     status_written = Instant::now() - Duration::from_secs(10);
                     status_dirty = true;
+                    // An interface that came or went takes addresses with it:
+                    // read them now rather than at the next periodic read.
+                    host_read = Instant::now() - HOST_REREAD;
                 }
                 (None, Vec::new())
             }
@@ -463,6 +470,11 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
                     host = h.clone();
                     writer.set_host_addrs(h);
                     for (j, s) in services.iter_mut().enumerate() {
+                        // A failure may have been for want of an address:
+                        // retry at once instead of after the back-off.
+                        if let Some(f) = &mut s.failing {
+                            f.retry_at = now;
+                        }
                         if let Some(answer) = s.answer.clone() {
                             let set = s.screen(answer, &host);
                             let port = s.cfg.backends.port;
@@ -581,6 +593,11 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
             AttachMode::Tc => (Hook::Tc, format!("{iface}: TC (configured)")),
         };
         tracing::info!("attach mode for {why}");
+        if hook == Hook::Xdp {
+            if let Some(caveat) = attach::xdp_caveat(iface) {
+                tracing::warn!("{caveat}");
+            }
+        }
         let (index, log) = attach::attach(writer.data_plane_mut(), iface, hook)?;
         for msg in log {
             tracing::info!("{msg}");
@@ -646,16 +663,20 @@ fn reconcile_checkers(
         let fwd = tx.clone();
         let mut global_stop = stop.clone();
         let c = &s.cfg.check;
-        let checker = tokio::spawn(health::run_checker(
-            http.clone(),
-            target,
-            spec.clone(),
-            c.interval,
-            c.rise,
-            c.fall,
-            ev_tx,
-            stop_rx,
-        ));
+        let span = tracing::info_span!("health", service = %s.cfg.name);
+        let checker = tokio::spawn(
+            health::run_checker(
+                http.clone(),
+                target,
+                spec.clone(),
+                c.interval,
+                c.rise,
+                c.fall,
+                ev_tx,
+                stop_rx,
+            )
+            .instrument(span),
+        );
         let handle = tokio::spawn(async move {
             loop {
                 tokio::select! {

@@ -689,7 +689,7 @@ impl<R: Resolve> Poller<R> {
         let mut tracker = Tracker::with_backoff(empty_polls, interval, max_backoff);
         tracker.seed(tx.borrow().clone());
         info!(
-            %service,
+            dns = %service,
             query = %name,
             record = family.record_type(),
             nameserver = %server,
@@ -713,13 +713,13 @@ impl<R: Resolve> Poller<R> {
                 result.map(|ips| ips.into_iter().filter(|ip| family.matches(ip)).collect());
             stats.record(&result);
             let failed = matches!(&result, Err(e) if !e.is_negative());
-            debug!(%service, query = %name, result = ?result, "poll");
+            debug!(dns = %service, query = %name, result = ?result, "poll");
 
             let observation = tracker.observe(result);
             if observation.changed {
                 stats.changes.fetch_add(1, Ordering::Relaxed);
                 info!(
-                    %service,
+                    dns = %service,
                     tasks = observation.set.len(),
                     added = ?observation.added,
                     removed = ?observation.removed,
@@ -739,11 +739,11 @@ impl<R: Resolve> Poller<R> {
                 });
             } else if let Some(note) = &observation.note {
                 if failed {
-                    warn!(%service, nameserver = %server, "{name}: {note}");
+                    warn!(dns = %service, nameserver = %server, "{name}: {note}");
                 } else if tracker.current().is_empty() {
-                    debug!(%service, nameserver = %server, "{name}: {note}");
+                    debug!(dns = %service, nameserver = %server, "{name}: {note}");
                 } else {
-                    info!(%service, nameserver = %server, "{name}: {note}");
+                    info!(dns = %service, nameserver = %server, "{name}: {note}");
                 }
             }
 
@@ -753,7 +753,7 @@ impl<R: Resolve> Poller<R> {
                 () = tokio::time::sleep(observation.next_delay) => {}
             }
         }
-        debug!(%service, "discovery stops");
+        debug!(dns = %service, "discovery stops");
     }
 }
 

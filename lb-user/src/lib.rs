@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod explain;
 pub mod health;
 pub mod ifwatch;
+pub mod logging;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;

@@ -3,16 +3,10 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use lb_user::cli::{Cli, Command};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
+    lb_user::logging::init(cli.log_format);
     let res = match cli.command {
         Command::Run(args) => lb_user::daemon::run_cli(*args),
         Command::Down(args) => lb_user::daemon::down(&args.pin_dir),

@@ -67,11 +67,15 @@ use crate::{
 /// and new-connection counters and backend states are read on every scrape.
 pub const CONNTRACK_WALK_EVERY: Duration = Duration::from_secs(10);
 
-/// Connections the endpoint serves at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections the endpoint serves at once; more wait in the listen
+/// backlog. Each serves one request (no keep-alive: an idle connection
+/// would hold its place for nothing), and every request shares the
+/// snapshot being taken, so this caps file descriptors and buffers, not
+/// snapshots.
+pub const MAX_CONNECTIONS: usize = 32;
 
-/// How long one connection may stay open, keep-alive included: a client
-/// that stops reading cannot hold one of the [`MAX_CONNECTIONS`] for good.
+/// How long one connection may stay open: a client that stops reading
+/// cannot hold one of the [`MAX_CONNECTIONS`] for good.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// The `Content-Type` of `/metrics`.
@@ -358,16 +362,12 @@ impl Scraper {
 
     /// One snapshot, encoded (blocking).
     fn read(&self) -> Result<String> {
-        let t0 = Instant::now();
+        let started = Instant::now();
         let maps = PinnedMaps::open(&self.pin_dir)?;
-        let t1 = t0.elapsed();
         let daemon = Daemon::read(&self.pin_dir);
-        let t2 = t0.elapsed();
         let mut view = MapsView::read_without_conns(&maps, daemon.status())?;
-        let t3 = t0.elapsed();
         let walk;
         (view.conns, walk) = self.conns(&maps)?;
-        let t4 = t0.elapsed();
         let snapshot = Snapshot::build(
             &view,
             &daemon,
@@ -375,13 +375,15 @@ impl Scraper {
             status::now_ms(),
             monotonic_now_ns(),
         );
-        let t5 = t0.elapsed();
-        let r = encode_snapshot(&snapshot, walk);
-        eprintln!(
-            "PROFILE open {t1:?} daemon {t2:?} view {t3:?} conns {t4:?} build {t5:?} encode {:?}",
-            t0.elapsed()
+        let body = encode_snapshot(&snapshot, walk)?;
+        tracing::debug!(
+            "metrics: snapshot of {} services in {:.0?}, connection table walked {:.1?} ago (in {:.0?})",
+            snapshot.services.len(),
+            started.elapsed(),
+            walk.age,
+            walk.took
         );
-        r
+        Ok(body)
     }
 
     /// The connection-table census: the last walk while it is younger than
@@ -520,6 +522,7 @@ pub async fn serve_with(
                     let svc = service_fn(move |req| handle(req, Arc::clone(&scraper)));
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
+                        .keep_alive(false)
                         .header_read_timeout(Duration::from_secs(10))
                         .serve_connection(TokioIo::new(stream), svc);
                     tokio::pin!(conn);

@@ -314,7 +314,8 @@ fn foreign_owner_is_refused_and_kept() {
 fn down_with_nothing_there_succeeds() {
     let d = Scratch::new("/sys/fs/bpf", "none");
     let out = xdplb(&down_args(&d.0));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Logs go to stderr.
+    let stdout = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "down on a missing pin dir: expected exit 0, saw {}; stderr: {}",
@@ -351,7 +352,8 @@ fn down_removes_only_our_pins() {
     std::fs::create_dir(d.0.join("links/mine")).expect("mkdir links/mine");
 
     let out = xdplb(&down_args(&d.0));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Logs go to stderr.
+    let stdout = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "down: expected exit 0, saw {}; stderr: {}",

@@ -7,7 +7,7 @@
 //! one (`lb_user::metrics`) on 127.0.0.1, and the client is reqwest.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -81,15 +81,12 @@ impl Drop for Pins {
     }
 }
 
-fn vip(service: u32) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::new(10, 0, 0, 100).into(), 8000 + service as u16)
+fn vip(service: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 8000 + service as u16)
 }
 
-fn backend_addr(index: u32) -> SocketAddr {
-    SocketAddr::new(
-        Ipv4Addr::new(10, 1, (index >> 8) as u8, index as u8).into(),
-        8080,
-    )
+fn backend_addr(index: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 1, (index >> 8) as u8, index as u8), 8080)
 }
 
 fn v4(a: Ipv4Addr) -> [u8; 16] {
@@ -119,22 +116,18 @@ fn fill_services(dp: &mut DataPlane, pin_dir: &Path) -> Result<()> {
         for i in 0..BACKENDS_PER_SERVICE {
             let index = (s - 1) * BACKENDS_PER_SERVICE + i + 1;
             let a = backend_addr(index);
-            let SocketAddr::V4(a4) = a else {
-                unreachable!()
-            };
             dp.set_backend(
                 index,
                 &Backend {
-                    addr: v4(*a4.ip()),
+                    addr: v4(*a.ip()),
                     port_be: a.port().to_be(),
                     family: FAMILY_V4,
                     state: lb_common::BACKEND_ACTIVE,
                     service: s,
-                    ..Default::default()
                 },
             )?;
             backends.push(BackendStatus {
-                addr: a,
+                addr: a.into(),
                 index: Some(index),
                 state: "active".into(),
                 reason: "checks passing".into(),
@@ -170,37 +163,28 @@ fn fill_services(dp: &mut DataPlane, pin_dir: &Path) -> Result<()> {
 fn fill_conns(dp: &mut DataPlane) -> Result<()> {
     let now = monotonic_now_ns();
     let snat = Ipv4Addr::new(10, 1, 255, 1);
+    let key = |src: SocketAddrV4, dst: SocketAddrV4| FlowKey {
+        src: v4(*src.ip()),
+        dst: v4(*dst.ip()),
+        sport_be: src.port().to_be(),
+        dport_be: dst.port().to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
     for i in 0..FLOWS {
         let index = i % (SERVICES * BACKENDS_PER_SERVICE) + 1;
         let service = (index - 1) / BACKENDS_PER_SERVICE + 1;
-        let client = SocketAddr::new(
-            Ipv4Addr::from(0xac10_0000 | (i >> 8 & 0x000f_ffff)).into(),
+        let client = SocketAddrV4::new(
+            Ipv4Addr::from(0xac10_0000 | (i >> 8 & 0x000f_ffff)),
             1024 + (i & 0xff) as u16,
         );
         let (v, b) = (vip(service), backend_addr(index));
-        let snat_port = 20_000 + (i % 40_000) as u16;
-        let key = |src: SocketAddr, dst: SocketAddr| {
-            let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
-                unreachable!()
-            };
-            FlowKey {
-                src: v4(*s.ip()),
-                dst: v4(*d.ip()),
-                sport_be: s.port().to_be(),
-                dport_be: d.port().to_be(),
-                proto: PROTO_TCP,
-                family: FAMILY_V4,
-                _pad: [0; 2],
-            }
-        };
-        let addr = |a: SocketAddr| match a {
-            SocketAddr::V4(a) => v4(*a.ip()),
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let snat_sock = SocketAddrV4::new(snat, 20_000 + (i % 40_000) as u16);
         let fwd = Conn {
             new_src: v4(snat),
-            new_dst: addr(b),
-            new_sport_be: snat_port.to_be(),
+            new_dst: v4(*b.ip()),
+            new_sport_be: snat_sock.port().to_be(),
             new_dport_be: b.port().to_be(),
             backend: index,
             service,
@@ -210,14 +194,14 @@ fn fill_conns(dp: &mut DataPlane) -> Result<()> {
         };
         dp.insert_conn(&key(client, v), &fwd)?;
         let rev = Conn {
-            new_src: addr(v),
-            new_dst: addr(client),
+            new_src: v4(*v.ip()),
+            new_dst: v4(*client.ip()),
             new_sport_be: v.port().to_be(),
             new_dport_be: client.port().to_be(),
             flags: CONN_F_REVERSE,
             ..fwd
         };
-        dp.insert_conn(&key(b, SocketAddr::new(snat.into(), snat_port)), &rev)?;
+        dp.insert_conn(&key(b, snat_sock), &rev)?;
     }
     Ok(())
 }
@@ -337,7 +321,6 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<ScrapeResults> {
         Ok((Timing::of(ms), body.len()))
     }))?;
     let warm_walks = scraper.walks() - 1;
-    eprintln!("DEBUG body {body_bytes}");
     let scraper = Scraper::new(pin_dir, CONNTRACK_WALK_EVERY);
     let concurrent_s = rt.block_on(with_endpoint(Arc::clone(&scraper), async |c, url| {
         let t = Instant::now();

@@ -1,0 +1,101 @@
+//! Logs a pipeline can take: no escape codes in a log written to a file,
+//! `--log-format json` gives one JSON object per line, and aya's 220-line
+//! BTF dump is gone from a daemon's start.
+//!
+//! Root only (the daemon attaches): `cargo test -p tests --test logs`
+
+use std::{
+    fs::File,
+    process::{Command, Stdio},
+};
+
+use tests::testbed::{xdplb_bin, Mode, Testbed, Topology};
+
+/// `xdplb down` on a pin dir that does not exist: logs one info line and
+/// exits 0. Its stderr goes to a file, RUST_LOG and NO_COLOR unset.
+fn down_log(extra: &[&str]) -> String {
+    let dir = std::env::temp_dir().join(format!("xdplb-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join("down.log");
+    let file = File::create(&path).expect("log file");
+    let pin = format!("/sys/fs/bpf/xdplb-logs-absent-{}", std::process::id());
+    let status = Command::new(xdplb_bin().expect("the xdplb binary"))
+        .args(extra)
+        .args(["down", "--pin-dir", &pin])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .status()
+        .expect("running xdplb down");
+    let text = std::fs::read_to_string(&path).expect("reading the log");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "xdplb down exited {status}: {text}");
+    text
+}
+
+#[test]
+fn a_log_file_has_no_escape_codes() {
+    let text = down_log(&[]);
+    assert!(
+        text.contains("INFO") && text.contains("nothing to remove"),
+        "the info line is there: {text:?}"
+    );
+    assert!(
+        !text.contains('\x1b'),
+        "no ANSI escape codes in a log written to a file: {text:?}"
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let text = down_log(&["--log-format", "json"]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "some log lines: {text:?}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line:?}"));
+        assert!(
+            v["level"].is_string() && v["message"].is_string() && v["timestamp"].is_string(),
+            "level, message and timestamp in every line: {line}"
+        );
+    }
+    assert!(text.contains("nothing to remove"), "{text}");
+}
+
+#[test]
+fn daemon_start_logs_json_without_the_btf_dump() {
+    let tb = Testbed::build(Mode::Tc, Topology::new(1))
+        .unwrap_or_else(|e| panic!("building the testbed: {e:#}"));
+    let mut cfg = tb.daemon_config();
+    cfg.udp = false;
+    let mut args = tb
+        .config_args(&cfg)
+        .unwrap_or_else(|e| panic!("writing the config: {e:#}"));
+    args.extend(["--log-format".to_string(), "json".to_string()]);
+    let mut d = tb
+        .start_daemon(&args)
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+    d.wait_ready().unwrap_or_else(|e| panic!("{e:#}"));
+    d.sigterm().unwrap_or_else(|e| panic!("{e:#}"));
+    let log = d.log();
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a daemon log line that is not JSON ({e}): {line:?}"));
+        messages.push(v["message"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(
+        messages.iter().any(|m| m.starts_with("running;")),
+        "the daemon logged that it runs: {messages:#?}"
+    );
+    assert!(
+        !log.contains("BTF couldn't be loaded") && !log.contains("magic: 0xeb9f"),
+        "aya's BTF dump is not in the log:\n{log}"
+    );
+    assert!(
+        messages.len() < 40,
+        "a start logs a screenful, not a dump ({} lines):\n{log}",
+        messages.len()
+    );
+}
