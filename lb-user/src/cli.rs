@@ -122,7 +122,7 @@ pub struct RunArgs {
     pub backends: Option<BackendsConfig>,
 
     /// DNS server to ask [default: 127.0.0.11:53, Docker's embedded DNS]
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = crate::config::parse_nameserver)]
     pub nameserver: Option<std::net::SocketAddr>,
 
     /// Health check: tcp (connect), http:/PATH (GET, expects 200) or none

@@ -400,9 +400,9 @@ impl Config {
     /// [`Config::from_toml_str`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::from_toml_str(&text, &path.display().to_string())
     }
@@ -1053,6 +1053,12 @@ impl FromStr for Listen {
             Some((socket, proto)) => (socket, proto.parse()?),
             None => (s, Proto::Tcp),
         };
+        if let Some((addr, port)) = socket.rsplit_once(':') {
+            let addr = addr.trim_start_matches('[').trim_end_matches(']');
+            if addr.parse::<IpAddr>().is_ok() {
+                parse_port(port).map_err(ValueError::new)?;
+            }
+        }
         let socket: SocketAddr = socket.parse().map_err(|_| usage())?;
         Ok(Self {
             addr: socket.ip(),
@@ -1162,7 +1168,15 @@ impl FromStr for BackendsConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let usage = || ValueError::new(format!("{s:?} is not NAME:PORT (e.g. tasks.web:80)"));
         let (name, port) = s.rsplit_once(':').ok_or_else(usage)?;
-        let port: u16 = port.parse().map_err(|_| usage())?;
+        let name_part = name.trim_start_matches('[').trim_end_matches(']');
+        if name_part.parse::<IpAddr>().is_ok() {
+            return Err(ValueError::new(format!(
+                "{name_part} is an address, not a DNS name: xdplb finds the tasks by resolving a \
+                 name again and again (Swarm's `tasks.<service>`, e.g. tasks.web:{port}); a \
+                 literal address would be sent to DNS as a name"
+            )));
+        }
+        let port = parse_port(port).map_err(ValueError::new)?;
         check_dns_name(name).map_err(|reason| ValueError::new(format!("{name:?}: {reason}")))?;
         Ok(Self::new(name, port))
     }
@@ -1240,8 +1254,44 @@ fn parse_ip(s: &str) -> Result<IpAddr, ValueError> {
 }
 
 fn parse_socket(s: &str) -> Result<SocketAddr, ValueError> {
-    s.parse()
-        .map_err(|_| ValueError::new(format!("{s:?} is not ADDR:PORT (e.g. 127.0.0.11:53)")))
+    parse_nameserver(s).map_err(ValueError::new)
+}
+
+/// A nameserver: `ADDR:PORT`, or a bare address meaning port 53. Also the
+/// parser of `--nameserver`.
+pub fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    if let Some((addr, port)) = s.rsplit_once(':') {
+        if addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok()
+        {
+            let port = parse_port(port).map_err(|e| format!("{s:?}: {e}"))?;
+            return s
+                .parse::<SocketAddr>()
+                .map(|a| SocketAddr::new(a.ip(), port))
+                .map_err(|_| {
+                    format!("{s:?}: write an IPv6 address in brackets, e.g. [fd00::53]:53")
+                });
+        }
+    }
+    Err(format!(
+        "{s:?} is not an IP address with an optional port (e.g. 127.0.0.11, 127.0.0.11:53, \
+         [fd00::53]:53); a nameserver is given by address, not by name"
+    ))
+}
+
+/// A port number with an error that says what is wrong with it.
+fn parse_port(p: &str) -> Result<u16, String> {
+    // 0 parses: the checks of the whole service say why it is refused.
+    match p.parse::<u64>() {
+        Ok(n) => u16::try_from(n).map_err(|_| format!("port {n} is out of range (1 to 65535)")),
+        Err(_) => Err(format!("{p:?} is not a port number (1 to 65535)")),
+    }
 }
 
 // ---- errors -----------------------------------------------------------------------
@@ -1276,13 +1326,14 @@ impl fmt::Display for Location {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read configuration file {}: {source}", path.display())]
+    /// The reason is part of the message and not an error `source`, so a
+    /// printed chain says it once.
+    #[error("cannot read configuration file {}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not valid TOML, a value of the wrong type, or a required key missing.
     #[error("{at}: {message}")]
@@ -1695,6 +1746,15 @@ fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
         },
     };
     let message = e.message().trim_end();
+    if let Some(better) = e
+        .span()
+        .and_then(|span| typed_value_error(text, span.start, message))
+    {
+        return ConfigError::Syntax {
+            at,
+            message: better,
+        };
+    }
     // serde's wording for `deny_unknown_fields`: "unknown field `x`, expected ...".
     if let Some((key, rest)) = message
         .strip_prefix("unknown field `")
@@ -1710,6 +1770,72 @@ fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     // serde's wording for a missing required key: "missing field `x`".
     let message = message.replace("missing field `", "missing key `");
     ConfigError::Syntax { at, message }
+}
+
+/// Keys whose value is a duration string.
+const DURATION_KEYS: &[&str] = &[
+    "interval",
+    "check_interval",
+    "check_timeout",
+    "drain_timeout",
+    "tcp_timeout",
+    "closing_timeout",
+    "udp_timeout",
+];
+
+/// A value of the wrong type, said in terms of the key: serde reports
+/// `invalid type: string "two", expected u32` at the value's position, so
+/// the key is what precedes the `=` on that line.
+fn typed_value_error(text: &str, at: usize, message: &str) -> Option<String> {
+    let before = text.get(..at)?;
+    let line = before.rsplit('\n').next()?;
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        return None;
+    }
+    let found = |m: &str| {
+        m.split_once(", expected")
+            .map(|(f, _)| f.trim().to_owned())
+            .unwrap_or_default()
+    };
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        let found = found(rest).replace('`', "");
+        if DURATION_KEYS.contains(&key) {
+            return Some(format!(
+                "`{key}` must be a duration in quotes, like \"1s\", \"500ms\" or \"2m\" (found \
+                 {found})"
+            ));
+        }
+        if rest.ends_with("expected a string") {
+            return Some(format!(
+                "`{key}` must be a string in quotes (found {found})"
+            ));
+        }
+        if rest.contains("expected u") || rest.contains("expected i") {
+            return Some(format!("`{key}` must be a whole number (found {found})"));
+        }
+        return Some(format!("`{key}`: {message}"));
+    }
+    if let Some(rest) = message.strip_prefix("invalid value: integer `") {
+        let n = rest.split('`').next().unwrap_or_default();
+        let range = if rest.ends_with("expected u16") {
+            if key.ends_with("port") {
+                "a port is 1 to 65535"
+            } else {
+                "at most 65535"
+            }
+        } else if rest.ends_with("expected u32") {
+            "at most 4294967295"
+        } else {
+            return Some(format!("`{key}`: {message}"));
+        };
+        return Some(format!("`{key}` = {n} is out of range ({range})"));
+    }
+    None
 }
 
 // ---- the file format --------------------------------------------------------------
@@ -2803,6 +2929,70 @@ check = "http:/ready"
             ),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_what_was_meant() {
+        let msg = |extra: &str| parse_err(&format!("{MINIMAL}{extra}\n"), 5).to_string();
+        let m = msg("rise = \"two\"");
+        assert!(
+            m.contains("`rise` must be a whole number") && m.contains("\"two\""),
+            "{m}"
+        );
+        let m = msg("interval = 1");
+        assert!(
+            m.contains("`interval` must be a duration in quotes, like \"1s\""),
+            "{m}"
+        );
+        let m = msg("check_port = 70000");
+        assert!(
+            m.contains("`check_port` = 70000 is out of range (a port is 1 to 65535)"),
+            "{m}"
+        );
+        let m = msg("maglev_size = 99999999999");
+        assert!(
+            m.contains("`maglev_size` = 99999999999 is out of range"),
+            "{m}"
+        );
+        let m = msg("name = 5");
+        assert!(m.contains("`name` must be a string in quotes"), "{m}");
+    }
+
+    #[test]
+    fn ports_out_of_range_and_literal_addresses_are_named() {
+        let e = "0.0.0.0:70000".parse::<Listen>().expect_err("70000");
+        assert_eq!(e.to_string(), "port 70000 is out of range (1 to 65535)");
+        let e = "tasks.web:99999"
+            .parse::<BackendsConfig>()
+            .expect_err("99999");
+        assert_eq!(e.to_string(), "port 99999 is out of range (1 to 65535)");
+        let e = "10.0.0.5:80"
+            .parse::<BackendsConfig>()
+            .expect_err("an address");
+        assert!(
+            e.to_string().contains("is an address, not a DNS name"),
+            "{e}"
+        );
+        assert_eq!(
+            parse_nameserver("10.0.0.2"),
+            Ok("10.0.0.2:53".parse().unwrap()),
+            "a bare address means port 53"
+        );
+        assert_eq!(
+            parse_nameserver("[fd00::53]:5353"),
+            Ok("[fd00::53]:5353".parse().unwrap())
+        );
+        let e = parse_nameserver("10.0.0.2:70000").expect_err("port");
+        assert!(e.contains("port 70000 is out of range"), "{e}");
+        let e = parse_nameserver("dns.example").expect_err("a name");
+        assert!(e.contains("given by address, not by name"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_says_its_error_once() {
+        let e = Config::load("/nonexistent/xdplb.toml").expect_err("missing");
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
     }
 
     #[test]

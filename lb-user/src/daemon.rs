@@ -567,6 +567,8 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
 
 /// Loads (adopting pinned maps and links), writes CONFIG, attaches.
 async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
+    // What this kernel can do: fallbacks logged, or one line and no start.
+    crate::probe::check(cfg)?;
     let specs: Vec<ServiceSpec> = cfg.services.iter().map(spec_of).collect();
     let maglev_capacity = specs
         .iter()
@@ -577,6 +579,7 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
         pin_dir: cfg.pin_dir.clone(),
         conns_capacity: cfg.conntrack.capacity,
         maglev_capacity,
+        l4_csum: crate::maps::L4Csum::Probe,
     })?;
     let adopted_conns = dp.conns().map(|c| c.len()).unwrap_or(0);
     if adopted_conns > 0 {
@@ -608,6 +611,15 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
     let now = std::time::Instant::now();
     let mut services = Vec::new();
     for s in &cfg.services {
+        if s.listen.addr.is_ipv6() {
+            tracing::info!(
+                service = %s.name,
+                "listens on IPv6 ({}): {} is resolved for AAAA records, so its tasks need IPv6 \
+                 addresses (a Docker network created with --ipv6)",
+                s.listen,
+                s.backends.name
+            );
+        }
         let mut tracker = BackendTracker::new(
             s.backends.name.clone(),
             check_spec(s).is_some(),
