@@ -17,7 +17,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout or meaning changes. Userspace writes it into
 /// [`Config::abi_version`] and refuses to adopt pinned maps that carry another.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 // ---- map names (both sides use these) ---------------------------------------
 pub const MAP_CONFIG: &str = "CONFIG";
@@ -33,9 +33,31 @@ pub const MAP_REASON_STATS: &str = "REASON_STATS";
 /// Per backend index: when the backend last refused a connection (see
 /// [`REFUSED_HOLD_NS`]).
 pub const MAP_REFUSED: &str = "REFUSED";
+/// Flows not established yet (see [`CONN_F_UNANSWERED`]): an LRU of their
+/// own, so a flood of them never evicts an established flow from `CONNS`.
+pub const MAP_UNANSWERED: &str = "UNANSWERED";
+/// Per-CPU event counters, indexed like [`event::NAMES`].
+pub const MAP_EVENT_STATS: &str = "EVENT_STATS";
 
 pub const PROG_XDP: &str = "xdplb_xdp";
 pub const PROG_TC: &str = "xdplb_tc";
+
+// ---- load-time constants (read-only globals the loader sets) -----------------
+/// How the TC program patches TCP/UDP checksums of IPv6 packets: one of the
+/// `L4_CSUM_*` values, a `u32` fixed when the object is loaded (aya
+/// `EbpfLoader::override_global`), so the verifier prunes the other paths.
+pub const GLOBAL_L4_CSUM: &str = "L4_CSUM_MODE";
+/// `bpf_l4_csum_replace` with `BPF_F_IPV6` (Linux 6.16; stable 6.1.142,
+/// Debian 6.1.147-1). The object's default.
+pub const L4_CSUM_IPV6_FLAG: u32 = 0;
+/// Kernels without `BPF_F_IPV6`: the helper runs without it, which also
+/// subtracts the address change from a CHECKSUM_COMPLETE `skb->csum`, and
+/// `bpf_csum_update` adds it back (docs/DATAPLANE.md §5).
+pub const L4_CSUM_COMPENSATE: u32 = 1;
+/// Fault injection for tests only: every `bpf_l4_csum_replace` call gets a
+/// flag no kernel knows, so the helper fails (-EINVAL) the way it does on a
+/// kernel that lacks a flag we pass. Never set by the daemon.
+pub const L4_CSUM_FAULT: u32 = 2;
 
 // ---- capacities ---------------------------------------------------------------
 /// Service ids index the per-service counters; 0 is never used.
@@ -49,6 +71,8 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
 pub const DEFAULT_MAGLEV_CAPACITY: u32 = 16 * 2 * DEFAULT_MAGLEV_SIZE;
 /// Default connection-table capacity (two entries per flow). Resizable at load.
 pub const DEFAULT_CONNS_CAPACITY: u32 = 262_144;
+/// Default `UNANSWERED` capacity (two entries per flow). Resizable at load.
+pub const DEFAULT_UNANSWERED_CAPACITY: u32 = 131_072;
 pub const MAX_SNAT_ADDRS: u32 = 64;
 pub const MAX_TX_PORTS: u32 = 64;
 /// How many Maglev slots a new flow may look at before it gives up on finding
@@ -77,6 +101,70 @@ pub const CONN_F_REVERSE: u8 = 1;
 /// `Conn::flags` of a reverse entry: the backend has sent something other
 /// than a RST (for TCP, its SYN-ACK). A RST before that is a refusal.
 pub const CONN_F_REPLIED: u8 = 2;
+/// `Conn::flags`: the entry lives in `UNANSWERED`, not `CONNS`: its flow is
+/// not established yet ([`forward_establishes`], [`reply_establishes`]) and
+/// expires after `Config::unanswered_timeout_ns`.
+pub const CONN_F_UNANSWERED: u8 = 4;
+/// `Conn::flags`: the flow began with a client's fresh SYN ([`is_fresh_syn`]).
+/// Only such a flow's RST before any other answer is a refusal.
+pub const CONN_F_SYN: u8 = 8;
+/// `Conn::flags` of a reverse entry: `Conn::seq` holds the sequence number
+/// of the backend's SYN-ACK.
+pub const CONN_F_SYNACK: u8 = 16;
+
+/// TCP header flags, as the data plane collects them from a segment.
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// A SYN that starts a connection: no ACK, RST or FIN beside it. A client
+/// never sends one on an established connection; SYN+FIN and SYN+RST are
+/// no connection start (Linux discards them) and count as non-SYN segments.
+#[inline(always)]
+pub fn is_fresh_syn(flags: u8) -> bool {
+    flags & (tcp::SYN | tcp::ACK | tcp::RST | tcp::FIN) == tcp::SYN
+}
+
+/// The TCP state of an entry after a segment with `flags`: RST resets it
+/// (no TIME_WAIT follows, so the port is freed soon), FIN closes it.
+#[inline(always)]
+pub fn tcp_state_after(old: u8, flags: u8) -> u8 {
+    if flags & tcp::RST != 0 {
+        TCP_STATE_RESET
+    } else if flags & tcp::FIN != 0 && old == TCP_STATE_OPEN {
+        TCP_STATE_CLOSING
+    } else {
+        old
+    }
+}
+
+/// Does a backend's segment establish its unanswered TCP flow? A segment
+/// with neither SYN nor RST: a TCP stack sends one only on a connection it
+/// has accepted (to a forged ACK or a half-open flow it answers RST, to a
+/// SYN it answers SYN-ACK, which a spoofed client never acknowledges). UDP
+/// flows are established on the forward path ([`forward_establishes`]).
+#[inline(always)]
+pub fn reply_establishes(proto: u8, flags: u8) -> bool {
+    proto == PROTO_TCP && flags & (tcp::SYN | tcp::RST) == 0
+}
+
+/// Does the client's packet establish its unanswered flow, whose reverse
+/// entry is `rev`? UDP: the backend has answered, and the client speaks
+/// again (a one-shot exchange such as a DNS query stays unanswered and goes
+/// soon). TCP: an ACK (without SYN or RST) that acknowledges exactly the
+/// backend's SYN-ACK, which only a client that received it can know.
+#[inline(always)]
+pub fn forward_establishes(proto: u8, flags: u8, ack_seq: u32, rev: &Conn) -> bool {
+    if proto != PROTO_TCP {
+        return rev.flags & CONN_F_REPLIED != 0;
+    }
+    flags & (tcp::SYN | tcp::RST | tcp::ACK) == tcp::ACK
+        && rev.flags & CONN_F_SYNACK != 0
+        && ack_seq == rev.seq.wrapping_add(1)
+}
 
 /// For how long new flows avoid a backend after it refused a connection
 /// (answered a SYN with RST: its server is gone, the task is dying). The
@@ -95,8 +183,12 @@ pub fn refused_within_hold(at: u64, now: u64) -> bool {
 }
 
 pub const TCP_STATE_OPEN: u8 = 0;
-/// FIN or RST seen: the entry expires after `Config::closing_timeout_ns`.
+/// FIN seen: the entry expires after `Config::closing_timeout_ns`.
 pub const TCP_STATE_CLOSING: u8 = 1;
+/// RST seen: the entry expires after `Config::unanswered_timeout_ns`. A RST
+/// leaves no TIME_WAIT, so the SNAT port is free again soon; until then
+/// every packet refreshes it, so a forged RST cannot cut a live connection.
+pub const TCP_STATE_RESET: u8 = 2;
 
 /// Runtime settings the data plane reads on every packet (`CONFIG[0]`).
 #[repr(C)]
@@ -111,8 +203,19 @@ pub struct Config {
     pub tcp_timeout_ns: u64,
     pub closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
+    /// Flows not established yet (`UNANSWERED`), and TCP flows after a RST.
+    pub unanswered_timeout_ns: u64,
+    /// The flood guard: new flows per second, on one CPU, above which it is
+    /// on (see [`FloodWindow`]); 0: never.
+    pub flood_new_flows_per_cpu: u32,
+    pub _pad: u32,
+    /// The SipHash-1-3 key of the flow hash ([`hash::flow_hash`]): from the
+    /// configuration (`flow_hash_secret`), or generated on the first start
+    /// and kept here for the next ones. Every instance that must make the
+    /// same choices (Swarm global mode) needs the same key.
+    pub hash_key: [u64; 2],
 }
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 64);
 
 pub const DEFAULT_TCP_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
 /// 65 s: longer than Linux's 60 s TIME_WAIT. A closed flow keeps its SNAT
@@ -122,6 +225,9 @@ pub const DEFAULT_TCP_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
 /// timestamps).
 pub const DEFAULT_CLOSING_TIMEOUT_NS: u64 = 65 * 1_000_000_000;
 pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
+/// 5 s: a TCP handshake (SYN retransmits come after 1 s and 3 s) or a UDP
+/// exchange is answered well within it; a flood's entries go this soon.
+pub const DEFAULT_UNANSWERED_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
 
 impl Config {
     pub const fn with_defaults() -> Self {
@@ -132,6 +238,10 @@ impl Config {
             tcp_timeout_ns: DEFAULT_TCP_TIMEOUT_NS,
             closing_timeout_ns: DEFAULT_CLOSING_TIMEOUT_NS,
             udp_timeout_ns: DEFAULT_UDP_TIMEOUT_NS,
+            unanswered_timeout_ns: DEFAULT_UNANSWERED_TIMEOUT_NS,
+            flood_new_flows_per_cpu: 0,
+            _pad: 0,
+            hash_key: [0; 2],
         }
     }
 }
@@ -194,8 +304,10 @@ pub struct AddrKey {
 }
 const _: () = assert!(size_of::<AddrKey>() == 20);
 
-/// `CONNS` key: the 5-tuple as the packet carries it on arrival.
-#[repr(C)]
+/// `CONNS` and `UNANSWERED` key: the 5-tuple as the packet carries it on
+/// arrival. 8-byte aligned (its size stays 40), so the flow hash reads the
+/// addresses a word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -244,20 +356,34 @@ pub struct Conn {
     /// `TCP_STATE_*` (0 for UDP).
     pub tcp_state: u8,
     pub _pad: [u8; 2],
+    /// The interface this direction's packets arrive on. Forward entry: the
+    /// one the client's first packet came in by. Reverse entry: the one the
+    /// backend is reached by (the FIB's egress for the forward direction);
+    /// the backend's packets, and ICMP errors about what we sent it, are
+    /// accepted only there.
+    pub ifindex: u32,
+    /// Reverse entry with `CONN_F_SYNACK`: the sequence number of the
+    /// backend's SYN-ACK (host order).
+    pub seq: u32,
     /// `bpf_ktime_get_ns` of the last packet in this direction.
     pub last_seen_ns: u64,
     /// `bpf_ktime_get_ns` when the flow was created.
     pub created_ns: u64,
 }
-const _: () = assert!(size_of::<Conn>() == 64);
+const _: () = assert!(size_of::<Conn>() == 72);
 
 impl Conn {
-    /// The idle time after which this entry is forgotten: UDP, TCP after FIN
-    /// or RST (`closing`), or open TCP. One definition for the data plane and
-    /// for the CLI, which must agree on what counts as a live flow.
+    /// The idle time after which this entry is forgotten: a flow not
+    /// established yet or a TCP flow after a RST (`unanswered`), UDP, TCP
+    /// after FIN (`closing`), or open TCP. One definition for the data plane
+    /// and for the CLI, which must agree on what counts as a live flow.
     #[inline(always)]
     pub fn idle_timeout_ns(&self, proto: u8, cfg: &Config) -> u64 {
-        if proto != PROTO_TCP {
+        if self.flags & CONN_F_UNANSWERED != 0
+            || (proto == PROTO_TCP && self.tcp_state == TCP_STATE_RESET)
+        {
+            cfg.unanswered_timeout_ns
+        } else if proto != PROTO_TCP {
             cfg.udp_timeout_ns
         } else if self.tcp_state == TCP_STATE_CLOSING {
             cfg.closing_timeout_ns
@@ -266,11 +392,58 @@ impl Conn {
         }
     }
 
+    /// Does this reverse entry translate replies for the flow whose forward
+    /// key is `fwd` (it may have been taken over by another flow since)?
+    #[inline(always)]
+    pub fn points_back_to(&self, fwd: &FlowKey) -> bool {
+        self.new_dst == fwd.src && self.new_dport_be == fwd.sport_be
+    }
+
     /// Has the entry been idle longer than its timeout at `now_ns`
     /// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`)?
     #[inline(always)]
     pub fn expired(&self, proto: u8, cfg: &Config, now_ns: u64) -> bool {
         now_ns > self.last_seen_ns && now_ns - self.last_seen_ns > self.idle_timeout_ns(proto, cfg)
+    }
+}
+
+/// How long the flood guard counts new flows before it starts over, and how
+/// long it stays on after the last new flow above its threshold.
+pub const FLOOD_WINDOW_NS: u64 = 1_000_000_000;
+
+/// The flood guard's state on one CPU (the data plane keeps one per CPU, so
+/// counting costs no atomic operation): new flows counted in the current
+/// one-second window, and until when the guard is on. Like Katran's
+/// `is_under_flood`, a CPU judges by its own share of the load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    pub start_ns: u64,
+    pub until_ns: u64,
+    pub count: u32,
+    pub _pad: u32,
+}
+
+impl FloodWindow {
+    /// Counts a new flow seen at `now` (`bpf_ktime_get_ns`) against `limit`
+    /// new flows per window (0: the guard is off); returns whether the guard
+    /// is on for it. Once over the limit, the guard stays on until a whole
+    /// window has passed without another new flow above it, so a sustained
+    /// flood keeps it on and it is off at most two windows after one ends.
+    #[inline(always)]
+    pub fn count(&mut self, now: u64, limit: u32) -> bool {
+        if limit == 0 {
+            return false;
+        }
+        if now.wrapping_sub(self.start_ns) >= FLOOD_WINDOW_NS {
+            self.start_ns = now;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        if self.count > limit {
+            self.until_ns = now + FLOOD_WINDOW_NS;
+        }
+        now < self.until_ns
     }
 }
 
@@ -298,7 +471,11 @@ pub mod reason {
     pub const PASS_FRAGMENT: u32 = 5;
     pub const PASS_OTHER_PROTO: u32 = 6;
     pub const PASS_NO_SERVICE: u32 = 7;
-    pub const PASS_REPLY_NO_CONN: u32 = 8;
+    /// The destination is a SNAT address and port, and no flow holds it.
+    /// Dropped, not passed: the stack would answer with a RST or a port
+    /// unreachable, and a backend whose flow's entries were lost would
+    /// reset a live connection (the SNAT range belongs to the data plane).
+    pub const DROP_REPLY_NO_CONN: u32 = 8;
     pub const PASS_ICMP_NO_FLOW: u32 = 9;
     pub const PASS_TTL_EXPIRED: u32 = 10;
     pub const FWD_TX: u32 = 11;
@@ -321,7 +498,25 @@ pub mod reason {
     pub const PASS_XDP_NO_TXPORT: u32 = 20;
     /// The FIB has no usable route to the rewritten destination.
     pub const DROP_NO_ROUTE: u32 = 21;
-    pub const COUNT: u32 = 22;
+    /// A checksum helper failed after the headers were rewritten (TC:
+    /// `bpf_l4_csum_replace` or `bpf_csum_update` returned an error, e.g. a
+    /// flag the kernel does not know). Dropped: the packet would leave with
+    /// a stale checksum, and a rewritten packet never goes to the stack.
+    pub const DROP_CSUM_FAILED: u32 = 22;
+    /// A packet to a flow's SNAT address and port that arrived on another
+    /// interface than the one its backend is reached by (`Conn::ifindex`):
+    /// forged, or misrouted. Dropped; the flow is not touched.
+    pub const DROP_REPLY_WRONG_IFACE: u32 = 23;
+    /// An ICMP error about a flow that arrived from the other side than the
+    /// one it quotes, or whose flow has expired. Dropped untranslated.
+    pub const DROP_ICMP_REJECTED: u32 = 24;
+    /// A TCP segment other than a fresh SYN that misses the connection table
+    /// while the flood guard is on: no state, no SNAT port, no backend.
+    pub const DROP_FLOOD_GUARD: u32 = 25;
+    /// A TCP segment with RST that misses the connection table: there is
+    /// nothing to reset, so no flow (and no SNAT port) is made for it.
+    pub const DROP_RST_NO_CONN: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -333,7 +528,7 @@ pub mod reason {
         "pass_fragment",
         "pass_other_protocol",
         "pass_no_service",
-        "pass_reply_no_conn",
+        "drop_reply_no_conn",
         "pass_icmp_no_flow",
         "pass_ttl_expired",
         "fwd_tx",
@@ -347,6 +542,44 @@ pub mod reason {
         "drop_conn_insert",
         "pass_xdp_no_txport",
         "drop_no_route",
+        "drop_csum_failed",
+        "drop_reply_wrong_iface",
+        "drop_icmp_rejected",
+        "drop_flood_guard",
+        "drop_rst_no_conn",
+    ];
+}
+
+/// Things the data plane counts beside a packet's fate: `REASON_STATS`
+/// counts every packet once, under one reason; these count events, any
+/// number per packet. The index into `EVENT_STATS`.
+pub mod event {
+    /// A flow became established (moved from `UNANSWERED` to `CONNS`).
+    pub const ESTABLISHED: u32 = 0;
+    /// A TCP segment other than a fresh SYN missed the connection table: a
+    /// flow whose entries were lost (it starts an unanswered flow again), or
+    /// a forged packet. Under the flood guard it is dropped.
+    pub const NON_SYN_MISS: u32 = 1;
+    /// An unanswered flow was found expired or half gone: its client came
+    /// back after `unanswered_timeout`, or a new flow took its SNAT port.
+    pub const UNANSWERED_EXPIRED: u32 = 2;
+    /// A RST ended an unanswered flow and freed its SNAT port at once.
+    pub const RST_FREED: u32 = 3;
+    /// A table miss (a would-be new flow) while the flood guard was on.
+    pub const FLOOD_GUARD_ACTIVE: u32 = 4;
+    /// Under the flood guard a new flow found every probed SNAT port held
+    /// and took the one of the longest-idle unanswered flow.
+    pub const FLOOD_PORT_TAKEN: u32 = 5;
+    pub const COUNT: u32 = 6;
+
+    /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "established",
+        "non_syn_miss",
+        "unanswered_expired",
+        "rst_freed",
+        "flood_guard_active",
+        "flood_port_taken",
     ];
 }
 
@@ -369,4 +602,125 @@ mod pod {
     unsafe impl aya::Pod for super::Conn {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn flood_guard_turns_on_above_the_limit_and_off_a_window_after() {
+        let mut w = FloodWindow::default();
+        let t0 = 100 * S;
+        for i in 0..10 {
+            assert!(!w.count(t0 + i, 10), "flow {i} of 10 is under the limit");
+        }
+        assert!(
+            w.count(t0 + 10, 10),
+            "the 11th new flow in the window is over"
+        );
+        // A new window starts counting afresh, but the guard stays on for a
+        // window after the last flow over the limit.
+        assert!(w.count(t0 + S + 5, 10));
+        assert_eq!(w.count, 1);
+        assert!(!w.count(t0 + 10 + S, 10), "off once a whole window passed");
+        // A sustained flood keeps it on in every window.
+        let mut w = FloodWindow::default();
+        let on = (0..5 * 100u64)
+            .filter(|i| w.count(t0 + i * (S / 100), 50))
+            .count();
+        assert!(
+            on > 400,
+            "{on} of 500 flows at 100/s against a limit of 50/s"
+        );
+        assert!(!FloodWindow::default().count(t0, 0), "limit 0: never");
+    }
+
+    #[test]
+    fn tcp_states_and_fresh_syns() {
+        use tcp::*;
+        assert!(is_fresh_syn(SYN));
+        for f in [SYN | ACK, SYN | RST, SYN | FIN, ACK, RST, 0] {
+            assert!(!is_fresh_syn(f), "{f:#x} is no connection start");
+        }
+        assert_eq!(tcp_state_after(TCP_STATE_OPEN, ACK), TCP_STATE_OPEN);
+        assert_eq!(
+            tcp_state_after(TCP_STATE_OPEN, FIN | ACK),
+            TCP_STATE_CLOSING
+        );
+        assert_eq!(tcp_state_after(TCP_STATE_CLOSING, RST), TCP_STATE_RESET);
+        assert_eq!(tcp_state_after(TCP_STATE_RESET, FIN), TCP_STATE_RESET);
+    }
+
+    #[test]
+    fn what_establishes_a_flow() {
+        use tcp::*;
+        let mut rev = Conn {
+            flags: CONN_F_REVERSE | CONN_F_UNANSWERED | CONN_F_REPLIED | CONN_F_SYNACK,
+            seq: u32::MAX,
+            ..Default::default()
+        };
+        assert!(
+            forward_establishes(PROTO_TCP, ACK, 0, &rev),
+            "ISN + 1 wraps"
+        );
+        assert!(
+            !forward_establishes(PROTO_TCP, ACK, 1, &rev),
+            "a guessed ACK"
+        );
+        assert!(!forward_establishes(PROTO_TCP, ACK | RST, 0, &rev));
+        assert!(forward_establishes(PROTO_UDP, 0, 0, &rev));
+        rev.flags &= !(CONN_F_REPLIED | CONN_F_SYNACK);
+        assert!(
+            !forward_establishes(PROTO_TCP, ACK, 0, &rev),
+            "no SYN-ACK yet"
+        );
+        assert!(!forward_establishes(PROTO_UDP, 0, 0, &rev), "no answer yet");
+        assert!(reply_establishes(PROTO_TCP, ACK));
+        assert!(reply_establishes(PROTO_TCP, ACK | FIN));
+        for f in [SYN | ACK, RST, RST | ACK] {
+            assert!(!reply_establishes(PROTO_TCP, f), "{f:#x}");
+        }
+        assert!(!reply_establishes(PROTO_UDP, 0));
+    }
+
+    #[test]
+    fn timeouts_by_table_protocol_and_state() {
+        let cfg = Config {
+            unanswered_timeout_ns: 5,
+            udp_timeout_ns: 60,
+            closing_timeout_ns: 65,
+            tcp_timeout_ns: 3600,
+            ..Config::with_defaults()
+        };
+        let c = |flags, tcp_state| Conn {
+            flags,
+            tcp_state,
+            ..Default::default()
+        };
+        let t = |c: Conn, proto| c.idle_timeout_ns(proto, &cfg);
+        assert_eq!(t(c(0, TCP_STATE_OPEN), PROTO_TCP), 3600);
+        assert_eq!(t(c(0, TCP_STATE_CLOSING), PROTO_TCP), 65);
+        assert_eq!(t(c(0, TCP_STATE_RESET), PROTO_TCP), 5);
+        assert_eq!(t(c(0, 0), PROTO_UDP), 60);
+        assert_eq!(t(c(CONN_F_UNANSWERED, TCP_STATE_OPEN), PROTO_TCP), 5);
+        assert_eq!(t(c(CONN_F_UNANSWERED, 0), PROTO_UDP), 5);
+        let e = Conn {
+            last_seen_ns: 10,
+            ..c(CONN_F_UNANSWERED, 0)
+        };
+        assert!(!e.expired(PROTO_UDP, &cfg, 15) && e.expired(PROTO_UDP, &cfg, 16));
+    }
+
+    #[test]
+    fn every_reason_and_event_has_a_name() {
+        assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+        assert_eq!(event::NAMES.len(), event::COUNT as usize);
+        assert_eq!(
+            reason::NAMES[reason::DROP_FLOOD_GUARD as usize],
+            "drop_flood_guard"
+        );
+    }
 }

@@ -1,32 +1,37 @@
-//! The connection table: forward and reverse entries, expiry, backend choice
-//! for new flows (Maglev) and SNAT port allocation.
+//! The connection table: forward and reverse entries in two LRU tables
+//! (`UNANSWERED` until the backend has accepted the flow, then `CONNS`),
+//! expiry, backend choice for new flows (Maglev), SNAT port allocation, and
+//! the flood guard.
+//!
+//! Entries are copied into the scratch (`s.conn`, `s.other`, `s.peek`) right
+//! after their lookup: an LRU element can be recycled for another flow as
+//! soon as it is evicted (no RCU grace period), so no reference into one
+//! outlives the next helper call. Writes go through the lookup's pointer
+//! before any other helper call.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use lb_common::{
-    hash::flow_hash, reason, refused_within_hold, Backend, Config, Conn, FlowKey, Service,
-    BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, MAGLEV_PROBES, SNAT_PROBES,
-    TCP_STATE_CLOSING, TCP_STATE_OPEN,
+    event, forward_establishes, hash::flow_hash, is_fresh_syn, reason, refused_within_hold,
+    reply_establishes, tcp_state_after, Backend, Config, Conn, FlowKey, Service, BACKEND_ACTIVE,
+    BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK, CONN_F_UNANSWERED,
+    MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_OPEN, TCP_STATE_RESET,
 };
 
 use crate::{
     core::Out,
-    maps::{new_flow_slot, NewFlow, Scratch, BACKENDS, CONNS, MAGLEV, REFUSED},
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ctx::Packet,
+    fwd,
+    maps::{Scratch, BACKENDS, CONNS, MAGLEV, REFUSED, UNANSWERED},
+    parse::{TCP_ACK, TCP_RST, TCP_SYN},
+    stats,
 };
+
+type Table = LruHashMap<FlowKey, Conn>;
 
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_ns() }
-}
-
-#[inline(always)]
-fn state_after(old: u8, flags: u8) -> u8 {
-    if flags & (TCP_FIN | TCP_RST) != 0 {
-        TCP_STATE_CLOSING
-    } else {
-        old
-    }
 }
 
 /// Writes into `out` the key that packets of the flow of `c` carry when
@@ -43,51 +48,155 @@ fn mirror_key(c: &Conn, proto: u8, family: u8, out: &mut FlowKey) {
     out._pad = [0; 2];
 }
 
-/// Reply path: the reverse entry for `s.key`, refreshed.
+/// Reply path: copies the reverse entry for `s.key` into `s.conn` and
+/// updates the flow. `Err`: drop (no flow holds this SNAT port, or the
+/// packet came in on another interface than the flow's backend side).
 ///
-/// A RST from the backend also closes the forward entry. Otherwise a flow
-/// the backend refused (a connection to a task whose server has stopped)
-/// would keep an open forward entry: refused connections leave no TIME_WAIT
-/// on the client, which soon reuses the port, and its next SYN must be
-/// balanced afresh, not sent back to the task that refused it.
+/// - A RST from the backend resets the forward entry too (an established
+///   flow keeps its entries for `unanswered_timeout`, refreshed by any
+///   packet), or frees an unanswered flow at once. A RST before any other
+///   answer to a client's SYN is a refusal (see `pick`).
+/// - An unanswered TCP flow records the backend's SYN-ACK and is
+///   established by the backend's first segment without SYN or RST.
 #[inline(always)]
-pub fn reply(s: &mut Scratch, tcp_flags: u8) -> Option<&'static Conn> {
-    let p = CONNS.get_ptr_mut(&s.key)?;
-    // SAFETY: the pointer comes from a successful map lookup; concurrent
-    // updates of these plain fields can at worst lose a timestamp refresh.
-    let c = unsafe { &mut *p };
-    if c.flags & CONN_F_REVERSE == 0 {
-        return None;
-    }
+pub fn reply<C: Packet>(ctx: &C, s: &mut Scratch, flags: u8) -> Result<(), Out> {
     let now = now();
-    c.last_seen_ns = now;
-    c.tcp_state = state_after(c.tcp_state, tcp_flags);
-    if tcp_flags & TCP_RST == 0 {
-        if c.flags & CONN_F_REPLIED == 0 {
-            c.flags |= CONN_F_REPLIED;
-        }
-    } else {
-        if c.flags & CONN_F_REPLIED == 0 {
-            // The backend refused the connection: new flows avoid it for a
-            // while (see `pick`).
-            if let Some(p) = REFUSED.get_ptr_mut(c.backend) {
-                // SAFETY: an array slot; a plain store, racing ones agree.
-                unsafe { *p = now };
+    let ingress = ctx.ingress_ifindex();
+    if let Some(p) = CONNS.get_ptr_mut(&s.key) {
+        // SAFETY: a successful lookup's pointer, read at once (see the module).
+        s.conn = unsafe { *p };
+        reply_accepted(&s.conn, ingress)?;
+        let state = tcp_state_after(s.conn.tcp_state, flags);
+        // SAFETY: the same pointer, no helper call since the lookup; plain
+        // stores (a racing CPU can at worst lose a refresh).
+        unsafe {
+            (*p).last_seen_ns = now;
+            if state != s.conn.tcp_state {
+                (*p).tcp_state = state;
             }
         }
-        mirror_key(c, s.key.proto, s.key.family, &mut s.key2);
-        if let Some(f) = CONNS.get_ptr_mut(&s.key2) {
-            // SAFETY: as above; one byte written.
-            let f = unsafe { &mut *f };
-            if f.flags & CONN_F_REVERSE == 0
-                && f.new_sport_be == s.key.dport_be
-                && f.new_dst == s.key.src
-            {
-                f.tcp_state = TCP_STATE_CLOSING;
+        if state == TCP_STATE_RESET && s.conn.tcp_state != TCP_STATE_RESET {
+            mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
+            reset_forward(s);
+        }
+        return Ok(());
+    }
+    let Some(p) = UNANSWERED.get_ptr_mut(&s.key) else {
+        return Err(Out::drop(reason::DROP_REPLY_NO_CONN));
+    };
+    // SAFETY: as above.
+    s.conn = unsafe { *p };
+    reply_accepted(&s.conn, ingress)?;
+    let rst = flags & TCP_RST != 0;
+    if !rst {
+        s.conn.last_seen_ns = now;
+        s.conn.flags |= CONN_F_REPLIED;
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            s.conn.flags |= CONN_F_SYNACK;
+            s.conn.seq = s.seg.seq;
+        }
+        // SAFETY: as above.
+        unsafe {
+            (*p).last_seen_ns = now;
+            (*p).flags = s.conn.flags;
+            (*p).seq = s.conn.seq;
+        }
+    }
+    mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
+    if rst {
+        if s.conn.flags & (CONN_F_SYN | CONN_F_REPLIED) == CONN_F_SYN {
+            // The backend refused a client's SYN: new flows avoid it for a
+            // while (see `pick`).
+            if let Some(r) = REFUSED.get_ptr_mut(s.conn.backend) {
+                // SAFETY: an array slot; a plain store, racing ones agree.
+                unsafe { *r = now };
+            }
+        }
+        // No TIME_WAIT follows a RST: the port is free at once.
+        let _ = UNANSWERED.remove(&s.key);
+        remove_forward_if_ours(&UNANSWERED, s);
+        stats::event(event::RST_FREED);
+    } else if reply_establishes(s.key.proto, flags) {
+        // SAFETY: read-only, copied at once.
+        if let Some(f) = unsafe { UNANSWERED.get(&s.key2) } {
+            s.other = *f;
+            if forward_is_ours(s) {
+                s.other.last_seen_ns = now;
+                promote(s);
             }
         }
     }
-    Some(c)
+    Ok(())
+}
+
+/// Is `c` (found under a reply's key) a reverse entry, and did the packet
+/// arrive on the flow's backend side?
+#[inline(always)]
+fn reply_accepted(c: &Conn, ingress: u32) -> Result<(), Out> {
+    if c.flags & CONN_F_REVERSE == 0 {
+        return Err(Out::drop(reason::DROP_REPLY_NO_CONN));
+    }
+    if c.ifindex != ingress {
+        return Err(Out::drop(reason::DROP_REPLY_WRONG_IFACE));
+    }
+    Ok(())
+}
+
+/// Does `s.other`, found under `s.key2` (the mirror of the reverse entry
+/// `s.key`), still send its packets from the SNAT port `s.key` is about?
+#[inline(always)]
+fn forward_is_ours(s: &Scratch) -> bool {
+    s.other.flags & CONN_F_REVERSE == 0
+        && s.other.new_sport_be == s.key.dport_be
+        && s.other.new_dst == s.key.src
+}
+
+/// Removes the forward entry `s.key2` from `t` if it still belongs to the
+/// reverse entry `s.key`.
+#[inline(always)]
+fn remove_forward_if_ours(t: &Table, s: &mut Scratch) {
+    // SAFETY: read-only, copied at once.
+    if let Some(f) = unsafe { t.get(&s.key2) } {
+        s.other = *f;
+        if forward_is_ours(s) {
+            // The only error (-ENOENT: gone already) leaves it gone too.
+            let _ = t.remove(&s.key2);
+        }
+    }
+}
+
+/// Marks the established forward entry `s.key2` reset, if it belongs to
+/// the reverse entry `s.key`.
+#[inline(always)]
+fn reset_forward(s: &mut Scratch) {
+    if let Some(p) = CONNS.get_ptr_mut(&s.key2) {
+        // SAFETY: a successful lookup's pointer, read at once.
+        s.other = unsafe { *p };
+        if forward_is_ours(s) {
+            // SAFETY: the same pointer, no helper call since the lookup.
+            unsafe { (*p).tcp_state = TCP_STATE_RESET };
+        }
+    }
+}
+
+/// Moves a flow from `UNANSWERED` to `CONNS`: `s.conn` (at `s.key`) and
+/// `s.other` (at `s.key2`) are its two entries. The new entries go in before
+/// the old ones go, so a packet always finds one of them. Out of line: only
+/// once per flow.
+#[inline(never)]
+fn promote(s: &mut Scratch) {
+    s.conn.flags &= !CONN_F_UNANSWERED;
+    s.other.flags &= !CONN_F_UNANSWERED;
+    if CONNS.insert(&s.key2, &s.other, 0).is_err() {
+        return;
+    }
+    if CONNS.insert(&s.key, &s.conn, 0).is_err() {
+        let _ = CONNS.remove(&s.key2);
+        return;
+    }
+    let _ = UNANSWERED.remove(&s.key);
+    let _ = UNANSWERED.remove(&s.key2);
+    stats::event(event::ESTABLISHED);
 }
 
 /// Is the backend of an existing flow still usable for it? A `draining`
@@ -118,82 +227,222 @@ fn refused_recently(index: u32, now: u64) -> bool {
     }
 }
 
-/// Forward path: the entry for `s.key`, created if needed, and whether it is
-/// new. `Err` is the verdict for a packet that cannot be forwarded.
+/// Can the forward entry `c` carry this packet on? Not when it is a reverse
+/// entry, belongs to another service, has expired, or the packet is a fresh
+/// SYN on a closed one (the client reuses its port: a new connection), and
+/// not when its backend may not keep it (`keeps_flow`).
 #[inline(always)]
-pub fn forward(
+fn usable(c: &Conn, svc: &Service, cfg: &Config, proto: u8, fresh_syn: bool, now: u64) -> bool {
+    c.flags & CONN_F_REVERSE == 0
+        && c.service == svc.id
+        && !c.expired(proto, cfg, now)
+        && !(fresh_syn && c.tcp_state != TCP_STATE_OPEN)
+        && keeps_flow(c, svc, fresh_syn, now)
+}
+
+/// Forward path: copies the entry for `s.key` into `s.conn`, creating the
+/// flow if needed. `Ok(true)`: a new flow, already routed (`s.fib`);
+/// `Ok(false)`: an existing one, still to be routed. `Err`: the verdict for
+/// a packet that cannot be forwarded; a new flow then leaves no state.
+#[inline(always)]
+pub fn forward<C: Packet>(
+    ctx: &mut C,
     s: &mut Scratch,
     svc: &Service,
     cfg: &Config,
-    tcp_flags: u8,
-) -> Result<(&'static Conn, bool), Out> {
+    flags: u8,
+) -> Result<bool, Out> {
+    let now = now();
+    let proto = s.key.proto;
+    let fresh_syn = proto == PROTO_TCP && is_fresh_syn(flags);
+    let mut found = false;
     if let Some(p) = CONNS.get_ptr_mut(&s.key) {
-        // SAFETY: the pointer comes from a successful map lookup; see `reply`.
-        let c = unsafe { &mut *p };
-        let now = now();
-        let fresh_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let reusable = c.flags & CONN_F_REVERSE == 0
-            && c.service == svc.id
-            && !c.expired(s.key.proto, cfg, now)
-            && !(fresh_syn && c.tcp_state == TCP_STATE_CLOSING);
-        if reusable && keeps_flow(c, svc, fresh_syn, now) {
-            c.last_seen_ns = now;
-            c.tcp_state = state_after(c.tcp_state, tcp_flags);
-            return Ok((c, false));
+        // SAFETY: a successful lookup's pointer, read and refreshed at once
+        // (see the module); plain stores, a racing CPU can at worst lose a
+        // refresh. An entry about to be released gets one it won't need.
+        unsafe {
+            s.conn = *p;
+            (*p).last_seen_ns = now;
         }
-        // Expired, a reused 5-tuple, or its backend is down/gone: drop the
-        // old port reservation, then pick again as a new flow.
-        if c.flags & CONN_F_REVERSE == 0 {
-            mirror_key(c, s.key.proto, s.key.family, &mut s.key2);
-            let _ = CONNS.remove(&s.key2);
+        if usable(&s.conn, svc, cfg, proto, fresh_syn, now) {
+            let state = tcp_state_after(s.conn.tcp_state, flags);
+            if state != s.conn.tcp_state {
+                // FIN or RST: rare enough for a second lookup.
+                set_state(&CONNS, &s.key, state);
+                s.conn.tcp_state = state;
+                if state == TCP_STATE_RESET {
+                    reset_reverse(s);
+                }
+            }
+            return Ok(false);
+        }
+        // Expired, a reused 5-tuple, or its backend is down or gone: give
+        // up the flow's port and entries, then pick again as a new flow.
+        release(&CONNS, s);
+        found = true;
+    } else if let Some(p) = UNANSWERED.get_ptr_mut(&s.key) {
+        // SAFETY: as above.
+        unsafe {
+            s.conn = *p;
+            (*p).last_seen_ns = now;
+        }
+        if usable(&s.conn, svc, cfg, proto, fresh_syn, now) {
+            if flags & TCP_RST != 0 {
+                // The client gave up: no TIME_WAIT follows, free the port.
+                release(&UNANSWERED, s);
+                stats::event(event::RST_FREED);
+            } else if proto != PROTO_TCP || flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK {
+                establish_forward(s, flags, now);
+            }
+            return Ok(false);
+        }
+        if s.conn.expired(proto, cfg, now) {
+            stats::event(event::UNANSWERED_EXPIRED);
+        }
+        release(&UNANSWERED, s);
+        found = true;
+    }
+    let guard = s.flood.count(now, cfg.flood_new_flows_per_cpu);
+    if guard {
+        stats::event(event::FLOOD_GUARD_ACTIVE);
+    }
+    if proto == PROTO_TCP && !fresh_syn && !found {
+        stats::event(event::NON_SYN_MISS);
+        if flags & TCP_RST != 0 {
+            // Nothing to reset: no flow, no SNAT port for it.
+            return Err(Out::drop(reason::DROP_RST_NO_CONN));
+        }
+        if guard {
+            return Err(Out::drop(reason::DROP_FLOOD_GUARD));
         }
     }
-    match new_flow(s, svc, cfg, tcp_flags) {
-        0 => {
-            let nf = new_flow_slot().ok_or(Out::drop(reason::DROP_CONN_INSERT))?;
-            Ok((&nf.fwd, true))
-        }
-        drop_reason => Err(Out::drop(drop_reason)),
+    s.guard = guard as u32;
+    new_flow(ctx, s, svc, cfg, flags, now)?;
+    Ok(true)
+}
+
+/// Sets the TCP state of the entry at `key` in `t`.
+#[inline(always)]
+fn set_state(t: &Table, key: &FlowKey, state: u8) {
+    if let Some(p) = t.get_ptr_mut(key) {
+        // SAFETY: a successful lookup's pointer, one byte stored at once.
+        unsafe { (*p).tcp_state = state };
     }
 }
 
-/// Creates both entries of a new flow for `s.key`; the forward entry is left
-/// in `NEW_FLOW.fwd`. Returns 0, or the drop reason.
-///
-/// Out of line (a BPF subprogram with its own stack frame) so only new flows
-/// pay for it. BPF passes at most five arguments, all in registers, hence the
-/// plain return code.
-#[inline(never)]
-fn new_flow(s: &mut Scratch, svc: &Service, cfg: &Config, tcp_flags: u8) -> u32 {
-    let Some(nf) = new_flow_slot() else {
-        return reason::DROP_CONN_INSERT;
+/// Gives up the flow whose forward entry `s.conn` was found at `s.key` in
+/// `t`: its reverse entry (if still its own) and its forward entry.
+#[inline(always)]
+fn release(t: &Table, s: &mut Scratch) {
+    if s.conn.flags & CONN_F_REVERSE != 0 {
+        return;
+    }
+    mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
+    // SAFETY: read-only, copied at once.
+    if let Some(r) = unsafe { t.get(&s.key2) } {
+        s.other = *r;
+        // Another flow may hold the port by now (it was free for the
+        // taking once this flow expired): leave that one alone.
+        if s.other.flags & CONN_F_REVERSE != 0 && s.other.points_back_to(&s.key) {
+            // The only error (-ENOENT: gone already) leaves it gone too.
+            let _ = t.remove(&s.key2);
+        }
+    }
+    let _ = t.remove(&s.key);
+}
+
+/// Marks the established reverse entry of the forward entry `s.conn` reset.
+#[inline(always)]
+fn reset_reverse(s: &mut Scratch) {
+    mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
+    if let Some(p) = CONNS.get_ptr_mut(&s.key2) {
+        // SAFETY: a successful lookup's pointer, read at once.
+        s.other = unsafe { *p };
+        if s.other.flags & CONN_F_REVERSE != 0 && s.other.points_back_to(&s.key) {
+            // SAFETY: the same pointer, no helper call since the lookup.
+            unsafe { (*p).tcp_state = TCP_STATE_RESET };
+        }
+    }
+}
+
+/// The client's packet on an unanswered flow: establishes it if it proves
+/// the backend answered (`forward_establishes`).
+#[inline(always)]
+fn establish_forward(s: &mut Scratch, flags: u8, now: u64) {
+    mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
+    // SAFETY: read-only, copied at once.
+    let Some(r) = (unsafe { UNANSWERED.get(&s.key2) }) else {
+        return;
     };
-    let now = now();
-    let hash = flow_hash(&s.key);
-    let Some((index, backend)) = pick(svc, hash, now) else {
+    s.other = *r;
+    if s.other.flags & CONN_F_REVERSE == 0
+        || !s.other.points_back_to(&s.key)
+        || !forward_establishes(s.key.proto, flags, s.seg.ack, &s.other)
+    {
+        return;
+    }
+    s.conn.last_seen_ns = now;
+    s.conn.tcp_state = tcp_state_after(s.conn.tcp_state, flags);
+    promote(s);
+}
+
+/// Creates a new flow for `s.key`: picks its backend, routes the packet
+/// (before any state exists, so a packet this hook cannot send leaves
+/// none: XDP hands it to TC untouched, and TC creates the flow), reserves a
+/// SNAT port and inserts both entries into `UNANSWERED`. Leaves the forward
+/// entry in `s.conn`.
+#[inline(always)]
+fn new_flow<C: Packet>(
+    ctx: &mut C,
+    s: &mut Scratch,
+    svc: &Service,
+    cfg: &Config,
+    flags: u8,
+    now: u64,
+) -> Result<(), Out> {
+    let r = choose(s, svc, cfg, flags, now);
+    if r != 0 {
+        return Err(Out::drop(r));
+    }
+    s.conn.ifindex = ctx.ingress_ifindex();
+    fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;
+    match reserve(s, svc, cfg, now) {
+        0 => Ok(()),
+        r => Err(Out::drop(r)),
+    }
+}
+
+/// Picks the backend of a new flow and fills `s.conn` with its forward
+/// entry, SNAT port and ingress interface still unset. Returns 0, or the
+/// drop reason. Out of line (a BPF subprogram with its own stack frame) so
+/// only new flows pay for it; BPF passes at most five arguments, all in
+/// registers, hence the plain code.
+#[inline(never)]
+fn choose(s: &mut Scratch, svc: &Service, cfg: &Config, flags: u8, now: u64) -> u32 {
+    s.hash = flow_hash(&s.key, &cfg.hash_key);
+    let Some((index, backend)) = pick(svc, s.hash, now) else {
         return reason::DROP_NO_BACKEND;
     };
-    let Some(port_be) = snat_port(s, nf, svc, cfg, index, backend, hash, now) else {
-        return reason::DROP_SNAT_EXHAUSTED;
+    let syn = if s.key.proto == PROTO_TCP && is_fresh_syn(flags) {
+        CONN_F_SYN
+    } else {
+        0
     };
-    nf.fwd = Conn {
+    s.conn = Conn {
         new_src: svc.snat_addr,
         new_dst: backend.addr,
-        new_sport_be: port_be,
+        new_sport_be: 0,
         new_dport_be: backend.port_be,
         backend: index,
         service: svc.id,
-        flags: 0,
-        tcp_state: state_after(TCP_STATE_OPEN, tcp_flags),
+        flags: CONN_F_UNANSWERED | syn,
+        tcp_state: tcp_state_after(TCP_STATE_OPEN, flags),
         _pad: [0; 2],
+        ifindex: 0,
+        seq: 0,
         last_seen_ns: now,
         created_ns: now,
     };
-    if CONNS.insert(&s.key, &nf.fwd, 0).is_err() {
-        // `s.key2` still holds the reverse key reserved by `snat_port`.
-        let _ = CONNS.remove(&s.key2);
-        return reason::DROP_CONN_INSERT;
-    }
     0
 }
 
@@ -235,38 +484,34 @@ fn pick(svc: &Service, hash: u32, now: u64) -> Option<(u32, &'static Backend)> {
     fallback
 }
 
-/// Reserves a SNAT port by inserting the reverse entry (`s.key2` ->
-/// `nf.rev`). Returns the port in network byte order.
-#[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "inlined; a struct would cost BPF stack"
-)]
-fn snat_port(
-    s: &mut Scratch,
-    nf: &mut NewFlow,
-    svc: &Service,
-    cfg: &Config,
-    index: u32,
-    backend: &Backend,
-    hash: u32,
-    now: u64,
-) -> Option<u16> {
+/// Reserves a SNAT port for the new flow in `s.conn` (routed: `s.fib`) by
+/// inserting its reverse entry (`s.key2` -> `s.other`), then inserts its
+/// forward entry (`s.key` -> `s.conn`), both into `UNANSWERED`. Returns 0,
+/// or the drop reason. Out of line, like `choose`.
+///
+/// The first port tried depends only on the flow (a flow whose entries
+/// were lost gets the same port back); double hashing: the stride depends
+/// on other bits of the hash. Linear probing would grow runs of taken ports
+/// that turn into false exhaustion long before the range is full. The
+/// stride is a prime, so it is coprime with the range unless it divides
+/// it, and the SNAT_PROBES probes land on distinct ports. Ranges of at most
+/// SNAT_PROBES ports are walked one by one: exhaustive and exact.
+///
+/// A port is taken while an established flow holds it (`CONNS`), or an
+/// unanswered one that has not expired. Under the flood guard, when every
+/// probed port is taken, the new flow takes the port of the unanswered flow
+/// idle the longest among them: a SYN flood cannot exhaust the range, and a
+/// real handshake, idle no longer than a round trip, is the last to go.
+#[inline(never)]
+fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     let lo = svc.snat_port_lo as u32;
     let hi = svc.snat_port_hi as u32;
     if hi < lo || lo == 0 {
-        return None;
+        return reason::DROP_SNAT_EXHAUSTED;
     }
     let range = hi - lo + 1;
-    let first = hash % range;
-    // Double hashing: the first port depends only on the flow (a flow whose
-    // entries were evicted gets the same port back), the stride on other
-    // bits of the hash. Linear probing would grow runs of taken ports that
-    // turn into false exhaustion long before the range is full. The stride
-    // is a prime, so it is coprime with the range unless it divides it, and
-    // the SNAT_PROBES probes land on distinct ports. Ranges of at most
-    // SNAT_PROBES ports are walked one by one: exhaustive and exact.
-    let prime = match (hash >> 16) & 7 {
+    let first = s.hash % range;
+    let prime = match (s.hash >> 16) & 7 {
         0 => 7919,
         1 => 7927,
         2 => 7933,
@@ -281,66 +526,165 @@ fn snat_port(
     } else {
         prime % range
     };
-    nf.rev = Conn {
+    s.other = Conn {
         new_src: s.key.dst,
         new_dst: s.key.src,
         new_sport_be: s.key.dport_be,
         new_dport_be: s.key.sport_be,
-        backend: index,
+        backend: s.conn.backend,
         service: svc.id,
-        flags: CONN_F_REVERSE,
+        flags: CONN_F_REVERSE | CONN_F_UNANSWERED | (s.conn.flags & CONN_F_SYN),
         tcp_state: TCP_STATE_OPEN,
         _pad: [0; 2],
+        // The backend side: where its answers must come from.
+        ifindex: s.fib.ifindex,
+        seq: 0,
         last_seen_ns: now,
         created_ns: now,
     };
     s.key2 = FlowKey {
-        src: backend.addr,
+        src: s.conn.new_dst,
         dst: svc.snat_addr,
-        sport_be: backend.port_be,
+        sport_be: s.conn.new_dport_be,
         dport_be: 0,
         proto: s.key.proto,
         family: s.key.family,
         _pad: [0; 2],
     };
+    // Under the flood guard: the taken port whose unanswered holder was
+    // seen the longest ago. Kept in the scratch, not in locals: the
+    // verifier does not track map memory, so the paths through one probe
+    // end in the same state and it prunes them instead of exploring every
+    // combination of the 32 probes.
+    s.oldest_port_be = 0;
+    s.oldest_seen = u64::MAX;
+    let mut got = 0u16;
     let mut i = 0;
     while i < SNAT_PROBES && i < range {
         // `first + i * stride` < 32 * 65536: no overflow.
         let off = (first + i * stride) % range;
         let port_be = ((lo + off) as u16).to_be();
         s.key2.dport_be = port_be;
-        if CONNS.insert(&s.key2, &nf.rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(port_be);
-        }
-        if reservation_is_stale(s, cfg, now) && CONNS.insert(&s.key2, &nf.rev, 0).is_ok() {
-            return Some(port_be);
+        if !held_by_established(s, cfg, now) {
+            if UNANSWERED
+                .insert(&s.key2, &s.other, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                got = port_be;
+                break;
+            }
+            let seen = unanswered_holder(s, cfg, now);
+            if seen == 0 {
+                if UNANSWERED.insert(&s.key2, &s.other, 0).is_ok() {
+                    got = port_be;
+                    break;
+                }
+            } else if seen < s.oldest_seen {
+                s.oldest_seen = seen;
+                s.oldest_port_be = port_be;
+            }
         }
         i += 1;
     }
-    None
+    if got == 0 && s.guard != 0 && s.oldest_port_be != 0 {
+        let port_be = s.oldest_port_be;
+        if take_over(s, port_be) {
+            got = port_be;
+        }
+    }
+    if got == 0 {
+        return reason::DROP_SNAT_EXHAUSTED;
+    }
+    s.conn.new_sport_be = got;
+    if UNANSWERED.insert(&s.key, &s.conn, 0).is_err() {
+        // `s.key2` still holds the reverse key just reserved; the only error
+        // (-ENOENT: already evicted) leaves the port free too.
+        let _ = UNANSWERED.remove(&s.key2);
+        return reason::DROP_CONN_INSERT;
+    }
+    0
 }
 
-/// The reverse entry at `s.key2` is stale when its forward entry is gone,
-/// expired, or now points elsewhere, or when it belongs to `s.key` itself
-/// (the flow being picked again).
+/// Is the port of `s.key2` held by a live established flow? A stale
+/// reservation there (its forward entry gone, expired, moved to another
+/// port, or the flow being picked again) is removed.
 #[inline(always)]
-fn reservation_is_stale(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
-    // SAFETY: read-only use of a map value pointer (RCU-protected).
-    let Some(rev) = (unsafe { CONNS.get(&s.key2) }) else {
-        return true;
+fn held_by_established(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
+    // SAFETY: read-only, copied at once.
+    let Some(r) = (unsafe { CONNS.get(&s.key2) }) else {
+        return false;
     };
-    mirror_key(rev, s.key2.proto, s.key2.family, &mut s.key3);
-    if s.key3 == s.key {
+    s.peek = *r;
+    if holder_seen(&CONNS, s, cfg, now) != 0 {
         return true;
     }
-    // SAFETY: read-only use of a map value pointer (RCU-protected).
-    match unsafe { CONNS.get(&s.key3) } {
-        Some(f) => {
-            f.flags & CONN_F_REVERSE != 0
-                || f.new_sport_be != s.key2.dport_be
-                || f.new_dst != s.key2.src
-                || f.expired(s.key2.proto, cfg, now)
-        }
-        None => true,
+    let _ = CONNS.remove(&s.key2);
+    false
+}
+
+/// The unanswered holder of the port of `s.key2`: 0 if its reservation is
+/// stale (free for the taking), else when its forward entry was last seen.
+#[inline(always)]
+fn unanswered_holder(s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
+    // SAFETY: read-only, copied at once.
+    let Some(r) = (unsafe { UNANSWERED.get(&s.key2) }) else {
+        return 0;
+    };
+    s.peek = *r;
+    let seen = holder_seen(&UNANSWERED, s, cfg, now);
+    // Stale, and not the flow being picked again: an unanswered flow that
+    // expired (or lost its forward entry to the LRU).
+    if seen == 0 && s.key3 != s.key {
+        stats::event(event::UNANSWERED_EXPIRED);
     }
+    seen
+}
+
+/// For the reverse entry `s.peek` found at `s.key2` in `t`: when its flow's
+/// forward entry was last seen (at least 1), or 0 if the reservation is
+/// stale: no forward entry, one that expired or moved to another port, or
+/// the flow of `s.key` itself, which is being picked again. Leaves the
+/// forward key in `s.key3`.
+#[inline(always)]
+fn holder_seen(t: &Table, s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
+    mirror_key(&s.peek, s.key2.proto, s.key2.family, &mut s.key3);
+    if s.key3 == s.key {
+        return 0;
+    }
+    // SAFETY: read-only, copied at once.
+    let Some(f) = (unsafe { t.get(&s.key3) }) else {
+        return 0;
+    };
+    s.peek = *f;
+    if s.peek.flags & CONN_F_REVERSE != 0
+        || s.peek.new_sport_be != s.key2.dport_be
+        || s.peek.new_dst != s.key2.src
+        || s.peek.expired(s.key2.proto, cfg, now)
+    {
+        return 0;
+    }
+    if s.peek.last_seen_ns == 0 {
+        1
+    } else {
+        s.peek.last_seen_ns
+    }
+}
+
+/// Under the flood guard: the new flow takes `port_be` from its unanswered
+/// holder, whose forward entry goes too (a packet of that flow then starts
+/// afresh instead of colliding with the new one on the backend).
+#[inline(always)]
+fn take_over(s: &mut Scratch, port_be: u16) -> bool {
+    s.key2.dport_be = port_be;
+    // SAFETY: read-only, copied at once.
+    if let Some(r) = unsafe { UNANSWERED.get(&s.key2) } {
+        s.peek = *r;
+        mirror_key(&s.peek, s.key2.proto, s.key2.family, &mut s.key3);
+        let _ = UNANSWERED.remove(&s.key3);
+    }
+    if UNANSWERED.insert(&s.key2, &s.other, 0).is_err() {
+        return false;
+    }
+    stats::event(event::FLOOD_PORT_TAKEN);
+    true
 }

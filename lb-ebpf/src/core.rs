@@ -88,14 +88,17 @@ impl Out {
 
 #[inline(always)]
 pub fn run<C: Packet>(ctx: &mut C) -> Out {
-    ctx.prepare();
+    let pulled = ctx.prepare();
     let len = ctx.frame_len();
-    let out = match maps::scratch() {
-        Some(s) => match process(ctx, s, len) {
+    let out = match (pulled, maps::scratch()) {
+        // The headers could not be made readable (TC: `bpf_skb_pull_data`
+        // failed, which changes nothing): untouched, like any truncated packet.
+        (None, _) => Out::pass(reason::PASS_TRUNCATED),
+        (Some(()), Some(s)) => match process(ctx, s, len) {
             Ok(out) | Err(out) => out,
         },
         // A per-CPU array slot always exists; kept for the verifier.
-        None => Out::pass(reason::PASS_BAD_HEADER),
+        (Some(()), None) => Out::pass(reason::PASS_BAD_HEADER),
     };
     stats::reason(out.reason, len);
     out
@@ -107,18 +110,18 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
     if parse::is_icmp(&s.l3) {
         return icmp::translate(ctx, s);
     }
-    let tcp_flags = parse::l4(ctx, &s.l3, &mut s.key).map_err(Out::pass)?;
+    let tcp_flags = parse::l4(ctx, &s.l3, &mut s.key, &mut s.seg).map_err(Out::pass)?;
     // CONFIG is an array: the lookup of index 0 cannot fail once loaded.
     let cfg: &Config = CONFIG.get(0).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
 
     if is_reply(s, cfg) {
-        let c = conntrack::reply(s, tcp_flags).ok_or(Out::pass(reason::PASS_REPLY_NO_CONN))?;
+        conntrack::reply(ctx, s, tcp_flags)?;
         if s.l3.ttl <= 1 {
             return Err(Out::pass(reason::PASS_TTL_EXPIRED));
         }
-        fwd::route(ctx, s, c)?;
-        nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c)
-            .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+        let c = &s.conn;
+        fwd::route(ctx, &s.l3, &mut s.fib, c)?;
+        rewritten(nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c))?;
         stats::flow(c.service, c.backend, len);
         return Ok(fwd::send(ctx, s));
     }
@@ -127,17 +130,30 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
     if s.l3.ttl <= 1 {
         return Err(Out::pass(reason::PASS_TTL_EXPIRED));
     }
-    let (c, new_flow) = conntrack::forward(s, svc, cfg, tcp_flags)?;
-    if new_flow {
-        // Counted where the flow is created: when XDP leaves the packet to
-        // TC, TC finds the entry and sees an established flow.
-        stats::new_flow(svc.id, c.backend);
+    if conntrack::forward(ctx, s, svc, cfg, tcp_flags)? {
+        // Routed before it was created: a packet XDP cannot send leaves no
+        // state, and TC, which gets it untouched, creates and counts it.
+        stats::new_flow(svc.id, s.conn.backend);
+    } else {
+        fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;
     }
-    fwd::route(ctx, s, c)?;
-    nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c)
-        .ok_or(Out::pass(reason::PASS_TRUNCATED))?;
+    let c = &s.conn;
+    rewritten(nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c))?;
     stats::flow(svc.id, c.backend, len);
     Ok(fwd::send(ctx, s))
+}
+
+/// What `nat::rewrite`'s code means for the packet: a failed checksum update
+/// drops it (it is rewritten already and must neither leave with a stale
+/// checksum nor reach the stack); headers that vanished (cannot happen after
+/// parsing; kept for the verifier) pass it.
+#[inline(always)]
+fn rewritten(code: u32) -> Result<(), Out> {
+    match code {
+        nat::REWRITTEN => Ok(()),
+        reason::DROP_CSUM_FAILED => Err(Out::drop(code)),
+        _ => Err(Out::pass(code)),
+    }
 }
 
 /// Could this be a backend's reply to one of our SNAT (address, port) pairs?

@@ -7,18 +7,41 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT,
     },
-    helpers::generated::bpf_redirect_neigh,
+    helpers::generated::{bpf_csum_update, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
-use lb_common::{csum, reason};
+use lb_common::{csum, reason, L4_CSUM_COMPENSATE, L4_CSUM_FAULT};
 
 use crate::{core::Out, maps::TX_PORTS};
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace`: the pseudo-header is IPv6, so a
 /// CHECKSUM_COMPLETE skb->csum must not be adjusted. Kernel 6.16, commit
-/// ead7f9b8de65 ("bpf: Fix L4 csum update on IPv6 in CHECKSUM_COMPLETE").
+/// ead7f9b8de65 ("bpf: Fix L4 csum update on IPv6 in CHECKSUM_COMPLETE");
+/// stable 6.1.142 (Debian 6.1.147-1). Older kernels refuse it with -EINVAL
+/// (the flags are checked before anything is written).
 const BPF_F_IPV6: u64 = 1 << 7;
+
+/// A flag bit no kernel defines: `L4_CSUM_FAULT` adds it to make the
+/// checksum helper fail on purpose (tests only; see lb-common).
+const FAULT_FLAG: u64 = 1 << 62;
+
+/// `-ENOTSUPP` (524, kernel-internal errno): `bpf_csum_update` on an skb
+/// that is not CHECKSUM_COMPLETE, where there is no `skb->csum` to correct.
+const ENOTSUPP: i64 = -524;
+
+/// One of `lb_common::L4_CSUM_*`, set by the loader (`GLOBAL_L4_CSUM`). The
+/// name must stay as it is: userspace finds the global by its symbol.
+#[unsafe(no_mangle)]
+static L4_CSUM_MODE: u32 = lb_common::L4_CSUM_IPV6_FLAG;
+
+#[inline(always)]
+fn l4_csum_mode() -> u32 {
+    // SAFETY: a plain read of a static; volatile so the compiler cannot fold
+    // the default in (the loader rewrites the value in the object's
+    // read-only data, and the verifier then sees a constant).
+    unsafe { ::core::ptr::read_volatile(&L4_CSUM_MODE) }
+}
 
 /// Bytes a TC program must see linearly: Ethernet + IPv6 + ICMPv6 + inner
 /// IPv6 + a full inner TCP header (14 + 40 + 8 + 40 + 20).
@@ -33,10 +56,20 @@ pub trait Packet {
     /// The raw context pointer, for helpers such as `bpf_fib_lookup`.
     fn raw(&self) -> *mut ::core::ffi::c_void;
     /// Makes the headers directly readable (TC: `bpf_skb_pull_data`).
-    fn prepare(&mut self);
+    /// `None`: they could not be made readable (nothing was changed).
+    fn prepare(&mut self) -> Option<()>;
     /// Patches the TCP/UDP checksum at `off` for a change of pseudo-header
     /// words (`acc_pseudo`: addresses) and of header words (`acc_plain`: ports).
-    fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, v6: bool);
+    /// `None`: the checksum could not be updated (a helper failed); the
+    /// packet must not be sent.
+    fn patch_l4_csum(
+        &mut self,
+        off: usize,
+        acc_pseudo: u32,
+        acc_plain: u32,
+        udp: bool,
+        v6: bool,
+    ) -> Option<()>;
     /// `tot_len` for `bpf_fib_lookup`: what the kernel checks the MTU with.
     fn fib_tot_len(&self, ip_len: u16) -> u16;
     /// Can this hook send the packet on the route `bpf_fib_lookup` returned
@@ -104,20 +137,28 @@ impl Packet for Xdp {
         self.0.as_ptr()
     }
     #[inline(always)]
-    fn prepare(&mut self) {}
+    fn prepare(&mut self) -> Option<()> {
+        Some(())
+    }
 
     /// XDP frames carry complete checksums: patch the field in place.
     #[inline(always)]
-    fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, _v6: bool) {
-        if let Some(old) = read16(self, off) {
-            let acc = acc_pseudo + acc_plain;
-            let new = if udp {
-                csum::apply_udp(old, acc)
-            } else {
-                csum::apply(old, acc)
-            };
-            write16(self, off, new);
-        }
+    fn patch_l4_csum(
+        &mut self,
+        off: usize,
+        acc_pseudo: u32,
+        acc_plain: u32,
+        udp: bool,
+        _v6: bool,
+    ) -> Option<()> {
+        let old = read16(self, off)?;
+        let acc = acc_pseudo + acc_plain;
+        let new = if udp {
+            csum::apply_udp(old, acc)
+        } else {
+            csum::apply(old, acc)
+        };
+        write16(self, off, new)
     }
 
     /// No GSO in XDP: the IP length is the packet's length.
@@ -190,34 +231,70 @@ impl Packet for Tc {
     }
 
     #[inline(always)]
-    fn prepare(&mut self) {
+    fn prepare(&mut self) -> Option<()> {
         let len = self.0.len();
         let want = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
         if self.data_end() - self.data() < want as usize {
-            // A failure leaves the headers unreadable; parsing then passes
-            // the packet as truncated, which is the safe outcome.
-            let _ = self.0.pull_data(want);
+            self.0.pull_data(want).ok()?;
         }
+        Some(())
     }
 
     /// skbs may be CHECKSUM_PARTIAL (veth from a local sender), where only the
     /// pseudo-header part may change: the kernel helper knows which case
-    /// applies, so TC always goes through it.
+    /// applies, so TC always goes through it. Any helper error means the
+    /// checksum is not what the new headers need: `None`, and the caller
+    /// drops the packet (`drop_csum_failed`).
+    ///
+    /// IPv6 without `BPF_F_IPV6` (`L4_CSUM_COMPENSATE`): for a
+    /// CHECKSUM_COMPLETE skb the helper then also subtracts the address
+    /// change from `skb->csum`, as is right for IPv4, whose header checksum
+    /// absorbs the address change. IPv6 has no header checksum: the new
+    /// addresses (written directly, so `skb->csum` did not see them) and the
+    /// new L4 checksum cancel out, and `skb->csum` must stay as it was.
+    /// `bpf_csum_update` adds the change back; on any other skb it answers
+    /// -ENOTSUPP and there is nothing to correct. A UDP checksum of 0 (none)
+    /// is left alone by the helper (`BPF_F_MARK_MANGLED_0`), and then so is
+    /// `skb->csum`.
     #[inline(always)]
-    fn patch_l4_csum(&mut self, off: usize, acc_pseudo: u32, acc_plain: u32, udp: bool, v6: bool) {
+    fn patch_l4_csum(
+        &mut self,
+        off: usize,
+        acc_pseudo: u32,
+        acc_plain: u32,
+        udp: bool,
+        v6: bool,
+    ) -> Option<()> {
+        let mode = l4_csum_mode();
+        let fault = if mode == L4_CSUM_FAULT { FAULT_FLAG } else { 0 };
         let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         if acc_pseudo != 0 {
-            let ip6 = if v6 { BPF_F_IPV6 } else { 0 };
-            let _ = self.0.l4_csum_replace(
-                off,
-                0,
-                to_wsum(acc_pseudo),
-                BPF_F_PSEUDO_HDR as u64 | mangled | ip6,
-            );
+            let diff = to_wsum(acc_pseudo);
+            let flags = BPF_F_PSEUDO_HDR as u64 | mangled | fault;
+            if !v6 {
+                self.0.l4_csum_replace(off, 0, diff, flags).ok()?;
+            } else if mode == L4_CSUM_COMPENSATE {
+                let no_csum = udp && read16(self, off)? == 0;
+                self.0.l4_csum_replace(off, 0, diff, flags).ok()?;
+                if !no_csum {
+                    // SAFETY: plain helper call on the live skb of this run.
+                    let rc = unsafe { bpf_csum_update(self.0.skb.skb, diff as _) };
+                    if rc < 0 && rc != ENOTSUPP {
+                        return None;
+                    }
+                }
+            } else {
+                self.0
+                    .l4_csum_replace(off, 0, diff, flags | BPF_F_IPV6)
+                    .ok()?;
+            }
         }
         if acc_plain != 0 {
-            let _ = self.0.l4_csum_replace(off, 0, to_wsum(acc_plain), mangled);
+            self.0
+                .l4_csum_replace(off, 0, to_wsum(acc_plain), mangled | fault)
+                .ok()?;
         }
+        Some(())
     }
 
     /// 0: the kernel then checks the skb itself with `is_skb_forwardable`,

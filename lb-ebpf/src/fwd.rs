@@ -7,18 +7,16 @@ use ::core::mem::{size_of, zeroed};
 use aya_ebpf::{bindings::bpf_fib_lookup, helpers::generated::bpf_fib_lookup as fib_lookup};
 use lb_common::Conn;
 
-use crate::{core::Out, ctx::Packet, maps::Scratch};
+use crate::{core::Out, ctx::Packet, maps::Scratch, parse::L3};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Looks up the route to the rewritten destination into `s.fib`; returns the
+/// Looks up the route to the rewritten destination into `fib`; returns the
 /// helper's code (`BPF_FIB_LKUP_RET_*`, or a negative error).
 #[inline(always)]
-fn lookup<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> i64 {
-    let l3 = &s.l3;
+fn lookup<C: Packet>(ctx: &mut C, l3: &L3, fib: &mut bpf_fib_lookup, c: &Conn) -> i64 {
     let (src, dst) = (&c.new_src, &c.new_dst);
-    let fib = &mut s.fib;
     // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is its "unset" state.
     *fib = unsafe { zeroed() };
     fib.l4_protocol = l3.proto;
@@ -37,13 +35,20 @@ fn lookup<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> i64 {
     unsafe { fib_lookup(ctx.raw(), fib, size_of::<bpf_fib_lookup>() as i32, 0) }
 }
 
-/// Decides whether this hook can send the packet once rewritten (`Ok`), or
-/// what to do instead (`Err`: the packet is still untouched). Out of line:
-/// its own BPF stack frame.
+/// Decides whether this hook can send the packet once rewritten by `c`
+/// (`Ok`; `fib.ifindex` is then the egress), or what to do instead (`Err`:
+/// the packet is still untouched). Out of line: its own BPF stack frame.
+/// Takes the parts of the scratch it needs, so `c` can be the scratch's copy
+/// of a connection entry.
 #[inline(never)]
-pub fn route<C: Packet>(ctx: &mut C, s: &mut Scratch, c: &Conn) -> Result<(), Out> {
-    let rc = lookup(ctx, s, c);
-    ctx.can_send(rc, &s.fib)
+pub fn route<C: Packet>(
+    ctx: &mut C,
+    l3: &L3,
+    fib: &mut bpf_fib_lookup,
+    c: &Conn,
+) -> Result<(), Out> {
+    let rc = lookup(ctx, l3, fib, c);
+    ctx.can_send(rc, fib)
 }
 
 /// Sends the rewritten packet along the route `route` accepted.

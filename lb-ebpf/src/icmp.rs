@@ -6,17 +6,18 @@
 //! the inner one.
 
 use ::core::mem::offset_of;
-use lb_common::{csum, reason, Conn, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use lb_common::{csum, reason, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 use network_types::{
     icmp::Icmpv4Hdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
 use crate::{
+    conntrack::now,
     core::{Out, Verdict},
     ctx::{ptr_at, ptr_at_mut, read16, write16, Packet},
     fwd,
-    maps::{Scratch, CONNS},
+    maps::{Scratch, CONFIG, CONNS, UNANSWERED},
     nat,
     parse::{l4_csum_off, L3_OFF},
 };
@@ -69,13 +70,12 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
     s.key.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
     s.key.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
     s.key2 = s.key.reversed();
-
-    // SAFETY: read-only use of a map value pointer (RCU-protected).
-    let e: &Conn = (unsafe { CONNS.get(&s.key2) }).ok_or(Out::pass(reason::PASS_ICMP_NO_FLOW))?;
+    flow_of_quote(ctx, s)?;
     if ttl <= 1 {
         return Err(Out::pass(reason::PASS_TTL_EXPIRED));
     }
-    fwd::route(ctx, s, e)?;
+    let e = &s.conn;
+    fwd::route(ctx, &s.l3, &mut s.fib, e)?;
     let ikey = &s.key;
 
     // Inner packet: it now reads as what the other side sent.
@@ -154,6 +154,35 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
         out.reason = reason::FWD_ICMP;
     }
     Ok(out)
+}
+
+/// Copies into `s.conn` the entry of the flow the error quotes (`s.key2`:
+/// the quoted packet's tuple, reversed), from either table. The error must
+/// come from the side of the flow the quoted packet went to: an error about
+/// what we sent a backend (a reverse entry) on the interface the backend is
+/// reached by, an error about our reply to a client (a forward entry) on the
+/// one the client's packets arrive on; and the flow must be live. Else it is
+/// dropped: translated, a forged error would reach a client from the VIP,
+/// or a backend from the SNAT address.
+#[inline(always)]
+fn flow_of_quote<C: Packet>(ctx: &C, s: &mut Scratch) -> Result<(), Out> {
+    // SAFETY: read-only, copied at once (an LRU element can be recycled
+    // for another flow as soon as it is evicted).
+    match unsafe { CONNS.get(&s.key2) } {
+        Some(c) => s.conn = *c,
+        // SAFETY: as above.
+        None => match unsafe { UNANSWERED.get(&s.key2) } {
+            Some(c) => s.conn = *c,
+            None => return Err(Out::pass(reason::PASS_ICMP_NO_FLOW)),
+        },
+    }
+    let rejected = Out::drop(reason::DROP_ICMP_REJECTED);
+    // CONFIG is an array: the lookup of index 0 cannot fail once loaded.
+    let cfg = CONFIG.get(0).ok_or(rejected)?;
+    if s.conn.ifindex != ctx.ingress_ifindex() || s.conn.expired(s.key2.proto, cfg, now()) {
+        return Err(rejected);
+    }
+    Ok(())
 }
 
 #[inline(always)]

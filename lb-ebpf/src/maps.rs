@@ -8,11 +8,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, DEFAULT_CONNS_CAPACITY,
-    DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, MAX_TX_PORTS,
+    AddrKey, Backend, Config, Conn, Counters, FloodWindow, FlowKey, Service, ServiceKey,
+    DEFAULT_CONNS_CAPACITY, DEFAULT_MAGLEV_CAPACITY, DEFAULT_UNANSWERED_CAPACITY, MAX_BACKENDS,
+    MAX_SERVICES, MAX_SNAT_ADDRS, MAX_TX_PORTS,
 };
 
-use crate::parse::L3;
+use crate::parse::{Seg, L3};
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -33,10 +34,23 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map(name = "MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_CAPACITY, BPF_F_MMAPABLE);
 
-/// Shared (not per-CPU) LRU: a reply may be processed on another CPU than
-/// the request that created the flow.
+/// Established flows. Shared (not per-CPU) LRU: a reply may be processed on
+/// another CPU than the request that created the flow. Only a flow whose
+/// backend accepted it gets here (`conntrack::promote`), so a flood of
+/// forged packets never evicts one of these entries.
+///
+/// LRU elements are recycled without an RCU grace period: once evicted, an
+/// element can hold another flow's entry at any moment. The data plane
+/// copies a value right after its lookup and keeps no reference into it past
+/// the next helper call.
 #[map(name = "CONNS")]
 pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::pinned(DEFAULT_CONNS_CAPACITY, 0);
+
+/// Flows not established yet (`CONN_F_UNANSWERED`): an LRU of their own.
+/// A SYN flood churns this table, never `CONNS`.
+#[map(name = "UNANSWERED")]
+pub static UNANSWERED: LruHashMap<FlowKey, Conn> =
+    LruHashMap::pinned(DEFAULT_UNANSWERED_CAPACITY, 0);
 
 #[map(name = "SNAT_ADDRS")]
 pub static SNAT_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SNAT_ADDRS, 0);
@@ -58,6 +72,9 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKEN
 #[map(name = "REASON_STATS")]
 pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(lb_common::reason::COUNT, 0);
 
+#[map(name = "EVENT_STATS")]
+pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(lb_common::event::COUNT, 0);
+
 /// Per-CPU scratch space for structs too big for the 512-byte BPF stack once
 /// everything is inlined. A program runs to completion on its CPU (softirq,
 /// no preemption), so one slot per CPU is never shared.
@@ -74,23 +91,25 @@ pub struct Scratch {
     pub svc_key: ServiceKey,
     pub addr_key: AddrKey,
     pub fib: bpf_fib_lookup,
-}
-
-/// The two entries of a flow being created (per CPU, like `Scratch`; kept
-/// apart so a returned `&Conn` never aliases the `&mut Scratch`).
-#[repr(C)]
-pub struct NewFlow {
-    pub fwd: Conn,
-    pub rev: Conn,
-}
-
-#[map(name = "NEW_FLOW")]
-pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
-
-#[inline(always)]
-pub fn new_flow_slot() -> Option<&'static mut NewFlow> {
-    // SAFETY: as for `scratch`.
-    NEW_FLOW.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    /// TCP sequence and acknowledgment numbers (TCP only).
+    pub seg: Seg,
+    /// A copy of the connection entry the packet uses (for a new flow: its
+    /// forward entry). Copied, never referenced: see `CONNS`.
+    pub conn: Conn,
+    /// A copy of the flow's other entry (for a new flow: its reverse entry).
+    pub other: Conn,
+    /// A copy of an entry looked at while probing SNAT ports.
+    pub peek: Conn,
+    /// A new flow's `flow_hash`.
+    pub hash: u32,
+    /// 1 while the flood guard is on for the new flow being created.
+    pub guard: u32,
+    /// While probing SNAT ports: the taken port whose unanswered holder was
+    /// seen the longest ago, and when.
+    pub oldest_seen: u64,
+    pub oldest_port_be: u16,
+    /// The flood guard's count on this CPU; kept from packet to packet.
+    pub flood: FloodWindow,
 }
 
 #[map(name = "SCRATCH")]

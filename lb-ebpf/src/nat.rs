@@ -1,7 +1,7 @@
 //! Full-NAT rewrite of the outer headers, checksums patched incrementally.
 
 use ::core::mem::offset_of;
-use lb_common::{csum, Conn, PROTO_UDP};
+use lb_common::{csum, reason, Conn, PROTO_UDP};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
@@ -63,33 +63,47 @@ pub fn rewrite_ip<C: Packet>(
     Some(acc_addr)
 }
 
+/// [`rewrite`]'s code for "done".
+pub const REWRITTEN: u32 = u32::MAX;
+
 /// Applies a connection entry to a TCP/UDP packet: addresses, ports, TTL and
-/// every checksum. `None` only if the headers vanished (cannot happen after
-/// parsing; kept for the verifier).
-/// Out of line: its own BPF stack frame (see `conntrack::new_flow`).
+/// every checksum. Returns [`REWRITTEN`], `reason::DROP_CSUM_FAILED` if the
+/// L4 checksum could not be updated, or `reason::PASS_TRUNCATED` if the
+/// headers vanished (cannot happen after parsing; kept for the verifier).
+/// Out of line: its own BPF stack frame (see `conntrack::new_flow`), hence
+/// the plain return code.
 #[inline(never)]
-pub fn rewrite<C: Packet>(
+pub fn rewrite<C: Packet>(ctx: &mut C, l3: &L3, sport_be: u16, dport_be: u16, c: &Conn) -> u32 {
+    match rewrite_l4(ctx, l3, sport_be, dport_be, c) {
+        Ok(()) => REWRITTEN,
+        Err(code) => code,
+    }
+}
+
+#[inline(always)]
+fn rewrite_l4<C: Packet>(
     ctx: &mut C,
     l3: &L3,
     sport_be: u16,
     dport_be: u16,
     c: &Conn,
-) -> Option<()> {
-    let acc_addr = rewrite_ip(ctx, l3, &c.new_src, &c.new_dst)?;
+) -> Result<(), u32> {
+    let gone = reason::PASS_TRUNCATED;
+    let acc_addr = rewrite_ip(ctx, l3, &c.new_src, &c.new_dst).ok_or(gone)?;
     let old_sport = u16::from_be(sport_be);
     let old_dport = u16::from_be(dport_be);
     let new_sport = u16::from_be(c.new_sport_be);
     let new_dport = u16::from_be(c.new_dport_be);
     let acc_ports = csum::add16(csum::add16(0, old_sport, new_sport), old_dport, new_dport);
     // Source and destination ports are the first two words of TCP and UDP.
-    write16(ctx, l3.l4_off(), new_sport)?;
-    write16(ctx, l3.l4_off() + 2, new_dport)?;
+    write16(ctx, l3.l4_off(), new_sport).ok_or(gone)?;
+    write16(ctx, l3.l4_off() + 2, new_dport).ok_or(gone)?;
     ctx.patch_l4_csum(
         l4_csum_off(l3.l4_off(), l3.proto),
         acc_addr,
         acc_ports,
         l3.proto == PROTO_UDP,
         l3.is_v6(),
-    );
-    Some(())
+    )
+    .ok_or(reason::DROP_CSUM_FAILED)
 }

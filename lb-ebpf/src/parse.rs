@@ -27,10 +27,15 @@ const IPV4_OFFSET_MASK: u16 = 0x1fff;
 /// fragment, ESP, AH, destination options, mobility, HIP, shim6.
 const IPV6_EXT: [u8; 9] = [0, 43, 44, 50, 51, 60, 135, 139, 140];
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use lb_common::tcp::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN};
+
+/// A TCP segment's sequence and acknowledgment numbers (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Seg {
+    pub seq: u32,
+    pub ack: u32,
+}
 
 /// What the network layer told us.
 #[repr(C)]
@@ -134,9 +139,10 @@ fn ipv6<C: Packet>(ctx: &C, out: &mut L3) -> Result<(), u32> {
     Ok(())
 }
 
-/// TCP or UDP on top of `l3`: fills the flow key, returns the TCP flags.
+/// TCP or UDP on top of `l3`: fills the flow key and `seg`, returns the TCP
+/// flags.
 #[inline(always)]
-pub fn l4<C: Packet>(ctx: &C, l3: &L3, key: &mut FlowKey) -> Result<u8, u32> {
+pub fn l4<C: Packet>(ctx: &C, l3: &L3, key: &mut FlowKey, seg: &mut Seg) -> Result<u8, u32> {
     key.src = l3.src;
     key.dst = l3.dst;
     key.proto = l3.proto;
@@ -152,6 +158,8 @@ pub fn l4<C: Packet>(ctx: &C, l3: &L3, key: &mut FlowKey) -> Result<u8, u32> {
         }
         key.sport_be = u16::from_ne_bytes(tcp.source);
         key.dport_be = u16::from_ne_bytes(tcp.dest);
+        seg.seq = u32::from_be_bytes(tcp.seq);
+        seg.ack = u32::from_be_bytes(tcp.ack_seq);
         flags = tcp_flags(tcp);
     } else if l3.proto == PROTO_UDP {
         let udp = ptr_at::<C, UdpHdr>(ctx, l3.l4_off()).ok_or(reason::PASS_TRUNCATED)?;

@@ -1,6 +1,15 @@
-//! Per-CPU counters: per reason, per service, per backend.
+//! Per-CPU counters: per reason, per service, per backend, per event.
 
-use crate::maps::{BACKEND_STATS, REASON_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, EVENT_STATS, REASON_STATS, SERVICE_STATS};
+
+/// Counts one `lb_common::event`.
+#[inline(always)]
+pub fn event(event: u32) {
+    if let Some(c) = EVENT_STATS.get_ptr_mut(event) {
+        // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
 
 #[inline(always)]
 pub fn reason(reason: u32, bytes: u64) {

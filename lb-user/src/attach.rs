@@ -6,6 +6,13 @@
 //! daemon finds the pinned link and swaps its own program in with
 //! `bpf_link_update` (atomic; the pinned maps, connection table included,
 //! stay as they are).
+//!
+//! Kernels without tcx (before 6.6; `probe::Feature::Tcx`) get the TC
+//! program as a clsact ingress filter at a fixed priority and handle
+//! instead (`clsact`). A filter cannot be pinned, so the record that we
+//! attached one is the TC program pinned at `<pin_dir>/links/<iface>@clsact`:
+//! a restart replaces the program in that filter (atomic), `down` deletes
+//! exactly that filter.
 
 use std::{
     fs::{File, OpenOptions, Permissions, TryLockError},
@@ -16,13 +23,17 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{
-    links::{FdLink, PinnedLink},
-    tc::{SchedClassifierLink, TcAttachOptions},
+    links::{FdLink, Link as _, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     xdp::{XdpLink, XdpMode},
-    LinkOrder, TcAttachType,
+    LinkOrder, ProgramInfo, TcAttachType,
 };
 
-use crate::maps::DataPlane;
+use crate::{
+    clsact,
+    maps::DataPlane,
+    probe::{self, Feature},
+};
 
 /// How the program is hooked to one interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +69,16 @@ impl std::fmt::Display for Hook {
 /// The ioctl, unlike /sys/class/net, answers for this process's network
 /// namespace whatever sysfs shows.
 pub fn auto_hook(iface: &str) -> (Hook, String) {
+    if !probe::features().has(Feature::XdpLink) {
+        return (
+            Hook::Tc,
+            format!(
+                "{iface}: TC, because XDP links (Linux {}) are missing and an XDP program \
+                 could not stay attached across restarts",
+                Feature::XdpLink.kernel()
+            ),
+        );
+    }
     match driver_info(iface) {
         Some((driver, bus)) if !bus.is_empty() => (
             Hook::Xdp,
@@ -146,10 +167,19 @@ fn driver_info(iface: &str) -> Option<(String, String)> {
 /// bpffs refuses names with a dot (reserved for its own files), so a dot in
 /// an interface name (`eth0.100`) is written as `%2e`.
 fn link_path(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
+    pin_path(pin_dir, iface, hook.suffix())
+}
+
+/// The record of our clsact filter on `iface`: the TC program, pinned.
+fn clsact_record(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_path(pin_dir, iface, CLSACT_SUFFIX)
+}
+
+const CLSACT_SUFFIX: &str = "clsact";
+
+fn pin_path(pin_dir: &Path, iface: &str, suffix: &str) -> PathBuf {
     let name = iface.replace('%', "%25").replace('.', "%2e");
-    pin_dir
-        .join("links")
-        .join(format!("{name}@{}", hook.suffix()))
+    pin_dir.join("links").join(format!("{name}@{suffix}"))
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
@@ -200,6 +230,9 @@ pub fn attach(dp: &mut DataPlane, iface: &str, hook: Hook) -> Result<(u32, Vec<S
 }
 
 fn attach_one(dp: &mut DataPlane, iface: &str, idx: u32, hook: Hook) -> Result<String> {
+    if hook == Hook::Tc && !probe::features().has(Feature::Tcx) {
+        return attach_clsact(dp, iface, idx);
+    }
     let path = link_path(dp.pin_dir(), iface, hook);
     if path.exists() {
         match adopt(dp, &path, hook) {
@@ -247,10 +280,179 @@ fn attach_one(dp: &mut DataPlane, iface: &str, idx: u32, hook: Hook) -> Result<S
     };
     fd.pin(&path)
         .with_context(|| format!("pinning link at {}", path.display()))?;
+    // From a clsact filter (a kernel upgrade): the tcx program runs first
+    // and ends every packet's TC path, so the filter can go after it.
+    let gone = if hook == Hook::Tc && clsact_record(dp.pin_dir(), iface).exists() {
+        remove_clsact(dp.pin_dir(), iface)?;
+        "; the clsact filter of a kernel without tcx removed"
+    } else {
+        ""
+    };
     Ok(format!(
-        "{iface}: attached {hook} (ingress), link pinned at {}",
+        "{iface}: attached {hook} (ingress), link pinned at {}{gone}",
         path.display()
     ))
+}
+
+/// TC on a kernel without tcx: our clsact ingress filter (module `clsact`),
+/// created, or adopted with the program replaced, and recorded by pinning
+/// the program at [`clsact_record`].
+fn attach_clsact(dp: &mut DataPlane, iface: &str, idx: u32) -> Result<String> {
+    let pin_dir = dp.pin_dir().to_path_buf();
+    let why = if probe::features().pretended(Feature::Tcx) {
+        format!("tcx hidden by {}", probe::PRETEND_ENV)
+    } else {
+        format!(
+            "tcx not supported by this kernel (needs {})",
+            Feature::Tcx.kernel()
+        )
+    };
+    // From tcx (XDPLB_PRETEND_MISSING on a tcx kernel): the tcx link goes,
+    // or both programs would see every packet.
+    let tcx = link_path(&pin_dir, iface, Hook::Tc);
+    let mut also = String::new();
+    if tcx.exists() {
+        std::fs::remove_file(&tcx).with_context(|| format!("removing {}", tcx.display()))?;
+        also = format!(" (its tcx link {} removed)", tcx.display());
+    }
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "adding the clsact qdisc to {iface} (the kernel needs sch_ingress, \
+                     CONFIG_NET_SCH_INGRESS, and cls_bpf, CONFIG_NET_CLS_BPF)"
+                )
+            })
+        }
+    }
+    let record = clsact_record(&pin_dir, iface);
+    let recorded = std::fs::symlink_metadata(&record).is_ok_and(|m| m.is_file());
+    let place = format!(
+        "priority {}, handle {:#x}",
+        clsact::PRIORITY,
+        clsact::HANDLE
+    );
+    let existing = clsact::at_our_place(idx)
+        .with_context(|| format!("listing the clsact ingress filters of {iface}"))?;
+    let what = match existing {
+        Some(f) if f.is_ours() => {
+            // Re-created in place on the same priority and handle, without
+            // NLM_F_EXCL: cls_bpf swaps the program in atomically.
+            let link = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                clsact::PRIORITY,
+                TcHandle::from(clsact::HANDLE),
+                None,
+            )
+            .with_context(|| format!("finding {iface}"))?;
+            let id = dp.tc().attach_to_link(link).with_context(|| {
+                format!("replacing the program of the clsact filter on {iface}")
+            })?;
+            keep_attached(dp.tc().take_link(id)?);
+            if recorded {
+                format!("adopted its clsact ingress filter ({place}), program replaced atomically")
+            } else {
+                format!(
+                    "found an xdplb clsact ingress filter ({place}) that the pin directory has \
+                     no record of; program replaced atomically"
+                )
+            }
+        }
+        Some(f) => bail!(
+            "{iface}: the clsact ingress place xdplb uses ({place}) is taken by another filter \
+             ({} {}); remove it (`tc filter del dev {iface} ingress pref {} handle {:#x} {}`) \
+             or free that place",
+            f.kind,
+            f.name.as_deref().unwrap_or("without a name"),
+            f.priority,
+            f.handle,
+            f.kind
+        ),
+        None => {
+            let id = dp
+                .tc()
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: clsact::PRIORITY,
+                        handle: TcHandle::from(clsact::HANDLE),
+                        classid: None,
+                    }),
+                )
+                .with_context(|| format!("attaching TC (clsact ingress filter) to {iface}"))?;
+            keep_attached(dp.tc().take_link(id)?);
+            format!("attached a clsact ingress filter (netlink, {place}) instead")
+        }
+    };
+    if recorded {
+        std::fs::remove_file(&record)
+            .with_context(|| format!("removing the old record {}", record.display()))?;
+    }
+    dp.tc()
+        .pin(&record)
+        .with_context(|| format!("recording the clsact filter at {}", record.display()))?;
+    Ok(format!(
+        "{iface}: {why}: {what}{also}; recorded at {}",
+        record.display()
+    ))
+}
+
+/// A netlink filter stays until it is deleted, but aya deletes it when its
+/// link object is dropped: forgetting the object (a few integers) keeps the
+/// filter, which is what a pinned link does for tcx.
+fn keep_attached(link: SchedClassifierLink) {
+    std::mem::forget(link);
+}
+
+/// Deletes our clsact filter on `iface` (if the interface and the filter
+/// exist and the filter runs `xdplb_tc`), then its record. Returns whether a
+/// filter was deleted.
+fn remove_clsact(pin_dir: &Path, iface: &str) -> Result<bool> {
+    let mut deleted = false;
+    match ifindex(iface) {
+        Ok(idx) => match clsact::at_our_place(idx)
+            .with_context(|| format!("listing the clsact ingress filters of {iface}"))?
+        {
+            Some(f) if f.is_ours() => {
+                SchedClassifierLink::attached(
+                    iface,
+                    TcAttachType::Ingress,
+                    clsact::PRIORITY,
+                    TcHandle::from(clsact::HANDLE),
+                    None,
+                )
+                .with_context(|| format!("finding {iface}"))?
+                .detach()
+                .with_context(|| format!("deleting the clsact filter on {iface}"))?;
+                deleted = true;
+            }
+            Some(f) => tracing::warn!(
+                "{iface}: the filter at xdplb's clsact place runs {:?}, not {}; left alone",
+                f.name,
+                lb_common::PROG_TC
+            ),
+            None => {}
+        },
+        Err(_) => tracing::warn!(
+            "{iface}: no such interface in this network namespace, so no clsact filter to \
+             delete here; if it exists in another one, delete it there (`tc filter del dev \
+             {iface} ingress pref {} handle {:#x} bpf`)",
+            clsact::PRIORITY,
+            clsact::HANDLE
+        ),
+    }
+    let record = clsact_record(pin_dir, iface);
+    match std::fs::remove_file(&record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("unpinning {}", record.display()));
+        }
+        _ => {}
+    }
+    Ok(deleted)
 }
 
 /// Swaps our program into the pinned link at `path`.
@@ -285,7 +487,14 @@ pub fn teardown(pin_dir: &Path) -> Result<usize> {
     let mut ids = Vec::new();
     let mut prog_ids = Vec::new();
     let links = link_pins(pin_dir)?;
-    for (p, _, _) in &links {
+    for (p, iface, _, kind) in &links {
+        if *kind == PinKind::Clsact {
+            if let Ok(info) = ProgramInfo::from_pin(p) {
+                prog_ids.push(info.id());
+            }
+            remove_clsact(pin_dir, iface)?;
+            continue;
+        }
         // The ids first, with the fd closed again before the unpin.
         if let Ok(info) = PinnedLink::from_pin(p)
             .map(FdLink::from)
@@ -332,8 +541,12 @@ pub fn teardown(pin_dir: &Path) -> Result<usize> {
 /// the kernel severed its links with the device, and a pin would only keep
 /// the dead link (and the program) alive.
 pub fn unpin_links(pin_dir: &Path, iface: &str) -> Result<()> {
-    for hook in [Hook::Xdp, Hook::Tc] {
-        let path = link_path(pin_dir, iface, hook);
+    let paths = [
+        link_path(pin_dir, iface, Hook::Xdp),
+        link_path(pin_dir, iface, Hook::Tc),
+        clsact_record(pin_dir, iface),
+    ];
+    for path in paths {
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("unpinning {}", path.display()));
@@ -348,14 +561,24 @@ pub fn unpin_links(pin_dir: &Path, iface: &str) -> Result<()> {
 pub fn pinned_links(pin_dir: &Path) -> Result<Vec<(String, Hook)>> {
     Ok(link_pins(pin_dir)?
         .into_iter()
-        .map(|(_, iface, hook)| (iface, hook))
+        .map(|(_, iface, hook, _)| (iface, hook))
         .collect())
 }
 
-/// The pins under `<pin_dir>/links` that [`link_path`] names: regular files
-/// (on bpffs, pins) called `<iface>@xdp` or `<iface>@tc`. Anything else
-/// there is not ours.
-fn link_pins(pin_dir: &Path) -> Result<Vec<(PathBuf, String, Hook)>> {
+/// What a pin under `<pin_dir>/links` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PinKind {
+    /// A BPF link (`<iface>@xdp`, `<iface>@tc`).
+    Link,
+    /// The record of a clsact filter: the TC program (`<iface>@clsact`).
+    Clsact,
+}
+
+/// The pins under `<pin_dir>/links` that [`link_path`] and
+/// [`clsact_record`] name: regular files (on bpffs, pins) called
+/// `<iface>@xdp`, `<iface>@tc` or `<iface>@clsact`. Anything else there is
+/// not ours.
+fn link_pins(pin_dir: &Path) -> Result<Vec<(PathBuf, String, Hook, PinKind)>> {
     let links = pin_dir.join("links");
     let mut out = Vec::new();
     if !links.is_dir() {
@@ -364,14 +587,15 @@ fn link_pins(pin_dir: &Path) -> Result<Vec<(PathBuf, String, Hook)>> {
     for e in std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let (iface, hook) = match name.rsplit_once('@') {
-            Some((iface, "xdp")) => (iface, Hook::Xdp),
-            Some((iface, "tc")) => (iface, Hook::Tc),
+        let (iface, hook, kind) = match name.rsplit_once('@') {
+            Some((iface, "xdp")) => (iface, Hook::Xdp, PinKind::Link),
+            Some((iface, "tc")) => (iface, Hook::Tc, PinKind::Link),
+            Some((iface, CLSACT_SUFFIX)) => (iface, Hook::Tc, PinKind::Clsact),
             _ => continue,
         };
         if e.file_type().is_ok_and(|t| t.is_file()) {
             let iface = iface.replace("%2e", ".").replace("%25", "%");
-            out.push((e.path(), iface, hook));
+            out.push((e.path(), iface, hook, kind));
         }
     }
     Ok(out)

@@ -47,6 +47,21 @@ pub enum Command {
     /// is given. Logs go to stderr; RUST_LOG=debug shows every poll and check.
     #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
+    /// Make the running daemon read its config file again, and say how it went.
+    ///
+    /// Sends SIGHUP to the `xdplb run` of this pin directory (a plain SIGHUP
+    /// does the same) and waits for its verdict. A valid file is applied
+    /// without losing a flow: new services start, removed ones drain and go,
+    /// changed checks, intervals, drain, SNAT and Maglev settings take effect.
+    /// An invalid file, or one that changes what needs a restart (interfaces,
+    /// attach, pin_dir, conntrack.capacity, a service's listen address),
+    /// changes nothing: the daemon keeps running and this exits non-zero with
+    /// the reason.
+    ///
+    ///   xdplb reload
+    ///   systemctl reload xdplb       # ExecReload runs the same
+    #[command(verbatim_doc_comment)]
+    Reload(ReloadArgs),
     /// Remove state left by `xdplb run --persist` (or by a killed daemon):
     /// unpins the program links (detaching the programs) and the maps.
     ///
@@ -150,6 +165,16 @@ pub struct RunArgs {
     /// maps at scrape time. Off unless given. Example: 127.0.0.1:9090
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReloadArgs {
+    /// The pin directory of the daemon to reload (bpffs).
+    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// How long to wait for the daemon's verdict, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_interval)]
+    pub timeout: f64,
 }
 
 #[derive(Args, Debug)]

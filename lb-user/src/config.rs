@@ -41,7 +41,8 @@ use std::{
 use anyhow::Context as _;
 use lb_common::{
     DEFAULT_CLOSING_TIMEOUT_NS, DEFAULT_CONNS_CAPACITY, DEFAULT_MAGLEV_SIZE,
-    DEFAULT_TCP_TIMEOUT_NS, DEFAULT_UDP_TIMEOUT_NS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    DEFAULT_TCP_TIMEOUT_NS, DEFAULT_UDP_TIMEOUT_NS, DEFAULT_UNANSWERED_CAPACITY,
+    DEFAULT_UNANSWERED_TIMEOUT_NS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -91,6 +92,11 @@ pub const DEFAULT_SNAT_PORTS: (u16, u16) = (20000, 29999);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Shortest connection-table timeout accepted.
 pub const MIN_CONNTRACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// New flows per second (over all CPUs) above which the flood guard turns
+/// on, unless `conntrack.flood_new_flows_per_second` says otherwise. Well
+/// above what one balancer sees from real clients on these hosts; a guard
+/// on by mistake costs little (docs/DATAPLANE.md, "Flood guard").
+pub const DEFAULT_FLOOD_NEW_FLOWS_PER_SECOND: u32 = 20_000;
 /// Backend slots the `BACKENDS` map has (index 0 means "no backend").
 pub const MAX_BACKEND_SLOTS: u32 = lb_common::MAX_BACKENDS - 1;
 
@@ -111,6 +117,13 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// Connection-table size and timeouts (`[conntrack]`).
     pub conntrack: ConntrackConfig,
+    /// The key of the flow hash that picks backends and SNAT ports
+    /// (`flow_hash_secret`, 32 hex digits). Without it the daemon generates
+    /// one on its first start and keeps it in the pinned `CONFIG` map for
+    /// the next starts. Balancers that must make the same choices (Swarm
+    /// global mode: one per node, behind the same addresses) need the same
+    /// secret: set it in the configuration they share.
+    pub flow_hash_secret: Option<HashSecret>,
     /// How many backend slots (entries of the `BACKENDS` map) the daemon
     /// hands out over all services (`backend_slots`; default and maximum
     /// [`MAX_BACKEND_SLOTS`]). A service whose tasks need more slots than are
@@ -164,6 +177,67 @@ pub struct ConntrackConfig {
     /// Idle time after which a UDP flow is forgotten (`udp_timeout`; default
     /// 60 s).
     pub udp_timeout: Duration,
+    /// Entries in the table of flows not established yet
+    /// (`unanswered_capacity`; default [`DEFAULT_UNANSWERED_CAPACITY`]): an
+    /// LRU of its own, so new flows, a flood's included, never evict an
+    /// established one.
+    pub unanswered_capacity: u32,
+    /// Idle time after which a flow the backend has not accepted yet, or a
+    /// TCP flow after a RST, is forgotten and its SNAT port freed
+    /// (`unanswered_timeout`; default 5 s).
+    pub unanswered_timeout: Duration,
+    /// New flows per second above which the flood guard turns on
+    /// (`flood_new_flows_per_second`; default
+    /// [`DEFAULT_FLOOD_NEW_FLOWS_PER_SECOND`]; 0: never). Counted per CPU,
+    /// each against its share of this figure.
+    pub flood_new_flows_per_second: u32,
+}
+
+/// `flow_hash_secret`: the SipHash key of the flow hash. Its `Debug` does
+/// not show it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HashSecret(pub [u64; 2]);
+
+impl fmt::Debug for HashSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HashSecret(..)")
+    }
+}
+
+impl fmt::Display for HashSecret {
+    /// The 32 hex digits `flow_hash_secret` takes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}{:016x}", self.0[0], self.0[1])
+    }
+}
+
+impl FromStr for HashSecret {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let s = s.trim();
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ValueError::new(
+                "must be 32 hex digits (128 bits), e.g. from `openssl rand -hex 16`",
+            ));
+        }
+        let word = |r: std::ops::Range<usize>| u64::from_str_radix(&s[r], 16).unwrap_or(0);
+        let key = [word(0..16), word(16..32)];
+        if key == [0, 0] {
+            return Err(ValueError::new("must not be all zero"));
+        }
+        Ok(Self(key))
+    }
+}
+
+impl HashSecret {
+    /// 128 random bits from the kernel.
+    pub fn generate() -> std::io::Result<Self> {
+        let mut b = [0u8; 16];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        Ok(Self([word(0), word(8) | 1]))
+    }
 }
 
 impl Default for ConntrackConfig {
@@ -173,6 +247,9 @@ impl Default for ConntrackConfig {
             tcp_timeout: Duration::from_nanos(DEFAULT_TCP_TIMEOUT_NS),
             closing_timeout: Duration::from_nanos(DEFAULT_CLOSING_TIMEOUT_NS),
             udp_timeout: Duration::from_nanos(DEFAULT_UDP_TIMEOUT_NS),
+            unanswered_capacity: DEFAULT_UNANSWERED_CAPACITY,
+            unanswered_timeout: Duration::from_nanos(DEFAULT_UNANSWERED_TIMEOUT_NS),
+            flood_new_flows_per_second: DEFAULT_FLOOD_NEW_FLOWS_PER_SECOND,
         }
     }
 }
@@ -425,6 +502,7 @@ impl Config {
             attach: short.attach.unwrap_or_default(),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             conntrack: ConntrackConfig::default(),
+            flow_hash_secret: None,
             backend_slots: MAX_BACKEND_SLOTS,
             services: vec![service],
             origin,
@@ -578,7 +656,9 @@ impl Config {
         Some((lo, hi))
     }
 
-    /// The runtime settings the data plane reads (`CONFIG[0]`).
+    /// The runtime settings the data plane reads (`CONFIG[0]`). Without a
+    /// `flow_hash_secret` the hash key is zero here: the daemon keeps the
+    /// key pinned in `CONFIG` or generates one (`daemon::write_config`).
     pub fn dataplane_config(&self) -> lb_common::Config {
         let (snat_port_min, snat_port_max) = self.snat_port_span().unwrap_or((0, 0));
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -588,9 +668,36 @@ impl Config {
             tcp_timeout_ns: ns(self.conntrack.tcp_timeout),
             closing_timeout_ns: ns(self.conntrack.closing_timeout),
             udp_timeout_ns: ns(self.conntrack.udp_timeout),
+            unanswered_timeout_ns: ns(self.conntrack.unanswered_timeout),
+            flood_new_flows_per_cpu: flood_per_cpu(
+                self.conntrack.flood_new_flows_per_second,
+                possible_cpus(),
+            ),
+            hash_key: self.flow_hash_secret.map_or([0; 2], |k| k.0),
             ..lb_common::Config::with_defaults()
         }
     }
+}
+
+/// The flood guard's threshold for one CPU: each CPU counts the new flows it
+/// handles against its share of the total (rounded up; 0 stays 0, off).
+pub fn flood_per_cpu(total: u32, cpus: u32) -> u32 {
+    if total == 0 {
+        0
+    } else {
+        total.div_ceil(cpus.max(1))
+    }
+}
+
+/// The CPUs the per-CPU maps have a slot for (read once).
+fn possible_cpus() -> u32 {
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        aya::util::nr_cpus()
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(1)
+    })
 }
 
 impl ConntrackConfig {
@@ -604,10 +711,20 @@ impl ConntrackConfig {
                 "must be at least 2 (every flow takes two entries)",
             ));
         }
+        if self.unanswered_capacity < 2 {
+            return Err(invalid(
+                origin.at("conntrack.unanswered_capacity"),
+                None,
+                "conntrack.unanswered_capacity",
+                &self.unanswered_capacity.to_string(),
+                "must be at least 2 (every flow takes two entries)",
+            ));
+        }
         for (key, value) in [
             ("conntrack.tcp_timeout", self.tcp_timeout),
             ("conntrack.closing_timeout", self.closing_timeout),
             ("conntrack.udp_timeout", self.udp_timeout),
+            ("conntrack.unanswered_timeout", self.unanswered_timeout),
         ] {
             if value < MIN_CONNTRACK_TIMEOUT {
                 return Err(ConfigError::DurationTooShort {
@@ -1849,6 +1966,7 @@ struct RawConfig {
     attach: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
     conntrack: Option<RawConntrack>,
+    flow_hash_secret: Option<Spanned<String>>,
     backend_slots: Option<Spanned<u32>>,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
@@ -1861,6 +1979,9 @@ struct RawConntrack {
     tcp_timeout: Option<Spanned<String>>,
     closing_timeout: Option<Spanned<String>>,
     udp_timeout: Option<Spanned<String>>,
+    unanswered_capacity: Option<Spanned<u32>>,
+    unanswered_timeout: Option<Spanned<String>>,
+    flood_new_flows_per_second: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -1941,8 +2062,29 @@ impl Converter<'_> {
                 &ct.closing_timeout,
             );
             self.note(&mut origin, "conntrack.udp_timeout", &ct.udp_timeout);
+            self.note(
+                &mut origin,
+                "conntrack.unanswered_capacity",
+                &ct.unanswered_capacity,
+            );
+            self.note(
+                &mut origin,
+                "conntrack.unanswered_timeout",
+                &ct.unanswered_timeout,
+            );
+            self.note(
+                &mut origin,
+                "conntrack.flood_new_flows_per_second",
+                &ct.flood_new_flows_per_second,
+            );
             if let Some(v) = ct.capacity {
                 conntrack.capacity = v.into_inner();
+            }
+            if let Some(v) = ct.unanswered_capacity {
+                conntrack.unanswered_capacity = v.into_inner();
+            }
+            if let Some(v) = ct.flood_new_flows_per_second {
+                conntrack.flood_new_flows_per_second = v.into_inner();
             }
             for (key, v, slot) in [
                 (
@@ -1960,12 +2102,31 @@ impl Converter<'_> {
                     &ct.udp_timeout,
                     &mut conntrack.udp_timeout,
                 ),
+                (
+                    "conntrack.unanswered_timeout",
+                    &ct.unanswered_timeout,
+                    &mut conntrack.unanswered_timeout,
+                ),
             ] {
                 if let Some(v) = v {
                     *slot = self.parse(&origin, &None, key, v, parse_duration)?;
                 }
             }
         }
+        self.note(&mut origin, "flow_hash_secret", &raw.flow_hash_secret);
+        let flow_hash_secret = match &raw.flow_hash_secret {
+            // The value stays out of the error message.
+            Some(v) => Some(v.get_ref().parse().map_err(|e| {
+                invalid(
+                    origin.at("flow_hash_secret"),
+                    None,
+                    "flow_hash_secret",
+                    "(hidden)",
+                    e,
+                )
+            })?),
+            None => None,
+        };
         let services = raw
             .services
             .into_iter()
@@ -1977,6 +2138,7 @@ impl Converter<'_> {
             attach,
             pin_dir,
             conntrack,
+            flow_hash_secret,
             backend_slots: raw
                 .backend_slots
                 .map_or(MAX_BACKEND_SLOTS, Spanned::into_inner),
@@ -2163,6 +2325,9 @@ backends = "tasks.web:80"
                 tcp_timeout: Duration::from_secs(3600),
                 closing_timeout: Duration::from_secs(65),
                 udp_timeout: Duration::from_secs(60),
+                unanswered_capacity: 131_072,
+                unanswered_timeout: Duration::from_secs(5),
+                flood_new_flows_per_second: 20_000,
             }
         );
         let s = &cfg.services[..];
@@ -2261,6 +2426,7 @@ snat_addr = "10.0.1.2"
                 tcp_timeout: Duration::from_secs(7200),
                 closing_timeout: Duration::from_secs(5),
                 udp_timeout: Duration::from_secs(30),
+                ..ConntrackConfig::default()
             }
         );
         let s = &cfg.services[0];
@@ -2591,6 +2757,52 @@ check = "http:/ready"
         assert_eq!(dp.closing_timeout_ns, lb_common::DEFAULT_CLOSING_TIMEOUT_NS);
         assert_eq!(dp.udp_timeout_ns, lb_common::DEFAULT_UDP_TIMEOUT_NS);
         assert_eq!(dp.abi_version, lb_common::ABI_VERSION);
+        assert_eq!(
+            dp.unanswered_timeout_ns,
+            lb_common::DEFAULT_UNANSWERED_TIMEOUT_NS
+        );
+        assert_eq!(dp.hash_key, [0; 2], "no secret configured: the daemon's");
+        assert!(dp.flood_new_flows_per_cpu > 0);
+    }
+
+    #[test]
+    fn unanswered_flows_flood_guard_and_hash_secret() {
+        let cfg = parse_ok(&format!(
+            "flow_hash_secret = \"00112233445566778899AABBCCDDEEFF\"\n{MINIMAL}\
+             [conntrack]\nunanswered_timeout = \"2s\"\nunanswered_capacity = 1000\n\
+             flood_new_flows_per_second = 0\n"
+        ));
+        assert_eq!(cfg.conntrack.unanswered_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.conntrack.unanswered_capacity, 1000);
+        let dp = cfg.dataplane_config();
+        assert_eq!(dp.unanswered_timeout_ns, 2_000_000_000);
+        assert_eq!(dp.flood_new_flows_per_cpu, 0, "0: the guard is off");
+        assert_eq!(dp.hash_key, [0x0011_2233_4455_6677, 0x8899_aabb_ccdd_eeff]);
+        assert_eq!(
+            cfg.flow_hash_secret.unwrap().to_string(),
+            "00112233445566778899aabbccddeeff"
+        );
+        assert_eq!(
+            format!("{:?}", cfg.flow_hash_secret),
+            "Some(HashSecret(..))"
+        );
+        for bad in [
+            "abc",
+            "00000000000000000000000000000000",
+            "0011223344556677889900aabbccddeeg",
+        ] {
+            let e = parse_err(&format!("flow_hash_secret = \"{bad}\"\n{MINIMAL}"), 1);
+            assert!(
+                e.to_string().contains("flow_hash_secret") && !e.to_string().contains(bad),
+                "{e}"
+            );
+        }
+        assert_eq!(flood_per_cpu(20_000, 3), 6667);
+        assert_eq!(flood_per_cpu(1, 64), 1);
+        assert_eq!(flood_per_cpu(0, 4), 0);
+        let a = HashSecret::generate().unwrap();
+        assert_ne!(a, HashSecret::generate().unwrap());
+        assert_eq!(a.to_string().parse::<HashSecret>().unwrap(), a);
     }
 
     // ---- errors ----

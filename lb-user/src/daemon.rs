@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -70,12 +70,53 @@ pub fn run_cli(args: RunArgs) -> Result<()> {
     }
     let facts = HostFacts::read().context("reading interfaces and ip_local_port_range")?;
     cfg.validate(&facts)?;
+    let source = Source {
+        path: args.config.clone(),
+        pin_dir: args.pin_dir.clone(),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(run(cfg, args.persist, args.metrics_addr))
+    rt.block_on(run(cfg, source, args.persist, args.metrics_addr))
+}
+
+/// Where the running configuration came from, so a reload reads it again.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    /// `--config FILE`; `None` for the short form, which cannot be re-read.
+    pub path: Option<PathBuf>,
+    /// `--pin-dir`, which overrides the file's `pin_dir`.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Source {
+    /// Reads and validates the configuration again, as `xdplb run` did.
+    fn load(&self) -> Result<Config> {
+        let Some(path) = &self.path else {
+            bail!(
+                "this daemon was started with command-line options, not --config FILE: there \
+                 is no file to read again (restart it to change settings)"
+            );
+        };
+        let mut cfg = Config::load(path)?;
+        if let Some(dir) = &self.pin_dir {
+            cfg.pin_dir = dir.clone();
+            cfg.check_consistency()?;
+        }
+        let facts = HostFacts::read().context("reading interfaces and ip_local_port_range")?;
+        cfg.validate(&facts)?;
+        Ok(cfg)
+    }
+}
+
+/// `xdplb reload`: asks the running daemon to read its config again and
+/// prints the outcome.
+pub fn reload_cli(pin_dir: &Path, timeout: Duration) -> Result<()> {
+    let summary = crate::reload::request(pin_dir, timeout)?;
+    println!("reloaded: {summary}");
+    Ok(())
 }
 
 /// `xdplb down`: removes pinned links (detaching the programs) and maps.
@@ -144,6 +185,16 @@ struct Svc {
     failing: Option<Failing>,
     /// Failed map updates since start.
     map_write_errors: u64,
+    /// Stops this service's discovery (a reload restarts or ends it).
+    dns_stop: Option<watch::Sender<bool>>,
+    /// A reload removed the service: its tasks drain, then it goes.
+    retiring: Option<Instant>,
+    /// Removed from the maps; kept only so indexes stay stable.
+    gone: bool,
+    /// DNS counters, shared by every poller this service has had.
+    dns: std::sync::Arc<discovery::QueryStats>,
+    /// Health-check results and latency (for /metrics).
+    checks: health::CheckStats,
 }
 
 /// A service whose maps lag behind its state: the data plane keeps the last
@@ -304,7 +355,12 @@ impl Refusals {
 }
 
 /// The running balancer. Owns the writer and the per-service state.
-pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -> Result<()> {
+pub async fn run(
+    mut cfg: Config,
+    source: Source,
+    persist: bool,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
     // Before the lock file or anything else exists.
     crate::pin_dir::check(&cfg.pin_dir)?;
     let lock = InstanceLock::acquire(&cfg.pin_dir)?;
@@ -358,41 +414,11 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
             }
         }));
     }
-    for (i, s) in services.iter().enumerate() {
-        let b = &s.cfg.backends;
-        // Seeded with the adopted tasks: a restart that meets NXDOMAIN or a
-        // silent resolver keeps them (discovery needs `empty_polls` answers).
-        let seed: BTreeSet<IpAddr> = s.tracker.backends().map(|b| b.addr.ip()).collect();
-        let (tx, mut rx) = watch::channel(seed);
-        let resolver = HickoryResolve::new(
-            b.nameserver,
-            b.interval.min(discovery::DEFAULT_QUERY_TIMEOUT),
-        );
-        // Log lines carry the configured service name (two services may ask
-        // for the same DNS name); the DNS name is the `dns` field.
-        tasks.push(tokio::spawn(
-            discovery::run(
-                resolver,
-                b.name.clone(),
-                b.family.into(),
-                b.interval,
-                b.empty_polls,
-                tx,
-                stop_rx.clone(),
-            )
-            .instrument(tracing::info_span!("discovery", service = %s.cfg.name)),
-        ));
-        let fwd = dns_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let set = rx.borrow_and_update().clone();
-                if fwd.send((i, set)).await.is_err() {
-                    break;
-                }
-            }
-        }));
+    for (i, s) in services.iter_mut().enumerate() {
+        spawn_discovery(i, s, &dns_tx, &mut tasks);
     }
-    drop(dns_tx);
+    let reload_file = crate::reload::outcome_path(&cfg.pin_dir);
+    let mut reloads = 0u64;
     // Interfaces that vanish and come back (ifwatch.rs).
     let (if_tx, mut if_rx) = mpsc::channel::<ifwatch::Event>(64);
     tasks.push(tokio::spawn(ifwatch::watch(if_tx, stop_rx.clone())));
@@ -405,6 +431,9 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
     let mut status_dirty = true;
     let mut status_written = Instant::now() - Duration::from_secs(10);
     let mut refusals = Refusals::default();
+    // DNS polls since start, as last seen: each poll is published (its
+    // counters and time are `/metrics`' DNS figures).
+    let mut dns_polls = 0;
     tracing::info!(
         "running; SIGTERM or Ctrl-C stops{}",
         if persist {
@@ -416,18 +445,22 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
 
     loop {
         let now = Instant::now();
+        let mut reload_now = false;
         let (i, transitions) = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); break }
             _ = int.recv() => { tracing::info!("interrupt received"); break }
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP received and ignored: this version does not reload its \
-                                configuration; restart it (state is adopted) to apply a new one");
+                tracing::info!("SIGHUP received: reloading the configuration");
+                reload_now = true;
                 (None, Vec::new())
             }
             _ = usr1.recv() => { tracing::info!("SIGUSR1 received and ignored"); (None, Vec::new()) }
             _ = usr2.recv() => { tracing::info!("SIGUSR2 received and ignored"); (None, Vec::new()) }
             Some((i, set)) = dns_rx.recv() => {
                 let s = &mut services[i];
+                if s.gone || s.retiring.is_some() {
+                    continue;
+                }
                 let port = s.cfg.backends.port;
                 tracing::debug!(service = %s.cfg.name, tasks = set.len(), "DNS answer changed");
                 let set = s.screen(set, &host);
@@ -436,6 +469,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
             }
             Some((i, ev)) = health_rx.recv() => {
                 status_dirty = true;
+
                 (Some(i), services[i].tracker.on_event(&ev, now.into_std()))
             }
             Some(ev) = if_rx.recv() => {
@@ -454,6 +488,78 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         let mut changed: Vec<(usize, Vec<Transition>)> = Vec::new();
         if let Some(i) = i {
             changed.push((i, transitions));
+        }
+        if reload_now {
+            reloads += 1;
+            let outcome = match source.load() {
+                Err(e) => Err(format!("{e:#}")),
+                Ok(new) => match crate::reload::plan(&cfg, &new) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(plan) => {
+                        let mut ctx = ReloadCtx {
+                            writer: &mut writer,
+                            services: &mut services,
+                            dirty: &mut dirty,
+                            applied: &mut applied,
+                            changed: &mut changed,
+                            dns_tx: &dns_tx,
+                            tasks: &mut tasks,
+                            host: &host,
+                            http: &http,
+                            health_tx: &health_tx,
+                            stop_rx: &stop_rx,
+                            now,
+                        };
+                        match ctx.apply(&plan, &new) {
+                            Ok(()) => {
+                                cfg = new;
+                                Ok(plan.to_string())
+                            }
+                            Err(e) => Err(format!("{e:#}")),
+                        }
+                    }
+                },
+            };
+            match &outcome {
+                Ok(summary) => tracing::info!("configuration reloaded: {summary}"),
+                Err(e) => tracing::error!("reload refused, running unchanged: {e}"),
+            }
+            let (ok, message) = match outcome {
+                Ok(m) => (true, m),
+                Err(m) => (false, m),
+            };
+            let o = crate::reload::Outcome {
+                generation: reloads,
+                pid: std::process::id(),
+                ok,
+                message,
+                at_ms: status::now_ms(),
+            };
+            if let Err(e) = o.write(&reload_file) {
+                tracing::warn!("cannot publish the reload outcome for `xdplb reload`: {e:#}");
+            }
+            status_written = Instant::now() - Duration::from_secs(10);
+            status_dirty = true;
+        }
+        // Removed services whose tasks have drained (or whose drain timeout
+        // has passed) leave the maps.
+        for s in services.iter_mut().filter(|s| !s.gone) {
+            let Some(since) = s.retiring else { continue };
+            let drained = s.tracker.is_empty()
+                || since.elapsed() > s.cfg.drain_timeout + Duration::from_secs(1);
+            if drained {
+                match writer.remove_service(&s.cfg.name) {
+                    Ok(()) => {
+                        tracing::info!(service = %s.cfg.name, "removed by a reload: drained, and gone from the maps");
+                        for (_, (tx, _)) in s.checkers.drain() {
+                            let _ = tx.send(true);
+                        }
+                        s.gone = true;
+                        status_dirty = true;
+                    }
+                    Err(e) => s.failed(&e.context("removing the service")),
+                }
+            }
         }
         // The host's addresses decide what a DNS answer may hold and which
         // SNAT source is valid; when they change, every service is screened
@@ -488,7 +594,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
                 Err(e) => tracing::warn!("cannot list this host's addresses: {e}"),
             }
         }
-        for (j, s) in services.iter_mut().enumerate() {
+        for (j, s) in services.iter_mut().enumerate().filter(|(_, s)| !s.gone) {
             let t = s.tracker.on_tick(now.into_std());
             if !t.is_empty() {
                 changed.push((j, t));
@@ -510,7 +616,7 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         // A failed update keeps the service dirty: the data plane keeps the
         // last good table, and the update is retried with back-off. One
         // service's trouble never stops the others or the daemon.
-        for (i, s) in services.iter_mut().enumerate() {
+        for (i, s) in services.iter_mut().enumerate().filter(|(_, s)| !s.gone) {
             let retry_due = s.failing.as_ref().is_none_or(|f| f.retry_at <= now);
             if dirty[i] && retry_due && applied[i].elapsed() >= COALESCE {
                 applied[i] = Instant::now();
@@ -529,6 +635,11 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
         if refusals.report(&writer, &services) {
             status_dirty = true;
         }
+        let polls = services.iter().map(|s| s.dns.snapshot().queries).sum();
+        if polls != dns_polls {
+            dns_polls = polls;
+            status_dirty = true;
+        }
         if status_dirty && status_written.elapsed() >= Duration::from_secs(1) {
             if let Err(e) = snapshot(&cfg, &writer, &services, &ifaces).write(&status_file) {
                 tracing::warn!("cannot publish backend status for `xdplb backends`: {e:#}");
@@ -541,6 +652,9 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
 
     let _ = stop_tx.send(true);
     for s in &mut services {
+        if let Some(stop) = s.dns_stop.take() {
+            let _ = stop.send(true);
+        }
         for (_, (tx, _)) in s.checkers.drain() {
             let _ = tx.send(true);
         }
@@ -565,6 +679,30 @@ pub async fn run(cfg: Config, persist: bool, metrics_addr: Option<SocketAddr>) -
     Ok(())
 }
 
+/// Writes CONFIG. The flow hash key is `flow_hash_secret` when configured;
+/// otherwise the key already pinned in CONFIG (the one this balancer's
+/// flows were hashed with), or on the first start a new random one.
+fn write_config(dp: &mut DataPlane, cfg: &Config) -> Result<()> {
+    let mut c = cfg.dataplane_config();
+    if cfg.flow_hash_secret.is_none() {
+        let pinned = dp.config()?.hash_key;
+        c.hash_key = if pinned != [0; 2] {
+            pinned
+        } else {
+            tracing::info!(
+                "generated a flow hash secret (kept in {}/CONFIG); balancers that must pick \
+                 the same backends, such as a Swarm global service's, need one \
+                 `flow_hash_secret` in their shared configuration",
+                cfg.pin_dir.display()
+            );
+            crate::config::HashSecret::generate()
+                .context("generating the flow hash secret")?
+                .0
+        };
+    }
+    dp.set_config(&c)
+}
+
 /// Loads (adopting pinned maps and links), writes CONFIG, attaches.
 async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
     // What this kernel can do: fallbacks logged, or one line and no start.
@@ -578,6 +716,7 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
     let mut dp = DataPlane::load(&LoadOptions {
         pin_dir: cfg.pin_dir.clone(),
         conns_capacity: cfg.conntrack.capacity,
+        unanswered_capacity: cfg.conntrack.unanswered_capacity,
         maglev_capacity,
         l4_csum: crate::maps::L4Csum::Probe,
     })?;
@@ -585,7 +724,7 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
     if adopted_conns > 0 {
         tracing::info!(entries = adopted_conns, "adopted pinned connection table");
     }
-    dp.set_config(&cfg.dataplane_config())?;
+    write_config(&mut dp, cfg)?;
     let mut writer = Writer::new(dp, maglev_capacity, &specs)?;
     writer.set_backend_slots(cfg.backend_slots);
     let mut ifaces = Interfaces::default();
@@ -641,9 +780,211 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
             rejected: BTreeMap::new(),
             failing: None,
             map_write_errors: 0,
+            dns_stop: None,
+            retiring: None,
+            gone: false,
+            dns: Default::default(),
+            checks: Default::default(),
         });
     }
     Ok((writer, services, ifaces))
+}
+
+/// What applying a reload needs of the running daemon.
+struct ReloadCtx<'a> {
+    writer: &'a mut Writer,
+    services: &'a mut Vec<Svc>,
+    dirty: &'a mut Vec<bool>,
+    applied: &'a mut Vec<Instant>,
+    changed: &'a mut Vec<(usize, Vec<Transition>)>,
+    dns_tx: &'a mpsc::Sender<(usize, BTreeSet<IpAddr>)>,
+    tasks: &'a mut Vec<JoinHandle<()>>,
+    host: &'a HostAddrs,
+    http: &'a reqwest::Client,
+    health_tx: &'a mpsc::Sender<(usize, HealthEvent)>,
+    stop_rx: &'a watch::Receiver<bool>,
+    now: Instant,
+}
+
+impl ReloadCtx<'_> {
+    fn index(&self, name: &str) -> Option<usize> {
+        self.services
+            .iter()
+            .position(|s| !s.gone && s.retiring.is_none() && s.cfg.name == name)
+    }
+
+    /// Applies `plan` (from the running config to `new`). What can fail is
+    /// done first and undone on failure, so a refused reload changes nothing.
+    fn apply(&mut self, plan: &crate::reload::Plan, new: &Config) -> Result<()> {
+        // A removed service whose name comes back must be gone first.
+        for s in &plan.added {
+            if self
+                .services
+                .iter()
+                .any(|o| !o.gone && o.retiring.is_some() && o.cfg.name == s.name)
+            {
+                bail!(
+                    "service {} is still draining from an earlier reload; reload again once it \
+                     is gone (its drain_timeout)",
+                    s.name
+                );
+            }
+        }
+        let mut added: Vec<String> = Vec::new();
+        for s in &plan.added {
+            if let Err(e) = self.writer.add_service(&spec_of(s)) {
+                for name in &added {
+                    let _ = self.writer.remove_service(name);
+                }
+                return Err(e.context(format!("adding service {}", s.name)));
+            }
+            added.push(s.name.clone());
+        }
+        if plan.dataplane {
+            if let Err(e) = write_config(self.writer.data_plane_mut(), new) {
+                for name in &added {
+                    let _ = self.writer.remove_service(name);
+                }
+                return Err(e.context("writing the data plane's CONFIG"));
+            }
+        }
+        if plan.backend_slots {
+            self.writer.set_backend_slots(new.backend_slots);
+        }
+        for s in &plan.added {
+            let checks = check_spec(s).is_some();
+            let mut svc = Svc {
+                cfg: s.clone(),
+                tracker: BackendTracker::new(s.backends.name.clone(), checks, s.drain_timeout),
+                checkers: HashMap::new(),
+                answer: None,
+                rejected: BTreeMap::new(),
+                failing: None,
+                map_write_errors: 0,
+                dns_stop: None,
+                retiring: None,
+                gone: false,
+                dns: Default::default(),
+                checks: Default::default(),
+            };
+            let i = self.services.len();
+            spawn_discovery(i, &mut svc, self.dns_tx, self.tasks);
+            self.services.push(svc);
+            self.dirty.push(false);
+            self.applied.push(self.now - COALESCE);
+        }
+        for name in &plan.removed {
+            let Some(i) = self.index(name) else { continue };
+            let s = &mut self.services[i];
+            if let Some(stop) = s.dns_stop.take() {
+                let _ = stop.send(true);
+            }
+            s.retiring = Some(self.now);
+            // As if the service's tasks left DNS: the ones in rotation drain
+            // (established flows finish, no new ones), the rest go.
+            let port = s.cfg.backends.port;
+            let t = s
+                .tracker
+                .on_dns(&BTreeSet::new(), port, self.now.into_std());
+            self.changed.push((i, t));
+            self.dirty[i] = true;
+        }
+        for (c, new_cfg) in &plan.changed {
+            let Some(i) = self.index(&c.name) else {
+                continue;
+            };
+            if c.snat || c.maglev {
+                if let Err(e) = self.writer.update_spec(&spec_of(new_cfg)) {
+                    // Only this service keeps its old table settings; the
+                    // error shows in `xdplb backends` like a failed update.
+                    self.services[i].failed(&e);
+                    continue;
+                }
+            }
+            let s = &mut self.services[i];
+            let old_checks = check_spec(&s.cfg).is_some();
+            s.cfg = new_cfg.clone();
+            if c.drain {
+                s.tracker.set_drain_timeout(new_cfg.drain_timeout);
+            }
+            if c.checks {
+                for (_, (tx, h)) in s.checkers.drain() {
+                    let _ = tx.send(true);
+                    h.abort();
+                }
+                let checks = check_spec(new_cfg).is_some();
+                if checks != old_checks {
+                    // Tasks in rotation stay there while the new checks
+                    // start, as after a restart.
+                    let active = s.tracker.active_set();
+                    let mut tracker = BackendTracker::new(
+                        new_cfg.backends.name.clone(),
+                        checks,
+                        new_cfg.drain_timeout,
+                    );
+                    let t = tracker.adopt_active(&active, self.now.into_std());
+                    s.tracker = tracker;
+                    self.changed.push((i, t));
+                }
+                reconcile_checkers(i, s, self.http, self.health_tx, self.stop_rx);
+            }
+            if c.dns {
+                spawn_discovery(i, s, self.dns_tx, self.tasks);
+            } else if c.max_backends {
+                if let Some(answer) = s.answer.clone() {
+                    let set = s.screen(answer, self.host);
+                    let port = s.cfg.backends.port;
+                    let t = s.tracker.on_dns(&set, port, self.now.into_std());
+                    self.changed.push((i, t));
+                }
+            }
+            self.dirty[i] = true;
+        }
+        Ok(())
+    }
+}
+
+/// Starts (or restarts) discovery for service `i`, seeded with the tasks it
+/// has: a restart that meets NXDOMAIN or a silent resolver keeps them
+/// (discovery needs `empty_polls` answers to empty a set).
+fn spawn_discovery(
+    i: usize,
+    s: &mut Svc,
+    dns_tx: &mpsc::Sender<(usize, BTreeSet<IpAddr>)>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) {
+    if let Some(old) = s.dns_stop.take() {
+        let _ = old.send(true);
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    s.dns_stop = Some(stop);
+    let b = &s.cfg.backends;
+    let seed: BTreeSet<IpAddr> = s.tracker.backends().map(|b| b.addr.ip()).collect();
+    let (tx, mut rx) = watch::channel(seed);
+    let resolver = HickoryResolve::new(
+        b.nameserver,
+        b.interval.min(discovery::DEFAULT_QUERY_TIMEOUT),
+    );
+    // Log lines carry the configured service name (two services may ask
+    // for the same DNS name); the DNS name is the `dns` field.
+    tasks.push(tokio::spawn(
+        discovery::Poller::new(resolver, b.name.clone(), b.family.into())
+            .interval(b.interval)
+            .empty_polls(b.empty_polls)
+            .with_stats(std::sync::Arc::clone(&s.dns))
+            .run(tx, stop_rx)
+            .instrument(tracing::info_span!("discovery", service = %s.cfg.name)),
+    ));
+    let fwd = dns_tx.clone();
+    tasks.push(tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let set = rx.borrow_and_update().clone();
+            if fwd.send((i, set)).await.is_err() {
+                break;
+            }
+        }
+    }));
+    tasks.retain(|t| !t.is_finished());
 }
 
 /// Starts checkers for backends the tracker knows and stops the others.
@@ -665,6 +1006,7 @@ fn reconcile_checkers(
         }
         keep
     });
+    s.checks.retain(&wanted);
     for addr in wanted {
         if s.checkers.contains_key(&addr) {
             continue;
@@ -726,6 +1068,7 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces
         interfaces: ifaces.status(),
         services: services
             .iter()
+            .filter(|s| !s.gone)
             .map(|s| ServiceStatus {
                 name: s.cfg.name.clone(),
                 listen: s.cfg.listen.to_string(),
@@ -764,6 +1107,12 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces
                     attempts: f.attempts,
                 }),
                 map_write_errors: s.map_write_errors,
+                dns: Some(status::DnsStatus::new(
+                    &s.dns.snapshot(),
+                    s.answer.as_ref().map(BTreeSet::len),
+                )),
+                checks: check_spec(&s.cfg)
+                    .map(|_| s.checks.status(s.tracker.backends().map(|b| b.addr))),
             })
             .collect(),
     }

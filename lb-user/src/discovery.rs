@@ -541,6 +541,8 @@ pub struct QueryStats {
     refused: AtomicU64,
     other: AtomicU64,
     changes: AtomicU64,
+    /// Unix ms of the last lookup that was not a failure; 0: none yet.
+    last_success_ms: AtomicU64,
 }
 
 /// A copy of [`QueryStats`] at one moment.
@@ -558,6 +560,9 @@ pub struct QueryCounts {
     pub other: u64,
     /// Times the published task set changed.
     pub changes: u64,
+    /// Unix time (ms) of the last lookup that was not a failure (addresses
+    /// or a negative answer); 0: none yet.
+    pub last_success_unix_ms: u64,
 }
 
 impl QueryCounts {
@@ -581,6 +586,7 @@ impl QueryStats {
             refused: get(&self.refused),
             other: get(&self.other),
             changes: get(&self.changes),
+            last_success_unix_ms: get(&self.last_success_ms),
         }
     }
 
@@ -595,6 +601,10 @@ impl QueryStats {
             Err(LookupError::Other(_)) => &self.other,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if !matches!(result, Err(e) if !e.is_negative()) {
+            self.last_success_ms
+                .store(crate::status::now_ms(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -664,6 +674,15 @@ impl<R: Resolve> Poller<R> {
     /// Counters this poller updates.
     pub fn stats(&self) -> Arc<QueryStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Counts into `stats` instead of counters of its own: a poller that
+    /// replaces another (a reload that changed the DNS name) keeps counting
+    /// where that one stopped.
+    #[must_use]
+    pub fn with_stats(mut self, stats: Arc<QueryStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Polls until `shutdown` becomes `true` (or its sender is dropped).
@@ -1380,5 +1399,44 @@ mod tests {
             "the seeded set is emptied by the 2nd NX at 1 s, not by the first"
         );
         run.stop().await;
+    }
+
+    /// The last success moves on answers, negative ones included, never on
+    /// failures; a poller given shared counters counts into them.
+    #[tokio::test(start_paused = true)]
+    async fn last_success_is_the_last_answer_and_shared_stats_keep_counting() {
+        let stats = QueryStats::default();
+        for failure in [LookupError::Timeout, LookupError::ServFail] {
+            stats.record(&Err(failure));
+        }
+        assert_eq!(
+            stats.snapshot().last_success_unix_ms,
+            0,
+            "failures set a last success"
+        );
+        let before = crate::status::now_ms();
+        stats.record(&Err(LookupError::NxDomain));
+        let at = stats.snapshot().last_success_unix_ms;
+        assert!(
+            at >= before,
+            "NXDOMAIN is an answer: last success {at}, before {before}"
+        );
+
+        let shared = Arc::new(QueryStats::default());
+        for _ in 0..2 {
+            let fake = Fake::new(vec![ok(&[1])], Duration::ZERO);
+            let poller = Poller::new(Arc::clone(&fake), "tasks.web", Family::V4)
+                .with_stats(Arc::clone(&shared));
+            let mut run = spawn(poller, BTreeSet::new());
+            run.rx.wait_for(|s| !s.is_empty()).await.unwrap();
+            run.stop().await;
+        }
+        let c = shared.snapshot();
+        assert_eq!(
+            (c.queries, c.answers, c.changes),
+            (2, 2, 2),
+            "two pollers sharing counters: {c:?}"
+        );
+        assert!(c.last_success_unix_ms > 0, "{c:?}");
     }
 }

@@ -1,9 +1,11 @@
 //! `xdplb explain`: which backend a flow goes to and why, computed from the
 //! pinned maps with the data plane's own rules. Each step mirrors
 //! lb-ebpf/src/core.rs (`process`: reply path, then service lookup) and
-//! lb-ebpf/src/conntrack.rs (`forward`, `keeps_flow`, `expired`, `pick`);
-//! the hash is `lb_common::hash::flow_hash`, the very function the kernel
-//! runs. A change to either file must be made here too: the root test
+//! lb-ebpf/src/conntrack.rs (`reply`, `forward`, `usable`, `keeps_flow`,
+//! `expired`, `pick`); the hash is `lb_common::hash::flow_hash`, the very
+//! function the kernel runs, with the key pinned in CONFIG. What explain
+//! cannot know (the interface a packet arrives on, whether the per-CPU
+//! flood guard is on) it states as a condition. A change to either file must be made here too: the root test
 //! `tests/tests/observability.rs` sends the explained packet and checks
 //! that the data plane agrees.
 
@@ -13,7 +15,8 @@ use anyhow::{bail, Result};
 use lb_common::{
     hash::flow_hash, reason, refused_within_hold, AddrKey, Backend, Config, Conn, FlowKey, Service,
     ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE,
-    MAGLEV_PROBES, PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING,
+    CONN_F_UNANSWERED, MAGLEV_PROBES, PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING, TCP_STATE_OPEN,
+    TCP_STATE_RESET,
 };
 use serde::Serialize;
 
@@ -32,7 +35,12 @@ pub trait Tables {
     fn config(&self) -> Config;
     fn is_snat_addr(&self, key: &AddrKey) -> Result<bool>;
     fn service(&self, key: &ServiceKey) -> Result<Option<Service>>;
+    /// `CONNS[key]`: established flows.
     fn conn(&self, key: &FlowKey) -> Result<Option<Conn>>;
+    /// `UNANSWERED[key]`: flows not established yet.
+    fn unanswered(&self, _key: &FlowKey) -> Result<Option<Conn>> {
+        Ok(None)
+    }
     /// `BACKENDS[index]`, `None` past the end.
     fn backend(&self, index: u32) -> Result<Option<Backend>>;
     /// `MAGLEV[slot]`, `None` past the end.
@@ -55,6 +63,9 @@ impl Tables for PinnedMaps {
     }
     fn conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
         Ok(PinnedMaps::conn(self, key)?)
+    }
+    fn unanswered(&self, key: &FlowKey) -> Result<Option<Conn>> {
+        Ok(PinnedMaps::unanswered_conn(self, key)?)
     }
     fn backend(&self, index: u32) -> Result<Option<Backend>> {
         Ok(PinnedMaps::backend(self, index)?)
@@ -151,6 +162,9 @@ pub struct Explanation {
     pub to: Option<SocketAddr>,
     /// A new flow's first SNAT port candidate (`lo + hash % range`).
     pub snat_first_port: Option<u16>,
+    /// What the verdict depends on that the maps do not say (the interface
+    /// a reply arrives on, the flood guard).
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -166,6 +180,8 @@ pub struct ServiceMatch {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConnInfo {
+    /// `established` (CONNS) or `unanswered` (UNANSWERED).
+    pub table: &'static str,
     pub reverse: bool,
     pub service_id: u32,
     pub backend_index: u32,
@@ -173,8 +189,11 @@ pub struct ConnInfo {
     pub new_dst: SocketAddr,
     /// The rewritten source (SNAT address and port; for a reverse entry, the VIP).
     pub new_src: SocketAddr,
-    /// `open` or `closing` for TCP, absent for UDP.
+    /// `open`, `closing` or `reset` for TCP, absent for UDP.
     pub tcp_state: Option<&'static str>,
+    /// The interface this direction's packets arrive on (a reverse entry's
+    /// packets are accepted only there).
+    pub ifindex: u32,
     pub age_ms: u64,
     pub idle_ms: u64,
     pub timeout_ms: u64,
@@ -220,6 +239,14 @@ fn ns_to_ms(ns: u64) -> u64 {
     ns / 1_000_000
 }
 
+/// The entry for `key`, established first (the order the data plane looks).
+fn lookup(t: &impl Tables, key: &FlowKey) -> Result<Option<Conn>> {
+    match t.conn(key)? {
+        Some(c) => Ok(Some(c)),
+        None => t.unanswered(key),
+    }
+}
+
 /// Walks the data plane's decision for `q` (core.rs `process`).
 pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result<Explanation> {
     if q.src.is_ipv4() != q.dst.is_ipv4() {
@@ -246,6 +273,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
         backend: None,
         to: None,
         snat_first_port: None,
+        note: None,
     };
 
     // Reply path first (core.rs `is_reply`, conntrack.rs `reply`).
@@ -260,12 +288,18 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
         })?
     {
         e.path = "reply";
-        match t.conn(&key)? {
+        match lookup(t, &key)? {
             Some(c) if c.flags & CONN_F_REVERSE != 0 => {
                 e.connection = Some(conn_info(&c, &key, &cfg, now_ns, true, None));
                 e.backend = backend_ref(t, c.backend)?;
                 e.to = Some(sock(&c.new_dst, c.new_dport_be, key.family));
                 e.verdict = "forward";
+                e.note = Some(format!(
+                    "if it arrives on interface {} (the flow's backend side); elsewhere it is \
+                     dropped ({})",
+                    c.ifindex,
+                    reason::NAMES[reason::DROP_REPLY_WRONG_IFACE as usize]
+                ));
             }
             other => {
                 e.connection = other.map(|c| {
@@ -278,7 +312,8 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
                         Some("a forward entry, not a reply translation".into()),
                     )
                 });
-                e.reason = Some(reason::NAMES[reason::PASS_REPLY_NO_CONN as usize]);
+                e.verdict = "drop";
+                e.reason = Some(reason::NAMES[reason::DROP_REPLY_NO_CONN as usize]);
             }
         }
         return Ok(e);
@@ -313,8 +348,9 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
         active_half: svc.active_half & 1,
     });
 
-    // Connection table (conntrack.rs `forward`).
-    if let Some(c) = t.conn(&key)? {
+    // Connection tables (conntrack.rs `forward`, `usable`).
+    let entry = lookup(t, &key)?;
+    if let Some(c) = entry {
         let why_not = if c.flags & CONN_F_REVERSE != 0 {
             Some("it is a reverse entry".to_string())
         } else if c.service != svc.id {
@@ -324,8 +360,11 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
             ))
         } else if c.expired(key.proto, &cfg, now_ns) {
             Some("it has expired".to_string())
-        } else if q.syn && c.tcp_state == TCP_STATE_CLOSING {
-            Some("a fresh SYN on a closing connection starts a new one".to_string())
+        } else if q.syn && c.tcp_state != TCP_STATE_OPEN {
+            Some(format!(
+                "a fresh SYN on a {} connection starts a new one",
+                tcp_state_name(c.tcp_state)
+            ))
         } else {
             keeps_flow(t, &c, &svc, q.syn, now_ns)?
         };
@@ -339,8 +378,16 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
         }
     }
 
-    // A new flow (or a re-pick): Maglev (conntrack.rs `new_flow`, `pick`).
-    let hash = flow_hash(&key);
+    // A new flow (or a re-pick): Maglev (conntrack.rs `choose`, `pick`).
+    if key.proto == PROTO_TCP && !q.syn && entry.is_none() {
+        e.note = Some(format!(
+            "not a fresh SYN: it starts an unanswered flow, or is dropped ({}) while the flood \
+             guard is on, or if it carries RST ({})",
+            reason::NAMES[reason::DROP_FLOOD_GUARD as usize],
+            reason::NAMES[reason::DROP_RST_NO_CONN as usize]
+        ));
+    }
+    let hash = flow_hash(&key, &cfg.hash_key);
     let (maglev, chosen) = pick(t, &svc, hash, now_ns)?;
     e.maglev = Some(maglev);
     match chosen {
@@ -519,22 +566,32 @@ fn conn_info(
     why_not: Option<String>,
 ) -> ConnInfo {
     ConnInfo {
+        table: if c.flags & CONN_F_UNANSWERED != 0 {
+            "unanswered"
+        } else {
+            "established"
+        },
         reverse: c.flags & CONN_F_REVERSE != 0,
         service_id: c.service,
         backend_index: c.backend,
         new_dst: sock(&c.new_dst, c.new_dport_be, key.family),
         new_src: sock(&c.new_src, c.new_sport_be, key.family),
-        tcp_state: (key.proto == PROTO_TCP).then_some(if c.tcp_state == TCP_STATE_CLOSING {
-            "closing"
-        } else {
-            "open"
-        }),
+        tcp_state: (key.proto == PROTO_TCP).then(|| tcp_state_name(c.tcp_state)),
+        ifindex: c.ifindex,
         age_ms: ns_to_ms(now_ns.saturating_sub(c.created_ns)),
         idle_ms: ns_to_ms(now_ns.saturating_sub(c.last_seen_ns)),
         timeout_ms: ns_to_ms(c.idle_timeout_ns(key.proto, cfg)),
         expired: c.expired(key.proto, cfg, now_ns),
         used,
         why_not,
+    }
+}
+
+fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        TCP_STATE_CLOSING => "closing",
+        TCP_STATE_RESET => "reset",
+        _ => "open",
     }
 }
 
@@ -594,7 +651,8 @@ pub fn render(e: &Explanation) -> String {
             (Some(c), "forward") => {
                 let _ = writeln!(
                     s,
-                    "table     reverse entry: source := {}, destination := {} (backend #{}, service {}), {}",
+                    "table     {} reverse entry: source := {}, destination := {} (backend #{}, service {}), {}",
+                    c.table,
                     c.new_src,
                     c.new_dst,
                     c.backend_index,
@@ -605,6 +663,9 @@ pub fn render(e: &Explanation) -> String {
             _ => {
                 let _ = writeln!(s, "table     no reverse entry for this 5-tuple");
             }
+        }
+        if let Some(n) = &e.note {
+            let _ = writeln!(s, "note      {n}");
         }
         verdict_line(&mut s, e);
         return s;
@@ -638,7 +699,8 @@ pub fn render(e: &Explanation) -> String {
         Some(c) => {
             let _ = writeln!(
                 s,
-                "table     entry: backend #{} {}, SNAT {}, {}{}",
+                "table     {} entry: backend #{} {}, SNAT {}, {}{}",
+                c.table,
                 c.backend_index,
                 c.new_dst,
                 c.new_src,
@@ -693,6 +755,9 @@ pub fn render(e: &Explanation) -> String {
             "snat      first source port tried: {p} (then the next free one)"
         );
     }
+    if let Some(n) = &e.note {
+        let _ = writeln!(s, "note      {n}");
+    }
     verdict_line(&mut s, e);
     s
 }
@@ -729,7 +794,9 @@ fn verdict_line(s: &mut String, e: &Explanation) {
             e.reason.unwrap_or("?"),
             match e.reason {
                 Some("pass_no_service") => "the packet goes to the stack unchanged",
-                Some("pass_reply_no_conn") => "the packet goes to the stack unchanged",
+                Some("drop_reply_no_conn") => {
+                    "no flow holds this SNAT port (the stack would answer with a reset)"
+                }
                 Some("drop_no_backend") => "no active backend within the probed slots",
                 _ => "",
             }
@@ -772,6 +839,7 @@ mod tests {
         snat: Vec<AddrKey>,
         services: HashMap<ServiceKey, Service>,
         conns: HashMap<FlowKey, Conn>,
+        unanswered: HashMap<FlowKey, Conn>,
         backends: Vec<Backend>,
         maglev: Vec<u32>,
         refused: HashMap<u32, u64>,
@@ -790,6 +858,9 @@ mod tests {
         fn conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
             Ok(self.conns.get(key).copied())
         }
+        fn unanswered(&self, key: &FlowKey) -> Result<Option<Conn>> {
+            Ok(self.unanswered.get(key).copied())
+        }
         fn backend(&self, index: u32) -> Result<Option<Backend>> {
             Ok(self.backends.get(index as usize).copied())
         }
@@ -802,6 +873,7 @@ mod tests {
     }
 
     const SIZE: u32 = 13;
+    const KEY: [u64; 2] = [0x1234, 0x5678];
     const SECOND: u64 = 1_000_000_000;
 
     fn v4(s: &str) -> SocketAddr {
@@ -829,6 +901,8 @@ mod tests {
                 snat_port_max: 40999,
                 // Explicit, so the tests do not follow the defaults.
                 closing_timeout_ns: 10 * SECOND,
+                unanswered_timeout_ns: 5 * SECOND,
+                hash_key: KEY,
                 ..Config::with_defaults()
             },
             ..Default::default()
@@ -888,7 +962,7 @@ mod tests {
         let f = fake();
         let q = query("10.0.0.2:40000");
         let e = run(&f, &q);
-        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst), &KEY);
         let m = e.maglev.as_ref().expect("a new flow goes through Maglev");
         assert_eq!((m.hash, m.first_slot, m.base), (hash, hash % SIZE, SIZE));
         let want = f.maglev[(SIZE + hash % SIZE) as usize];
@@ -903,7 +977,7 @@ mod tests {
     fn probing_skips_non_active_and_foreign_backends_and_wraps() {
         let mut f = fake();
         let q = query("10.0.0.2:40001");
-        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst), &KEY);
         let first = hash % SIZE;
         // Put the walk at the end of the half, so it wraps to slot 0.
         let slots: Vec<u32> = (0..4).map(|i| (first + i) % SIZE).collect();
@@ -952,7 +1026,7 @@ mod tests {
     fn a_backend_that_refused_lately_is_passed_over_unless_all_did() {
         let mut f = fake();
         let q = query("10.0.0.2:40005");
-        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst), &KEY);
         let first = f.maglev[(SIZE + hash % SIZE) as usize];
         // `run` looks at 100 s; 0.3 s ago is inside the 1 s hold.
         f.refused.insert(first, 100 * SECOND - 300_000_000);
@@ -1013,6 +1087,8 @@ mod tests {
                 flags: 0,
                 tcp_state: state,
                 _pad: [0; 2],
+                ifindex: 0,
+                seq: 0,
                 last_seen_ns: last_seen,
                 created_ns: 40 * SECOND,
             },
@@ -1023,7 +1099,7 @@ mod tests {
     fn a_live_entry_keeps_its_backend_even_when_maglev_says_otherwise() {
         let mut f = fake();
         let q = query("10.0.0.2:40003");
-        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst));
+        let hash = flow_hash(&flow_key(PROTO_TCP, q.src, q.dst), &KEY);
         let maglev_choice = f.maglev[(SIZE + hash % SIZE) as usize];
         let other = maglev_choice % 3 + 1;
         entry(&mut f, &q, other, TCP_STATE_OPEN, 90 * SECOND);
@@ -1035,7 +1111,7 @@ mod tests {
         assert_eq!(c.new_src, v4("10.1.0.1:40123"));
         let text = render(&e);
         for want in [
-            "table     entry: backend #",
+            "table     established entry: backend #",
             "SNAT 10.1.0.1:40123, open, age 1m00s, last seen 10s ago (idle timeout 1h00m)",
             "the flow keeps its backend",
             "(existing connection)",
@@ -1105,7 +1181,10 @@ mod tests {
             syn: false,
         };
         let e = run(&f, &q);
-        assert_eq!((e.path, e.reason), ("reply", Some("pass_reply_no_conn")));
+        assert_eq!(
+            (e.path, e.verdict, e.reason),
+            ("reply", "drop", Some("drop_reply_no_conn"))
+        );
         f.conns.insert(
             flow_key(q.proto, q.src, q.dst),
             Conn {
@@ -1123,6 +1202,52 @@ mod tests {
         assert_eq!(e.verdict, "forward");
         assert_eq!(e.to, Some(v4("10.0.0.2:40003")));
         assert!(render(&e).contains("forward to the client 10.0.0.2:40003"));
+        assert!(e.note.unwrap().contains("interface 0"));
+    }
+
+    #[test]
+    fn unanswered_flows_are_found_and_expire_sooner() {
+        let mut f = fake();
+        let q = query("10.0.0.2:40007");
+        entry(&mut f, &q, 2, TCP_STATE_OPEN, 94 * SECOND);
+        let key = flow_key(q.proto, q.src, q.dst);
+        let mut c = f.conns.remove(&key).unwrap();
+        c.flags |= CONN_F_UNANSWERED;
+        f.unanswered.insert(key, c);
+        let e = run(&f, &q);
+        let info = e.connection.as_ref().unwrap();
+        assert_eq!((info.table, info.timeout_ms), ("unanswered", 5_000));
+        assert!(info.expired && !info.used, "idle 6 s > 5 s: {e:#?}");
+        assert!(render(&e).contains("table     unanswered entry"));
+        // Idle 1 s: still used.
+        f.unanswered.get_mut(&key).unwrap().last_seen_ns = 99 * SECOND;
+        assert!(run(&f, &q).connection.unwrap().used);
+        // A TCP segment other than a fresh SYN that misses: the guard note.
+        let e = run(&f, &query("10.0.0.2:40008"));
+        assert!(e.note.unwrap().contains("drop_flood_guard"));
+        let e = run(
+            &f,
+            &Query {
+                syn: true,
+                ..query("10.0.0.2:40008")
+            },
+        );
+        assert!(e.note.is_none());
+    }
+
+    #[test]
+    fn a_reset_connection_expires_like_an_unanswered_one() {
+        let mut f = fake();
+        let q = query("10.0.0.2:40009");
+        entry(&mut f, &q, 2, TCP_STATE_RESET, 99 * SECOND);
+        let e = run(&f, &q);
+        let c = e.connection.unwrap();
+        assert_eq!(
+            (c.tcp_state, c.timeout_ms, c.used),
+            (Some("reset"), 5_000, true)
+        );
+        let e = run(&f, &Query { syn: true, ..q });
+        assert!(e.connection.unwrap().why_not.unwrap().contains("reset"));
     }
 
     #[test]

@@ -513,6 +513,96 @@ pub async fn run_checker(
     }
 }
 
+/// Upper bounds (µs) of the check-latency histogram's buckets
+/// (`xdplb_health_check_duration_seconds`).
+///
+/// A check across the overlay to a task that answers takes from 0.1 to a
+/// few milliseconds (a TCP connect is one round trip; an HTTP check adds
+/// the request and the application's time to its headers), so the buckets
+/// are dense there: 0.25, 0.5, 1, 2.5, 5, 10 and 25 ms separate a healthy
+/// task from one that is slowing down. 50 to 250 ms is a task in trouble.
+/// 500 ms is the default `check_timeout`: a check that timed out waited a
+/// little longer than that and lands in the 1 s bucket, so `le="0.5"`
+/// counts the checks that got an answer in time and the step from 0.5 to 1
+/// counts the timeouts. 2.5 and 5 s cover longer timeouts (a timeout is
+/// shorter than the check interval). 14 buckets with +Inf, per service.
+pub const LATENCY_BUCKETS_US: [u64; 13] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+
+/// Health-check results of one service, for `xdplb_health_checks_total` and
+/// `xdplb_health_check_duration_seconds` (through the status file). Kept by
+/// the daemon, so they start at zero when it starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckStats {
+    backends: std::collections::BTreeMap<SocketAddr, crate::status::BackendChecks>,
+    latency: crate::status::LatencyHistogram,
+}
+
+impl Default for CheckStats {
+    fn default() -> Self {
+        Self {
+            backends: Default::default(),
+            latency: crate::status::LatencyHistogram::new(&LATENCY_BUCKETS_US),
+        }
+    }
+}
+
+impl CheckStats {
+    /// One check of `backend` (the backend's address, not the check target).
+    pub fn record(&mut self, backend: SocketAddr, result: &CheckResult) {
+        let c = self
+            .backends
+            .entry(backend)
+            .or_insert(crate::status::BackendChecks {
+                addr: backend,
+                passed: 0,
+                failed: 0,
+            });
+        if result.ok {
+            c.passed += 1;
+        } else {
+            c.failed += 1;
+        }
+        self.latency
+            .observe(u64::try_from(result.latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Drops the counters of backends not in `known` (they left, and their
+    /// checkers stopped).
+    pub fn retain(&mut self, known: &std::collections::BTreeSet<SocketAddr>) {
+        self.backends.retain(|addr, _| known.contains(addr));
+    }
+
+    /// What the status file carries: the histogram, and the counters of the
+    /// backends in `known` (zero for those not checked yet).
+    pub fn status(
+        &self,
+        known: impl IntoIterator<Item = SocketAddr>,
+    ) -> crate::status::ChecksStatus {
+        let mut backends: Vec<_> = known
+            .into_iter()
+            .map(|addr| {
+                self.backends
+                    .get(&addr)
+                    .copied()
+                    .unwrap_or(crate::status::BackendChecks {
+                        addr,
+                        passed: 0,
+                        failed: 0,
+                    })
+            })
+            .collect();
+        backends.sort_by_key(|b| b.addr);
+        backends.dedup_by_key(|b| b.addr);
+        crate::status::ChecksStatus {
+            latency: self.latency.clone(),
+            backends,
+        }
+    }
+}
+
 /// Resolves once the flag is `true` or its sender is gone. Cancel-safe.
 async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
     loop {
@@ -709,5 +799,71 @@ mod tests {
             "EHOSTUNREACH should be Other/\"connect failed: ...\", got {kind:?}/{detail:?}"
         );
         assert_eq!(FailureKind::HttpStatus(503).label(), "http_status");
+    }
+
+    /// Passes and failures per backend; latency into the bucket whose bound
+    /// is the first at or above it (`le` is inclusive), above every bound
+    /// into the last; forgotten backends report zero.
+    #[test]
+    fn check_stats_count_results_and_bucket_latency() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.1.2:80".parse().unwrap(),
+            "10.0.1.1:80".parse().unwrap(),
+        );
+        let ms = Duration::from_millis;
+        let mut s = CheckStats::default();
+        s.record(a, &CheckResult::pass(ms(1), String::new()));
+        s.record(
+            a,
+            &CheckResult::pass(Duration::from_micros(1_001), String::new()),
+        );
+        s.record(
+            a,
+            &CheckResult::fail(ms(503), FailureKind::Timeout, String::new()),
+        );
+        s.record(
+            b,
+            &CheckResult::fail(ms(9_000), FailureKind::Timeout, String::new()),
+        );
+        let st = s.status([a, b, a]);
+        let got: Vec<_> = st
+            .backends
+            .iter()
+            .map(|c| (c.addr, c.passed, c.failed))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(b, 0, 1), (a, 2, 1)],
+            "in address order, once each"
+        );
+        let h = &st.latency;
+        let at = |bound_us: u64| h.counts[h.bounds_us.iter().position(|&x| x == bound_us).unwrap()];
+        assert_eq!(
+            (
+                at(1_000),
+                at(2_500),
+                at(1_000_000),
+                h.counts[h.counts.len() - 1]
+            ),
+            (1, 1, 1, 1),
+            "1 ms in le=0.001, 1.001 ms in le=0.0025, a 503 ms timeout in le=1, \
+             9 s above every bound: {h:?}"
+        );
+        assert_eq!(
+            (h.count(), h.sum_us),
+            (4, 1_000 + 1_001 + 503_000 + 9_000_000)
+        );
+        s.retain(&[b].into());
+        let got: Vec<_> = s
+            .status([a, b])
+            .backends
+            .iter()
+            .map(|c| (c.addr, c.passed, c.failed))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(b, 0, 1), (a, 0, 0)],
+            "a left: its counts must go"
+        );
     }
 }

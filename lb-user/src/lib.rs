@@ -10,10 +10,12 @@
 //! snapshot that `stats`, `backends`, `top`, `explain` and `metrics` show.
 pub mod attach;
 pub mod cli;
+pub mod clsact;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod explain;
+pub mod generate;
 pub mod health;
 pub mod ifwatch;
 pub mod logging;
@@ -22,6 +24,8 @@ pub mod maps;
 pub mod metrics;
 pub mod pin_dir;
 pub mod pinned;
+pub mod probe;
+pub mod reload;
 pub mod screen;
 pub mod state;
 pub mod stats;

@@ -19,8 +19,9 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, MAP_BACKENDS,
-    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS, MAP_REFUSED,
-    MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, PROG_TC, PROG_XDP,
+    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_MAGLEV, MAP_REASON_STATS,
+    MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_UNANSWERED,
+    PROG_TC, PROG_XDP,
 };
 
 /// The eBPF object, built by `build.rs` through aya-build.
@@ -30,8 +31,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
 
 /// The maps lb-ebpf pins by name in the pin directory (its `::pinned` maps;
-/// the per-CPU scratch maps `NEW_FLOW` and `SCRATCH` are not pinned).
-pub const PINNED_MAPS: [&str; 11] = [
+/// the per-CPU scratch map `SCRATCH` is not pinned).
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_CONFIG,
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -43,6 +44,8 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_BACKEND_STATS,
     MAP_REASON_STATS,
     MAP_REFUSED,
+    MAP_UNANSWERED,
+    MAP_EVENT_STATS,
 ];
 
 /// How to load the object.
@@ -51,7 +54,11 @@ pub struct LoadOptions {
     /// Directory under bpffs where maps are pinned (and reused if present).
     pub pin_dir: PathBuf,
     pub conns_capacity: u32,
+    /// `UNANSWERED` entries (flows not established yet, two entries each).
+    pub unanswered_capacity: u32,
     pub maglev_capacity: u32,
+    /// How TC patches IPv6 L4 checksums.
+    pub l4_csum: L4Csum,
 }
 
 impl LoadOptions {
@@ -59,7 +66,41 @@ impl LoadOptions {
         Self {
             pin_dir: pin_dir.into(),
             conns_capacity: lb_common::DEFAULT_CONNS_CAPACITY,
+            unanswered_capacity: lb_common::DEFAULT_UNANSWERED_CAPACITY,
             maglev_capacity: lb_common::DEFAULT_MAGLEV_CAPACITY,
+            l4_csum: L4Csum::Probe,
+        }
+    }
+}
+
+/// The object's `L4_CSUM_MODE` (lb-common `GLOBAL_L4_CSUM`): how the TC
+/// program patches TCP/UDP checksums after rewriting IPv6 addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum L4Csum {
+    /// What the kernel supports (`probe::Feature::L4CsumIpv6`).
+    #[default]
+    Probe,
+    /// `bpf_l4_csum_replace` with `BPF_F_IPV6`.
+    Ipv6Flag,
+    /// Without `BPF_F_IPV6`, `skb->csum` corrected with `bpf_csum_update`.
+    Compensate,
+    /// Tests only: every checksum helper call fails (`drop_csum_failed`).
+    FailForTest,
+}
+
+impl L4Csum {
+    fn global(self) -> u32 {
+        match self {
+            L4Csum::Probe => {
+                if crate::probe::features().has(crate::probe::Feature::L4CsumIpv6) {
+                    lb_common::L4_CSUM_IPV6_FLAG
+                } else {
+                    lb_common::L4_CSUM_COMPENSATE
+                }
+            }
+            L4Csum::Ipv6Flag => lb_common::L4_CSUM_IPV6_FLAG,
+            L4Csum::Compensate => lb_common::L4_CSUM_COMPENSATE,
+            L4Csum::FailForTest => lb_common::L4_CSUM_FAULT,
         }
     }
 }
@@ -73,12 +114,14 @@ pub struct DataPlane {
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
     conns: HashMap<MapData, FlowKey, Conn>,
+    unanswered: HashMap<MapData, FlowKey, Conn>,
     snat_addrs: HashMap<MapData, AddrKey, u32>,
     tx_ports: DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
     refused: Array<MapData, u64>,
+    events: PerCpuArray<MapData, u64>,
     /// `MAGLEV` mapped into this process, when the map allows it.
     maglev_mem: Option<MaglevMem>,
 }
@@ -218,10 +261,15 @@ impl DataPlane {
             bail!("this xdplb was built with AYA_BUILD_SKIP=1 and embeds no eBPF object; rebuild without it (`cargo xtask build`)");
         }
         crate::pin_dir::create(&opts.pin_dir)?;
+        check_pinned_abi(&opts.pin_dir)?;
+        drop_resized_reason_stats(&opts.pin_dir)?;
+        let l4_csum = opts.l4_csum.global();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
             .map_max_entries(MAP_CONNS, opts.conns_capacity)
+            .map_max_entries(MAP_UNANSWERED, opts.unanswered_capacity)
             .map_max_entries(MAP_MAGLEV, opts.maglev_capacity)
+            .override_global(lb_common::GLOBAL_L4_CSUM, &l4_csum, true)
             .load(EBPF_OBJECT)
             .context("loading the xdplb eBPF object (are you root, is bpffs mounted?)")?;
         for name in [PROG_XDP, PROG_TC] {
@@ -250,12 +298,14 @@ impl DataPlane {
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             maglev: take(&mut ebpf, MAP_MAGLEV)?,
             conns: take(&mut ebpf, MAP_CONNS)?,
+            unanswered: take(&mut ebpf, MAP_UNANSWERED)?,
             snat_addrs: take(&mut ebpf, MAP_SNAT_ADDRS)?,
             tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut ebpf, MAP_REASON_STATS)?,
             refused: take(&mut ebpf, MAP_REFUSED)?,
+            events: take(&mut ebpf, MAP_EVENT_STATS)?,
             pin_dir: opts.pin_dir.clone(),
             ebpf,
         };
@@ -477,6 +527,38 @@ impl DataPlane {
             .collect()
     }
 
+    /// `UNANSWERED[key]`: an entry of a flow not established yet.
+    pub fn unanswered_conn(&self, key: &FlowKey) -> Result<Option<Conn>> {
+        match self.unanswered.get(key, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading UNANSWERED"),
+        }
+    }
+
+    pub fn unanswered_conns(&self) -> Result<Vec<(FlowKey, Conn)>> {
+        self.unanswered
+            .iter()
+            .map(|r| r.context("iterating UNANSWERED"))
+            .collect()
+    }
+
+    pub fn insert_unanswered(&mut self, key: &FlowKey, c: &Conn) -> Result<()> {
+        self.unanswered
+            .insert(key, c, 0)
+            .context("writing UNANSWERED")
+    }
+
+    /// Every event's count, indexed like `lb_common::event::NAMES`.
+    pub fn events(&self) -> Result<Vec<u64>> {
+        (0..lb_common::event::COUNT)
+            .map(|e| {
+                let v = self.events.get(&e, 0)?;
+                Ok(v.iter().fold(0u64, |a, c| a.wrapping_add(*c)))
+            })
+            .collect()
+    }
+
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
         sum(&self.service_stats.get(&id, 0)?)
     }
@@ -520,6 +602,64 @@ impl DataPlane {
         crate::pin_dir::remove_dirs(pin_dir)?;
         Ok(())
     }
+}
+
+/// Refuses pinned maps of another layout before the object is loaded (the
+/// verifier would otherwise reject the programs against the old maps, with
+/// a message that names no cause): CONFIG's size and `abi_version` tell.
+fn check_pinned_abi(pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join(MAP_CONFIG);
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let size = data
+        .info()
+        .map(|i| i.value_size())
+        .with_context(|| format!("reading {}", path.display()))?;
+    let layout = if size as usize == size_of::<Config>() {
+        let map: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(data))
+            .with_context(|| format!("opening {}", path.display()))?;
+        match map.get(&0, 0)?.abi_version {
+            0 => return Ok(()),
+            v if v == lb_common::ABI_VERSION => return Ok(()),
+            v => format!("ABI version {v}"),
+        }
+    } else {
+        format!("a {size}-byte CONFIG")
+    };
+    bail!(
+        "pinned maps in {} have {layout}, this build speaks ABI version {}; run `xdplb down` \
+         to remove the old state first (established flows are lost)",
+        pin_dir.display(),
+        lb_common::ABI_VERSION
+    )
+}
+
+/// A `REASON_STATS` pinned by a build with another number of reasons
+/// (`lb_common::reason::COUNT`) goes, and a new one of the right size is
+/// made: the program would count the new reasons nowhere, and readers would
+/// fail on the missing slots. Its counters start again from zero (the other
+/// maps, the connection table included, are kept).
+fn drop_resized_reason_stats(pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join(MAP_REASON_STATS);
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let entries = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .map(|i| i.max_entries())
+        .with_context(|| format!("reading {}", path.display()))?;
+    if entries != lb_common::reason::COUNT {
+        tracing::info!(
+            "{} has {entries} reasons, this build counts {}: replacing it (reason counters \
+             start from zero)",
+            path.display(),
+            lb_common::reason::COUNT
+        );
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn sum(v: &PerCpuValues<Counters>) -> Result<Counters> {

@@ -25,8 +25,9 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, BACKEND_EMPTY,
-    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_MAGLEV, MAP_REASON_STATS,
-    MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAX_BACKENDS,
+    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_MAGLEV,
+    MAP_REASON_STATS, MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_UNANSWERED,
+    MAX_BACKENDS,
 };
 
 /// Why the pinned maps cannot be read. Every message is one line an
@@ -99,6 +100,11 @@ pub struct PinnedMaps {
     maglev: Array<MapData, u32>,
     conns: HashMap<MapData, FlowKey, Conn>,
     conns_capacity: u32,
+    /// UNANSWERED: flows not established yet.
+    unanswered: HashMap<MapData, FlowKey, Conn>,
+    unanswered_fd: OwnedFd,
+    unanswered_capacity: u32,
+    events: PerCpuArray<MapData, u64>,
     snat_addrs: HashMap<MapData, AddrKey, u32>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -224,6 +230,11 @@ impl PinnedMaps {
         let conns_data = open_data(pin_dir, MAP_CONNS)?;
         let conns_info = conns_data.info().map_err(read_err(MAP_CONNS))?;
         let backends_data = open_data(pin_dir, MAP_BACKENDS)?;
+        let unanswered_data = open_data(pin_dir, MAP_UNANSWERED)?;
+        let unanswered_capacity = unanswered_data
+            .info()
+            .map_err(read_err(MAP_UNANSWERED))?
+            .max_entries();
         let dup = |map: &'static str, data: &MapData| {
             data.fd()
                 .as_fd()
@@ -242,6 +253,10 @@ impl PinnedMaps {
             maglev: open(pin_dir, MAP_MAGLEV)?,
             conns: typed(pin_dir, MAP_CONNS, conns_data)?,
             conns_capacity: conns_info.max_entries(),
+            unanswered_fd: dup(MAP_UNANSWERED, &unanswered_data)?,
+            unanswered: typed(pin_dir, MAP_UNANSWERED, unanswered_data)?,
+            unanswered_capacity,
+            events: open(pin_dir, MAP_EVENT_STATS)?,
             snat_addrs: open(pin_dir, MAP_SNAT_ADDRS)?,
             service_stats: open(pin_dir, MAP_SERVICE_STATS)?,
             backend_stats: open(pin_dir, MAP_BACKEND_STATS)?,
@@ -403,6 +418,58 @@ impl PinnedMaps {
     /// CONNS `max_entries` (two entries per flow).
     pub fn conns_capacity(&self) -> u32 {
         self.conns_capacity
+    }
+
+    /// `UNANSWERED[key]`: an entry of a flow not established yet.
+    pub fn unanswered_conn(&self, key: &FlowKey) -> Result<Option<Conn>, PinnedError> {
+        match self.unanswered.get(key, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(read_err(MAP_UNANSWERED)(e)),
+        }
+    }
+
+    /// Walks UNANSWERED like [`Self::for_each_conn`] walks CONNS.
+    pub fn for_each_unanswered(
+        &self,
+        mut f: impl FnMut(&FlowKey, &Conn),
+    ) -> Result<(), PinnedError> {
+        if self.batched {
+            match lookup_batch(self.unanswered_fd.as_fd(), &mut f) {
+                Ok(()) => return Ok(()),
+                Err(BatchError::Unsupported) => {}
+                Err(BatchError::Failed(source)) => {
+                    return Err(PinnedError::Batch {
+                        map: MAP_UNANSWERED,
+                        source,
+                    })
+                }
+            }
+        }
+        for k in self.unanswered.keys() {
+            let k = k.map_err(read_err(MAP_UNANSWERED))?;
+            match self.unanswered.get(&k, 0) {
+                Ok(c) => f(&k, &c),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(read_err(MAP_UNANSWERED)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// UNANSWERED `max_entries`.
+    pub fn unanswered_capacity(&self) -> u32 {
+        self.unanswered_capacity
+    }
+
+    /// Every event's count, indexed like `lb_common::event::NAMES`.
+    pub fn event_counts(&self) -> Result<Vec<u64>, PinnedError> {
+        (0..lb_common::event::COUNT)
+            .map(|e| {
+                let v = self.events.get(&e, 0).map_err(read_err(MAP_EVENT_STATS))?;
+                Ok(v.iter().fold(0u64, |a, c| a.wrapping_add(*c)))
+            })
+            .collect()
     }
 
     pub fn service_counters(&self, id: u32) -> Result<Counters, PinnedError> {

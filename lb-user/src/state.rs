@@ -178,6 +178,12 @@ impl BackendTracker {
         self.drain_timeout
     }
 
+    /// A reload changed `drain_timeout`: backends that start draining from
+    /// now on get the new one; those draining already keep their deadline.
+    pub fn set_drain_timeout(&mut self, d: Duration) {
+        self.drain_timeout = d;
+    }
+
     /// A new DNS answer: the complete set of task addresses. Adds new
     /// backends, drains or removes the ones that left, brings draining ones
     /// back.

@@ -20,8 +20,8 @@ use std::{
 
 use anyhow::{bail, Result};
 use lb_common::{
-    reason, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, CONN_F_REVERSE,
-    MAX_BACKENDS, MAX_SERVICES,
+    event, reason, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, CONN_F_REVERSE,
+    CONN_F_UNANSWERED, MAX_BACKENDS, MAX_SERVICES,
 };
 use serde::Serialize;
 
@@ -123,13 +123,20 @@ impl Daemon {
 
 // ---- what the maps hold -----------------------------------------------------
 
-/// Connection-table census. Only forward entries that have not expired (the
-/// data plane's own rule, `Conn::expired` in lb-common) count as live flows.
+/// Connection-table census of both tables, CONNS (established flows) and
+/// UNANSWERED (not established yet). Only forward entries that have not
+/// expired (the data plane's own rule, `Conn::expired` in lb-common) count
+/// as live flows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnCounts {
-    /// Every entry, forward and reverse, expired or not.
+    /// Every CONNS entry, forward and reverse, expired or not.
     pub entries: u64,
+    /// Live flows, established or not.
     pub live_flows: u64,
+    /// Every UNANSWERED entry.
+    pub unanswered_entries: u64,
+    /// Live flows not established yet (part of `live_flows`).
+    pub unanswered_flows: u64,
     pub by_service: BTreeMap<u32, u64>,
     /// Keyed by (service id, backend index).
     pub by_backend: BTreeMap<(u32, u32), u64>,
@@ -137,23 +144,32 @@ pub struct ConnCounts {
 
 impl ConnCounts {
     pub fn add(&mut self, key: &FlowKey, c: &Conn, cfg: &Config, now_ns: u64) {
-        self.entries += 1;
+        let unanswered = c.flags & CONN_F_UNANSWERED != 0;
+        if unanswered {
+            self.unanswered_entries += 1;
+        } else {
+            self.entries += 1;
+        }
         if c.flags & CONN_F_REVERSE != 0 || c.expired(key.proto, cfg, now_ns) {
             return;
         }
         self.live_flows += 1;
+        if unanswered {
+            self.unanswered_flows += 1;
+        }
         *self.by_service.entry(c.service).or_default() += 1;
         *self.by_backend.entry((c.service, c.backend)).or_default() += 1;
     }
 
-    /// Walks CONNS once, judging expiry at the time of the walk. It costs
-    /// time in proportion to the table (about 250 syscalls for a million
-    /// entries, each entry copied and counted).
+    /// Walks CONNS and UNANSWERED once, judging expiry at the time of the
+    /// walk. It costs time in proportion to the tables (about 250 syscalls
+    /// for a million entries, each entry copied and counted).
     pub fn walk(maps: &PinnedMaps) -> Result<Self, PinnedError> {
         let config = maps.config();
         let now = monotonic_now_ns();
         let mut conns = Self::default();
         maps.for_each_conn(|k, c| conns.add(k, c, &config, now))?;
+        maps.for_each_unanswered(|k, c| conns.add(k, c, &config, now))?;
         Ok(conns)
     }
 }
@@ -171,6 +187,9 @@ pub struct MapsView {
     pub reasons: Vec<Counters>,
     pub conns: ConnCounts,
     pub conns_capacity: u32,
+    pub unanswered_capacity: u32,
+    /// Indexed like `lb_common::event::NAMES`.
+    pub events: Vec<u64>,
 }
 
 impl MapsView {
@@ -216,6 +235,8 @@ impl MapsView {
             reasons,
             conns: ConnCounts::default(),
             conns_capacity: maps.conns_capacity(),
+            unanswered_capacity: maps.unanswered_capacity(),
+            events: maps.event_counts()?,
         })
     }
 }
@@ -235,6 +256,8 @@ pub struct Snapshot {
     pub services: Vec<ServiceStats>,
     /// Every reason, in `lb_common::reason` order.
     pub reasons: Vec<ReasonStats>,
+    /// Every event, in `lb_common::event` order.
+    pub events: Vec<EventStats>,
     pub conntrack: ConntrackStats,
     /// CLOCK_MONOTONIC of the reading, for rates.
     #[serde(skip)]
@@ -316,14 +339,37 @@ pub struct ReasonStats {
     pub packets_per_sec: Option<f64>,
 }
 
+/// An `lb_common::event` counter: things the data plane counts beside each
+/// packet's reason (flows established, unanswered flows expired, the flood
+/// guard at work, ...).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EventStats {
+    pub name: &'static str,
+    pub count: u64,
+    pub per_sec: Option<f64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConntrackStats {
-    /// Entries in CONNS (two per flow: forward and reverse).
+    /// Entries in CONNS, the established flows (two per flow: forward and
+    /// reverse).
     pub entries: u64,
     pub capacity: u64,
     /// entries / capacity, 0..1.
     pub fill: f64,
-    /// Forward entries not expired.
+    /// Forward entries not expired, established or not.
+    pub live_flows: u64,
+    /// UNANSWERED: flows the backend has not accepted yet.
+    pub unanswered: UnansweredStats,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnansweredStats {
+    pub entries: u64,
+    pub capacity: u64,
+    /// entries / capacity, 0..1.
+    pub fill: f64,
+    /// Forward entries not expired (counted in `live_flows` too).
     pub live_flows: u64,
 }
 
@@ -471,6 +517,17 @@ impl Snapshot {
             })
             .collect();
         let capacity = u64::from(view.conns_capacity);
+        let unanswered_capacity = u64::from(view.unanswered_capacity);
+        let fill = |n: u64, of: u64| if of == 0 { 0.0 } else { n as f64 / of as f64 };
+        let events = event::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, &name)| EventStats {
+                name,
+                count: view.events.get(i).copied().unwrap_or_default(),
+                per_sec: None,
+            })
+            .collect();
         Snapshot {
             version: STATS_JSON_VERSION,
             pin_dir: pin_dir.into(),
@@ -486,15 +543,18 @@ impl Snapshot {
             },
             services,
             reasons,
+            events,
             conntrack: ConntrackStats {
                 entries: view.conns.entries,
                 capacity,
-                fill: if capacity == 0 {
-                    0.0
-                } else {
-                    view.conns.entries as f64 / capacity as f64
-                },
+                fill: fill(view.conns.entries, capacity),
                 live_flows: view.conns.live_flows,
+                unanswered: UnansweredStats {
+                    entries: view.conns.unanswered_entries,
+                    capacity: unanswered_capacity,
+                    fill: fill(view.conns.unanswered_entries, unanswered_capacity),
+                    live_flows: view.conns.unanswered_flows,
+                },
             },
             mono_ns,
         }
@@ -539,6 +599,9 @@ impl Snapshot {
         }
         for (r, p) in self.reasons.iter_mut().zip(&prev.reasons) {
             r.packets_per_sec = Some(rate(p.packets, r.packets, secs));
+        }
+        for (e, p) in self.events.iter_mut().zip(&prev.events) {
+            e.per_sec = Some(rate(p.count, e.count, secs));
         }
     }
 }
@@ -812,6 +875,18 @@ pub fn render_text(s: &Snapshot, rates: bool) -> String {
             let _ = writeln!(out, "({zero} reasons at zero not shown; --json lists all)");
         }
     }
+    let events: Vec<String> = s
+        .events
+        .iter()
+        .filter(|e| e.count > 0)
+        .map(|e| match (rates, e.per_sec) {
+            (true, Some(r)) => format!("{} {}/s", e.name, fmt_rate(r)),
+            _ => format!("{} {}", e.name, fmt_count(e.count)),
+        })
+        .collect();
+    if !events.is_empty() {
+        let _ = writeln!(out, "events: {}", events.join(", "));
+    }
     out.push('\n');
     let _ = writeln!(
         out,
@@ -820,6 +895,15 @@ pub fn render_text(s: &Snapshot, rates: bool) -> String {
         fmt_count(s.conntrack.capacity),
         s.conntrack.fill * 100.0,
         fmt_count(s.conntrack.live_flows)
+    );
+    let u = &s.conntrack.unanswered;
+    let _ = writeln!(
+        out,
+        "unanswered table: {} of {} entries ({:.1}% full), {} of those flows",
+        fmt_count(u.entries),
+        fmt_count(u.capacity),
+        u.fill * 100.0,
+        fmt_count(u.live_flows)
     );
     out
 }
@@ -1254,12 +1338,20 @@ mod tests {
             n.by_backend,
             BTreeMap::from([((1, 2), 1), ((1, 3), 1), ((2, 7), 1)])
         );
+        // Not established yet: counted apart, with its own (shorter) timeout.
+        let u = |seen| conn(1, 3, seen, CONN_F_UNANSWERED, 0);
+        n.add(&flow(7, PROTO_TCP), &u(now - S), &cfg, now);
+        n.add(&flow(8, PROTO_TCP), &u(now - 6 * S), &cfg, now);
+        assert_eq!((n.entries, n.unanswered_entries), (6, 2));
+        assert_eq!((n.live_flows, n.unanswered_flows), (4, 1));
     }
 
     fn view() -> MapsView {
         let mut conns = ConnCounts {
             entries: 6,
             live_flows: 3,
+            unanswered_entries: 2,
+            unanswered_flows: 1,
             ..Default::default()
         };
         conns.by_service.insert(1, 3);
@@ -1286,6 +1378,12 @@ mod tests {
             reasons,
             conns,
             conns_capacity: 1000,
+            unanswered_capacity: 500,
+            events: {
+                let mut e = vec![0; event::COUNT as usize];
+                e[event::ESTABLISHED as usize] = 4;
+                e
+            },
         }
     }
 
@@ -1346,6 +1444,7 @@ mod tests {
                     attempts: 4,
                 }),
                 map_write_errors: 4,
+                ..Default::default()
             }],
         }
     }
@@ -1400,7 +1499,16 @@ mod tests {
                 ]
             }],
             "reasons": null,
-            "conntrack": {"entries": 6, "capacity": 1000, "fill": 0.006, "live_flows": 3}
+            "events": [
+                {"name": "established", "count": 4, "per_sec": null},
+                {"name": "non_syn_miss", "count": 0, "per_sec": null},
+                {"name": "unanswered_expired", "count": 0, "per_sec": null},
+                {"name": "rst_freed", "count": 0, "per_sec": null},
+                {"name": "flood_guard_active", "count": 0, "per_sec": null},
+                {"name": "flood_port_taken", "count": 0, "per_sec": null}
+            ],
+            "conntrack": {"entries": 6, "capacity": 1000, "fill": 0.006, "live_flows": 3,
+                "unanswered": {"entries": 2, "capacity": 500, "fill": 0.004, "live_flows": 1}}
         });
         assert_eq!(
             json,
@@ -1555,9 +1663,11 @@ web (0.0.0.0:80/tcp)                10  1000 B          4       3
 REASON           PACKETS   BYTES
 pass_no_service        2   120 B
 fwd_redirect          10  1000 B
-(20 reasons at zero not shown; --json lists all)
+(25 reasons at zero not shown; --json lists all)
+events: established 4
 
 connection table: 6 of 1,000 entries (0.6% full), 3 live flows
+unanswered table: 2 of 500 entries (0.4% full), 1 of those flows
 ";
         assert_eq!(render_text(&snap, false), want);
     }

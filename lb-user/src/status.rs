@@ -77,6 +77,120 @@ pub struct ServiceStatus {
     /// Map updates that failed since the daemon started (a counter).
     #[serde(default)]
     pub map_write_errors: u64,
+    /// DNS polling of `backends_name` since the daemon started. Absent in
+    /// status files of older daemons.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+    /// Health-check results and latency; `None` with checks off. Absent in
+    /// status files of older daemons.
+    #[serde(default)]
+    pub checks: Option<ChecksStatus>,
+}
+
+/// Counters of one service's DNS poll loop (discovery.rs `QueryCounts`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsStatus {
+    /// Lookups started.
+    pub polls: u64,
+    /// Lookups answered with at least one address.
+    pub answers: u64,
+    pub nxdomain: u64,
+    /// Answers without an address of the service's family.
+    pub nodata: u64,
+    pub servfail: u64,
+    pub timeout: u64,
+    pub refused: u64,
+    /// Other failures (connection refused by the nameserver, I/O errors).
+    pub other: u64,
+    /// Times the task set changed.
+    pub changes: u64,
+    /// Unix time (ms) of the last lookup the nameserver answered (addresses,
+    /// NXDOMAIN or no records: anything but a failure); `None`: none yet.
+    pub last_success_ms: Option<u64>,
+    /// Addresses in the current task set, before screening (`rejected`
+    /// lists those that are not backends); `None` before the first answer.
+    pub tasks: Option<u64>,
+}
+
+impl DnsStatus {
+    /// From the poll loop's counters and the size of the current task set.
+    pub fn new(c: &crate::discovery::QueryCounts, tasks: Option<usize>) -> Self {
+        Self {
+            polls: c.queries,
+            answers: c.answers,
+            nxdomain: c.nxdomain,
+            nodata: c.nodata,
+            servfail: c.servfail,
+            timeout: c.timeout,
+            refused: c.refused,
+            other: c.other,
+            changes: c.changes,
+            last_success_ms: (c.last_success_unix_ms != 0).then_some(c.last_success_unix_ms),
+            tasks: tasks.map(|n| n as u64),
+        }
+    }
+
+    /// Lookups that failed: SERVFAIL, timeouts, REFUSED and other errors
+    /// (negative answers are answers).
+    pub fn failures(&self) -> u64 {
+        self.servfail + self.timeout + self.refused + self.other
+    }
+}
+
+/// A latency histogram as the status file carries it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencyHistogram {
+    /// Upper bounds of the buckets in microseconds, ascending (inclusive,
+    /// like Prometheus' `le`).
+    pub bounds_us: Vec<u64>,
+    /// Observations per bucket, not cumulative: one entry per bound, and a
+    /// last one for those above every bound.
+    pub counts: Vec<u64>,
+    /// Sum of all observations, in microseconds.
+    pub sum_us: u64,
+}
+
+impl LatencyHistogram {
+    /// Empty, with these bucket bounds.
+    pub fn new(bounds_us: &[u64]) -> Self {
+        Self {
+            bounds_us: bounds_us.to_vec(),
+            counts: vec![0; bounds_us.len() + 1],
+            sum_us: 0,
+        }
+    }
+
+    pub fn observe(&mut self, us: u64) {
+        let i = self.bounds_us.partition_point(|&b| b < us);
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Observations in all buckets.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Health checks of one service since the daemon started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChecksStatus {
+    /// How long the checks of every backend took, passed or failed (a
+    /// timeout counts as the time it waited).
+    pub latency: LatencyHistogram,
+    /// Per backend the daemon knows, in address order.
+    pub backends: Vec<BackendChecks>,
+}
+
+/// Health-check results of one backend since its checker started (it stops
+/// when the backend leaves).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendChecks {
+    pub addr: SocketAddr,
+    pub passed: u64,
+    pub failed: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -85,6 +85,9 @@ struct ServiceState {
     retired_at: Option<std::time::Instant>,
     /// The state last written to BACKENDS per backend.
     written: BTreeMap<SocketAddr, u8>,
+    /// The region the table lived in before a reload changed its Maglev
+    /// size: freed once `SERVICES` points at the new one.
+    moved_from: Option<(u32, u32)>,
 }
 
 /// How long a half that was just retired by a flip is left alone before it is
@@ -239,6 +242,7 @@ impl Writer {
                     adopted_active,
                     retired_at: None,
                     written,
+                    moved_from: None,
                 },
             );
         }
@@ -298,9 +302,140 @@ impl Writer {
                     adopted_active: Vec::new(),
                     retired_at: None,
                     written: BTreeMap::new(),
+                    moved_from: None,
                 },
             );
         }
+        Ok(())
+    }
+
+    /// Maglev regions in use: every service's two halves, and regions left
+    /// behind by a size change that are not free yet.
+    fn regions(&self) -> Vec<(u32, u32)> {
+        self.services
+            .values()
+            .flat_map(|st| {
+                std::iter::once((st.svc.maglev_base, 2 * st.svc.maglev_size)).chain(st.moved_from)
+            })
+            .collect()
+    }
+
+    /// Adds a service (a reload): a free id and Maglev region, both halves
+    /// zeroed, then its `SERVICES` entry. Nothing is written if it fails.
+    pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        if self.services.contains_key(&spec.name) {
+            bail!("service {} exists already", spec.name);
+        }
+        let taken: Vec<u32> = self.services.values().map(|st| st.svc.id).collect();
+        let id = (1..MAX_SERVICES)
+            .find(|i| !taken.contains(i))
+            .context("no free service id: too many services")?;
+        let need = 2 * spec.maglev_size;
+        let base = first_fit(&self.regions(), need, self.maglev_capacity).with_context(|| {
+            format!(
+                "Maglev map full: service {} needs {need} slots; restart to grow the map, or \
+                 lower maglev_size",
+                spec.name
+            )
+        })?;
+        let zeros = vec![0u32; spec.maglev_size as usize];
+        for h in 0..2 {
+            self.dp
+                .write_maglev_changes(base + h * spec.maglev_size, &zeros)?;
+        }
+        let svc = Service {
+            id,
+            flags: 0,
+            maglev_base: base,
+            maglev_size: spec.maglev_size,
+            active_half: 0,
+            snat_port_lo: spec.snat_ports.0,
+            snat_port_hi: spec.snat_ports.1,
+            snat_addr: spec.snat_addr.map(|a| addr_bytes(a).0).unwrap_or_default(),
+        };
+        self.dp.set_service(&spec.key(), &svc)?;
+        self.services.insert(
+            spec.name.clone(),
+            ServiceState {
+                spec: spec.clone(),
+                svc,
+                backends: BTreeMap::new(),
+                adopted_active: Vec::new(),
+                retired_at: None,
+                written: BTreeMap::new(),
+                moved_from: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a service (a reload, after its tasks drained): its `SERVICES`
+    /// entry first, so no packet finds it, then its backends; its id,
+    /// indexes and region become free.
+    pub fn remove_service(&mut self, name: &str) -> Result<()> {
+        let Some(st) = self.services.get(name) else {
+            return Ok(());
+        };
+        self.dp.remove_service(&st.spec.key())?;
+        let st = self.services.remove(name).expect("checked above");
+        for index in st.backends.values() {
+            self.dp.set_backend(*index, &Backend::default())?;
+            self.used_backends.remove(index);
+        }
+        Ok(())
+    }
+
+    /// A reload changed a service's settings (same listen address). SNAT
+    /// settings apply on the next [`Writer::apply`]; a new Maglev size moves
+    /// the table to a new region there, in one `SERVICES` update.
+    pub fn update_spec(&mut self, spec: &ServiceSpec) -> Result<()> {
+        let regions = self.regions();
+        let capacity = self.maglev_capacity;
+        let st = self
+            .services
+            .get_mut(&spec.name)
+            .with_context(|| format!("unknown service {}", spec.name))?;
+        if st.spec.key() != spec.key() {
+            bail!(
+                "service {}: a new listen address is a new service",
+                spec.name
+            );
+        }
+        if spec.maglev_size != st.svc.maglev_size {
+            if st.moved_from.is_some() {
+                bail!(
+                    "service {}: the previous Maglev size change is not written yet",
+                    spec.name
+                );
+            }
+            let need = 2 * spec.maglev_size;
+            let base = first_fit(&regions, need, capacity).with_context(|| {
+                format!(
+                    "Maglev map full: service {} needs {need} slots for maglev_size {}; restart \
+                     to grow the map",
+                    spec.name, spec.maglev_size
+                )
+            })?;
+            st.moved_from = Some((st.svc.maglev_base, 2 * st.svc.maglev_size));
+            // The kernel keeps reading the old region until apply() writes
+            // the new `SERVICES` value; the halves start zeroed.
+            let zeros = vec![0u32; spec.maglev_size as usize];
+            for h in 0..2 {
+                self.dp
+                    .write_maglev_changes(base + h * spec.maglev_size, &zeros)?;
+            }
+            st.svc.maglev_base = base;
+            st.svc.maglev_size = spec.maglev_size;
+            st.svc.active_half = 0;
+            st.retired_at = None;
+        }
+        st.svc.snat_port_lo = spec.snat_ports.0;
+        st.svc.snat_port_hi = spec.snat_ports.1;
+        if spec.snat_addr != st.spec.snat_addr {
+            // Chosen again (or taken from the config) on the next apply.
+            st.svc.snat_addr = spec.snat_addr.map(|a| addr_bytes(a).0).unwrap_or_default();
+        }
+        st.spec = spec.clone();
         Ok(())
     }
 
@@ -412,11 +547,11 @@ impl Writer {
             active: members.len(),
             ..Default::default()
         };
+        // Anything of the value the kernel has that differs (SNAT settings,
+        // or a region moved by a Maglev size change) is written below.
         let snat_changed = {
             let pinned = self.dp.service(&st.spec.key())?;
-            pinned
-                .map(|p| p.snat_addr != st.svc.snat_addr)
-                .unwrap_or(true)
+            pinned.map(|p| p != st.svc).unwrap_or(true)
         };
         let size = st.svc.maglev_size;
         let live = self
@@ -441,6 +576,15 @@ impl Writer {
         }
         if report.flipped {
             st.retired_at = Some(std::time::Instant::now());
+        }
+        if st.moved_from.take().is_some() {
+            // `SERVICES` points at the new region now; no table refers to the
+            // old one, which is free (and zeroed before it is handed out).
+            tracing::info!(
+                service = name,
+                maglev_size = st.svc.maglev_size,
+                "Maglev table moved to a region of the new size"
+            );
         }
         for (addr, state) in backends.iter().filter(|(_, s)| **s != BACKEND_ACTIVE) {
             write_backend(&mut self.dp, st, id, *addr, *state)?;

@@ -443,11 +443,18 @@ mod tests {
                 backends: b.to_vec(),
             }],
             reasons: vec![],
+            events: vec![],
             conntrack: ConntrackStats {
                 entries: 4,
                 capacity: 100,
                 fill: 0.04,
                 live_flows: 2,
+                unanswered: crate::stats::UnansweredStats {
+                    entries: 0,
+                    capacity: 50,
+                    fill: 0.0,
+                    live_flows: 0,
+                },
             },
             mono_ns,
         }

@@ -15,10 +15,13 @@
 //! ```
 //!
 //! `BPF_PROG_TEST_RUN` runs the program in the calling thread's network
-//! namespace: for XDP the receive queue is that namespace's loopback (so the
-//! ingress ifindex is 1 and every forward is an `XDP_REDIRECT`), for TC the
-//! skb's device is the loopback too. `bpf_fib_lookup` then resolves routes and
-//! the permanent neighbours configured here.
+//! namespace. A frame from a back-side address (a backend, the back router)
+//! arrives on `back`, as it would on the wire: the data plane accepts a
+//! backend's packets only on the interface the flow's backend is reached by.
+//! Any other frame arrives on the loopback (ingress ifindex 1), so its
+//! forwards are `XDP_REDIRECT`s; for TC the skb's device is the loopback
+//! either way. `bpf_fib_lookup` then resolves routes and the permanent
+//! neighbours configured here. [`PacketLab::run_on`] picks the interface.
 
 use std::{
     fmt::Write as _,
@@ -39,7 +42,7 @@ use lb_common::{
     ServiceKey, BACKEND_ACTIVE, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
     PROTO_UDP,
 };
-use lb_user::maps::{DataPlane, LoadOptions};
+use lb_user::maps::{DataPlane, L4Csum, LoadOptions};
 
 use crate::netns::{self, NetNs, NsGuard};
 
@@ -67,6 +70,14 @@ pub const FRONT_ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x
 pub const SNAT_PORTS: RangeInclusive<u16> = 40000..=49999;
 /// Maglev size per half (prime).
 pub const MAGLEV_SIZE: u32 = 251;
+/// `CONFIG.hash_key` of every lab: the key the flow hash picks backends and
+/// SNAT ports with ([`lab_hash`]).
+pub const LAB_HASH_KEY: [u64; 2] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+
+/// The flow hash as the lab's data plane computes it.
+pub fn lab_hash(key: &FlowKey) -> u32 {
+    flow_hash(key, &LAB_HASH_KEY)
+}
 pub const MAX_TEST_SERVICES: u32 = 8;
 
 /// Backends are numbered like their addresses: `n` in 11..=20 is 10.1.0.n,
@@ -324,6 +335,16 @@ impl Pkt {
         if let L4::Tcp { flags, ack, .. } = &mut self.l4 {
             *flags = f;
             *ack = if f & TCP_ACK != 0 { 7001 } else { 0 };
+        }
+        self
+    }
+
+    /// TCP sequence and acknowledgment numbers (`Pkt::tcp` uses 1000, and
+    /// 7001 with ACK).
+    pub fn with_seq_ack(mut self, s: u32, a: u32) -> Self {
+        if let L4::Tcp { seq, ack, .. } = &mut self.l4 {
+            *seq = s;
+            *ack = a;
         }
         self
     }
@@ -873,7 +894,7 @@ impl Svc {
 
     /// The active half's slot for `key`, before any probing.
     pub fn slot(&self, key: &FlowKey) -> usize {
-        (flow_hash(key) % self.val.maglev_size) as usize
+        (lab_hash(key) % self.val.maglev_size) as usize
     }
 
     /// The backend index in the active half's first slot for `key`.
@@ -883,7 +904,7 @@ impl Svc {
 
     /// The first SNAT port a new flow tries.
     pub fn first_snat_port(&self, key: &FlowKey) -> u16 {
-        self.snat_lo() + (flow_hash(key) % self.snat_len()) as u16
+        self.snat_lo() + (lab_hash(key) % self.snat_len()) as u16
     }
 }
 
@@ -949,15 +970,23 @@ impl PacketLab {
     /// Like [`Self::new`] with a custom connection-table capacity.
     pub fn with_conns_capacity(tag: &str, conns_capacity: u32) -> Self {
         require_root();
-        Self::try_new_with(tag, conns_capacity)
+        Self::try_new_with(tag, conns_capacity, L4Csum::Probe)
+            .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
+    }
+
+    /// Like [`Self::new`] with the object's TC checksum mode set (the
+    /// fallback for kernels without `BPF_F_IPV6`, or fault injection).
+    pub fn with_l4_csum(tag: &str, l4_csum: L4Csum) -> Self {
+        require_root();
+        Self::try_new_with(tag, 65536, l4_csum)
             .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
     }
 
     pub fn try_new(tag: &str) -> Result<Self> {
-        Self::try_new_with(tag, 65536)
+        Self::try_new_with(tag, 65536, L4Csum::Probe)
     }
 
-    fn try_new_with(tag: &str, conns_capacity: u32) -> Result<Self> {
+    fn try_new_with(tag: &str, conns_capacity: u32, l4_csum: L4Csum) -> Result<Self> {
         netns::sweep_leftovers(netns::PREFIX);
         ensure_bpffs()?;
         netns::sweep_stale_dirs(Path::new(PIN_ROOT), PIN_PREFIX);
@@ -975,7 +1004,11 @@ impl PacketLab {
         let opts = LoadOptions {
             pin_dir: pin_dir.clone(),
             conns_capacity,
+            // Room for the benches' new-flow runs without evictions, and
+            // no more (LRU maps are preallocated).
+            unanswered_capacity: conns_capacity.min(1 << 18),
             maglev_capacity: MAX_TEST_SERVICES * 2 * MAGLEV_SIZE,
+            l4_csum,
         };
         let dp = match DataPlane::load(&opts) {
             Ok(dp) => dp,
@@ -1010,6 +1043,7 @@ impl PacketLab {
         dp.set_config(&Config {
             snat_port_min: *SNAT_PORTS.start(),
             snat_port_max: *SNAT_PORTS.end(),
+            hash_key: LAB_HASH_KEY,
             ..Config::with_defaults()
         })?;
         for a in [IpAddr::V4(SNAT_V4), IpAddr::V6(SNAT_V6)] {
@@ -1022,6 +1056,31 @@ impl PacketLab {
 
     pub fn dp(&self) -> &DataPlane {
         self.dp.as_ref().expect("data plane is loaded")
+    }
+
+    /// Changes CONFIG with `f`.
+    pub fn set_config(&mut self, f: impl FnOnce(&mut Config)) {
+        let mut c = self.dp().config().expect("reading CONFIG");
+        f(&mut c);
+        self.dp_mut().set_config(&c).expect("writing CONFIG");
+    }
+
+    /// Keeps the calling thread (and so every test run) on one CPU: the
+    /// flood guard counts new flows per CPU.
+    pub fn stay_on_one_cpu(&self) {
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+        // sched_setaffinity only touch the set we own.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+            assert_eq!(
+                rc,
+                0,
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 
     pub fn dp_mut(&mut self) -> &mut DataPlane {
@@ -1122,31 +1181,59 @@ impl PacketLab {
             .expect("writing BACKENDS");
     }
 
-    /// Runs one frame through the hook. `Err` is the syscall's (the kernel
+    /// Runs one frame through the hook, arriving on the interface of its
+    /// source's side (see the module). `Err` is the syscall's (the kernel
     /// refuses frames shorter than an Ethernet header, for instance).
     pub fn try_run(&mut self, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
-        self.try_run_ctx(hook, frame, None)
+        let back = view(frame).is_some_and(|v| is_back_side(v.ip.src));
+        let ingress = back.then_some(self.back_ifindex);
+        self.try_run_ctx(hook, frame, ingress)
+    }
+
+    /// [`Self::run_on`], with the syscall's error.
+    pub fn try_run_on(
+        &mut self,
+        hook: Hook,
+        ifindex: u32,
+        frame: &[u8],
+    ) -> Result<(u32, Vec<u8>), ProgramError> {
+        self.try_run_ctx(hook, frame, Some(ifindex))
+    }
+
+    /// Runs one frame arriving on `ifindex` (1: the loopback).
+    pub fn run_on(&mut self, hook: Hook, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_ctx(hook, frame, Some(ifindex))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "BPF_PROG_TEST_RUN ({hook:?} on ifindex {ifindex}) failed: {e}\n{}",
+                    hex(frame)
+                )
+            })
     }
 
     fn try_run_ctx(
         &mut self,
         hook: Hook,
         frame: &[u8],
-        xdp_ingress: Option<u32>,
+        ingress: Option<u32>,
     ) -> Result<(u32, Vec<u8>), ProgramError> {
         let mut out = vec![0u8; frame.len() + 512];
         let xdp_md: [u32; 6];
-        let ctx: Option<&[u8]> = match (hook, xdp_ingress) {
+        let mut tc_ctx = TC_CTX;
+        let ctx: Option<&[u8]> = match (hook, ingress) {
             // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
             // rx_queue_index, egress_ifindex }: data_end must equal the size.
-            (Hook::Xdp, Some(ifindex)) => {
+            (Hook::Xdp, Some(ifindex)) if ifindex != 1 => {
                 xdp_md = [0, frame.len() as u32, 0, ifindex, 0, 0];
                 Some(u32s_as_bytes(&xdp_md))
             }
-            (Hook::Xdp, None) => None,
-            // struct __sk_buff up to `ifindex`: ingress_ifindex (offset 36)
-            // = 1, the loopback the skb sits on, as it would be on ingress.
-            (Hook::Tc, _) => Some(&TC_CTX),
+            (Hook::Xdp, _) => None,
+            // struct __sk_buff up to `ifindex`: ingress_ifindex (offset 36),
+            // which the kernel copies into skb->skb_iif.
+            (Hook::Tc, i) => {
+                tc_ctx[36..40].copy_from_slice(&i.unwrap_or(1).to_le_bytes());
+                Some(&tc_ctx)
+            }
         };
         let opts = TestRunOptions {
             data_in: Some(frame),
@@ -1183,13 +1270,7 @@ impl PacketLab {
 
     /// XDP with the frame arriving on `ifindex` instead of the loopback.
     pub fn run_xdp_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run_ctx(Hook::Xdp, frame, Some(ifindex))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "BPF_PROG_TEST_RUN (XDP on ifindex {ifindex}) failed: {e}\n{}",
-                    hex(frame)
-                )
-            })
+        self.run_on(Hook::Xdp, ifindex, frame)
     }
 
     /// Packets per reason, indexed like `reason::NAMES`.
@@ -1209,18 +1290,48 @@ impl PacketLab {
             .expect("reading BACKEND_STATS")
     }
 
+    /// The entry for `key` in CONNS (established) or else UNANSWERED, the
+    /// order the data plane looks in.
     pub fn conn(&self, key: &FlowKey) -> Option<Conn> {
-        self.dp().conn(key).expect("reading CONNS")
+        match self.dp().conn(key).expect("reading CONNS") {
+            Some(c) => Some(c),
+            None => self.dp().unanswered_conn(key).expect("reading UNANSWERED"),
+        }
     }
 
-    /// Every connection entry, one per line (for failure messages).
+    /// Entries in both tables: (CONNS, UNANSWERED).
+    pub fn entries(&self) -> (usize, usize) {
+        (
+            self.dp().conns().expect("reading CONNS").len(),
+            self.dp()
+                .unanswered_conns()
+                .expect("reading UNANSWERED")
+                .len(),
+        )
+    }
+
+    /// Every event's count, indexed like `event::NAMES`.
+    pub fn events(&self) -> Vec<u64> {
+        self.dp().events().expect("reading EVENT_STATS")
+    }
+
+    /// Every connection entry of both tables, one per line (for failure
+    /// messages).
     pub fn dump_conns(&self) -> String {
         let mut s = String::new();
         for (k, c) in self.dp().conns().unwrap_or_default() {
-            let _ = writeln!(s, "  {} => {}", show_key(&k), show_conn(&c, k.family));
+            let _ = writeln!(s, "  CONNS {} => {}", show_key(&k), show_conn(&c, k.family));
+        }
+        for (k, c) in self.dp().unanswered_conns().unwrap_or_default() {
+            let _ = writeln!(
+                s,
+                "  UNANSWERED {} => {}",
+                show_key(&k),
+                show_conn(&c, k.family)
+            );
         }
         if s.is_empty() {
-            s.push_str("  (CONNS is empty)\n");
+            s.push_str("  (CONNS and UNANSWERED are empty)\n");
         }
         s
     }
@@ -1244,8 +1355,9 @@ fn u32s_as_bytes(v: &[u32; 6]) -> &[u8] {
 }
 
 /// `struct __sk_buff` up to and including `ifindex` (44 bytes): only
-/// `ingress_ifindex` (bytes 36..40) is set, to 1 (little-endian hosts).
-static TC_CTX: [u8; 44] = {
+/// `ingress_ifindex` (bytes 36..40) is set, to 1 (little-endian hosts);
+/// `try_run_ctx` sets it to the frame's interface.
+const TC_CTX: [u8; 44] = {
     let mut c = [0u8; 44];
     c[36] = 1;
     c
@@ -1327,7 +1439,7 @@ pub fn show_key(k: &FlowKey) -> String {
 
 pub fn show_conn(c: &Conn, family: u8) -> String {
     format!(
-        "src := {}:{}, dst := {}:{}, backend {}, service {}, flags {:#x}, tcp_state {}, last_seen {}, created {}",
+        "src := {}:{}, dst := {}:{}, backend {}, service {}, flags {:#x}, tcp_state {}, ifindex {}, seq {}, last_seen {}, created {}",
         show_addr(&c.new_src, family),
         u16::from_be(c.new_sport_be),
         show_addr(&c.new_dst, family),
@@ -1336,6 +1448,8 @@ pub fn show_conn(c: &Conn, family: u8) -> String {
         c.service,
         c.flags,
         c.tcp_state,
+        c.ifindex,
+        c.seq,
         c.last_seen_ns,
         c.created_ns
     )

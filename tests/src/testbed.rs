@@ -73,16 +73,18 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use lb_common::{reason, Conn, Counters, FlowKey, MAP_CONNS, MAP_REASON_STATS};
+use lb_common::{reason, Conn, Counters, FlowKey, MAP_CONNS, MAP_REASON_STATS, MAP_UNANSWERED};
 
 pub mod backend;
 pub mod client;
 pub mod dns;
+pub mod keepalive;
 pub mod many;
 
 pub use backend::{Backend, BackendStats, HTTP_PORT, UDP_PORT};
 pub use client::{Client, Load, LoadHandle, LoadReport, Outcome, SlowRequest};
 pub use dns::{Dns, DnsMode, DnsStats};
+pub use keepalive::{KeepAlive, KeepAliveReport, KeptRequest};
 pub use many::{many_task_addr, ManyTasks, MAX_MANY_TASKS};
 
 use crate::netns::{self, NetNs};
@@ -699,7 +701,15 @@ impl Testbed {
 
     /// A command for the `xdplb` binary that runs inside the `lb` namespace.
     fn xdplb_command(&self) -> Result<Command> {
-        let mut cmd = Command::new(xdplb_bin()?);
+        self.command_in_lb(&[xdplb_bin()?.into()])
+    }
+
+    /// `argv` (a program and its first arguments) as a command that runs
+    /// inside the `lb` namespace.
+    fn command_in_lb(&self, argv: &[std::ffi::OsString]) -> Result<Command> {
+        let (program, first) = argv.split_first().context("an empty command line")?;
+        let mut cmd = Command::new(program);
+        cmd.args(first);
         let ns = File::open(self.lb.path())
             .with_context(|| format!("opening {}", self.lb.path().display()))?;
         cmd.env("RUST_LOG", "info")
@@ -727,11 +737,34 @@ impl Testbed {
     /// Starts `xdplb run ARGS --pin-dir PIN_DIR` inside `lb`, with stdout and
     /// stderr in a log file. The daemon dies with the calling thread.
     pub fn start_daemon<S: AsRef<str>>(&self, args: &[S]) -> Result<Daemon> {
+        self.start_daemon_env(args, &[])
+    }
+
+    /// [`Self::start_daemon`] with extra environment variables (test knobs
+    /// such as `XDPLB_PRETEND_MISSING`).
+    pub fn start_daemon_env<S: AsRef<str>>(
+        &self,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        self.start_daemon_via(&[xdplb_bin()?.into()], args, env)
+    }
+
+    /// [`Self::start_daemon_env`] with another command line before `run`:
+    /// another binary (an upgrade), or a launcher that execs it in place,
+    /// such as `setpriv ... -- /path/to/xdplb`, so the pid is the daemon's.
+    pub fn start_daemon_via<S: AsRef<str>>(
+        &self,
+        argv: &[std::ffi::OsString],
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let n = self.daemons.fetch_add(1, Ordering::Relaxed);
         let log_path = self.dir.join(format!("daemon-{n}.log"));
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = self.xdplb_command()?;
+        let mut cmd = self.command_in_lb(argv)?;
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .args(args.iter().map(AsRef::as_ref))
             .arg("--pin-dir")
@@ -826,15 +859,22 @@ impl Testbed {
         Ok(out)
     }
 
-    /// The pinned connection table: forward and reverse entries.
+    /// The pinned connection tables (CONNS and UNANSWERED): forward and
+    /// reverse entries.
     pub fn conns(&self) -> Result<HashMap<FlowKey, Conn>> {
-        let path = self.pin_dir.join(MAP_CONNS);
-        let data =
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        let map: BpfHashMap<_, FlowKey, Conn> = BpfHashMap::try_from(Map::LruHashMap(data))?;
-        // Entries can vanish between reading a key and its value (LRU, a
-        // concurrent delete); skip those.
-        Ok(map.iter().filter_map(|kv| kv.ok()).collect())
+        let mut all = HashMap::new();
+        // Flows not established yet first: an entry moving to CONNS during
+        // the walk is then kept as the established one.
+        for name in [MAP_UNANSWERED, MAP_CONNS] {
+            let path = self.pin_dir.join(name);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            let map: BpfHashMap<_, FlowKey, Conn> = BpfHashMap::try_from(Map::LruHashMap(data))?;
+            // Entries can vanish between reading a key and its value (LRU, a
+            // concurrent delete); skip those.
+            all.extend(map.iter().filter_map(|kv| kv.ok()));
+        }
+        Ok(all)
     }
 
     /// Entries in the pinned connection table (two per flow).

@@ -57,8 +57,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use lb_common::{
-    hash::flow_hash, reason, Config, Service, ServiceKey, BACKEND_ACTIVE, MAP_MAGLEV, MAP_SERVICES,
-    PROTO_TCP,
+    reason, Config, Service, ServiceKey, BACKEND_ACTIVE, MAP_MAGLEV, MAP_SERVICES, PROTO_TCP,
 };
 use lb_user::maglev::{build_table, MaglevBackend};
 use tests::packet::*;
@@ -70,7 +69,8 @@ const BACKEND_PORT: u16 = 8080;
 /// candidates; the packet must match one of them.)
 const STAMPS: u64 = 5;
 const STAMP_WIDTH: u16 = 2000;
-/// TCP idle timeout for the test. Every packet opens a flow that never sends
+/// TCP idle timeout for the test, unanswered flows' too (every flow here is
+/// one: a SYN never answered). Every packet opens a flow that never sends
 /// again, so after this long its SNAT reservation is stale and its port free:
 /// only the last few hundred flows hold ports, spread over 2000-port stamp
 /// ranges. (With the default hour, CONNS fills and LRU eviction must free
@@ -384,6 +384,7 @@ fn run_plan(tag: &str, plan: Plan) -> Outcome {
     let mut lab = PacketLab::new(tag);
     let cfg = Config {
         tcp_timeout_ns: TCP_TIMEOUT.as_nanos() as u64,
+        unanswered_timeout_ns: TCP_TIMEOUT.as_nanos() as u64,
         ..lab.dp().config().expect("reading CONFIG")
     };
     lab.dp_mut().set_config(&cfg).expect("writing CONFIG");
@@ -602,7 +603,7 @@ fn hammer(
         *next_flow += 1;
         let frame = syn.build();
         let key = syn.flow_key();
-        let slot = (flow_hash(&key) % svc.val.maglev_size) as usize;
+        let slot = (lab_hash(&key) % svc.val.maglev_size) as usize;
 
         let published_before = gens.published.load(SeqCst);
         let (action, out) = lab.run(hook, &frame);

@@ -8,7 +8,13 @@
 //!   destination a backend of the service the input addressed (forward), the
 //!   client recorded for that SNAT port (reply), or the inner packet's
 //!   source (ICMP error), and every checksum that was valid still valid;
-//! - every run is counted under exactly one reason.
+//! - every run is counted under exactly one reason;
+//! - a frame from a backend-side address that arrives on the client side is
+//!   never forwarded (forged replies and ICMP errors change no flow).
+//!
+//! The flood guard is switched on and off as the run goes (`churn`), so
+//! new flows are made both ways; TCP flags include SYN+FIN, SYN+RST and
+//! none at all.
 //!
 //! `XDPLB_FUZZ_SEED=<n>` replays a run; `XDPLB_FUZZ_PACKETS=<n>` changes the
 //! XDP packet count (TC gets a fifth of it). Run as root:
@@ -175,6 +181,9 @@ fn flags(rng: &mut StdRng) -> u8 {
         TCP_FIN | TCP_ACK,
         TCP_RST,
         TCP_SYN | TCP_ACK,
+        TCP_SYN | TCP_FIN,
+        TCP_SYN | TCP_RST,
+        0,
     ]
     .choose(rng)
     .unwrap()
@@ -486,8 +495,10 @@ fn sock_of(ip: IpAddr, port: u16) -> SocketAddr {
 }
 
 /// Checks one run; `Err` says which invariant broke.
+#[expect(clippy::too_many_arguments, reason = "one call site; the run's state")]
 fn check(
     hook: Hook,
+    on_client_side: bool,
     input: &[u8],
     action: u32,
     out: &[u8],
@@ -604,6 +615,17 @@ fn check(
             ));
         }
     }
+    // A reply to a SNAT port, or an ICMP error about what we sent a
+    // backend, is accepted only from the backend side.
+    let snat = |ip: IpAddr| ip == IpAddr::from(SNAT_V4) || ip == IpAddr::from(SNAT_V6);
+    let reply = snat(i.ip.dst) && i.ports.is_some_and(|(_, d)| SNAT_PORTS.contains(&d));
+    let about_backend_leg = i.inner.as_ref().is_some_and(|(inner, _)| snat(inner.src));
+    if on_client_side && (reply || about_backend_leg) {
+        return Err(v(
+            "a reply or ICMP error forwarded though it arrived on the client side",
+            format!("{} -> {}", i.ip.src, i.ip.dst),
+        ));
+    }
     if hook == Hook::Tc && action == TC_ACT_REDIRECT && out[..12] != input[..12] {
         return Err("TC changed the Ethernet header (bpf_redirect_neigh writes it)".into());
     }
@@ -712,6 +734,10 @@ fn check(
 // ---- the run --------------------------------------------------------------------------------
 
 fn churn(lab: &mut PacketLab, model: &mut Model, round: u64) {
+    // The flood guard is on every other round (a low threshold: most new
+    // flows of the round meet it).
+    let limit = if round % 2 == 1 { 20 } else { 0 };
+    lab.set_config(|c| c.flood_new_flows_per_cpu = limit);
     // Backend 4 (10.1.0.14:8080 of the first service) cycles through its states.
     let state = [BACKEND_DRAINING, BACKEND_DOWN, BACKEND_ACTIVE][(round % 3) as usize];
     lab.set_backend_state(4, state);
@@ -773,7 +799,16 @@ fn fuzz_xdp_and_tc() {
                 f
             }
         };
-        let res = lab.try_run(hook, &frame);
+        // Now and then a frame from the backend side arrives on the client
+        // side, as a forged one would.
+        let on_client_side =
+            rng.gen_bool(0.05) && view(&frame).is_some_and(|v| is_back_side(v.ip.src));
+        let res = if on_client_side {
+            let front = lab.front_ifindex;
+            lab.try_run_on(hook, front, &frame)
+        } else {
+            lab.try_run(hook, &frame)
+        };
         let (action, out) = match res {
             Ok(r) => r,
             Err(_) if hook.kernel_may_refuse(&frame) => {
@@ -791,7 +826,16 @@ fn fuzz_xdp_and_tc() {
         }
         stats.runs += 1;
         *stats.by_action.entry((hook, action)).or_default() += 1;
-        if let Err(bad) = check(hook, &frame, action, &out, &mut model, &mut stats, &lab) {
+        if let Err(bad) = check(
+            hook,
+            on_client_side,
+            &frame,
+            action,
+            &out,
+            &mut model,
+            &mut stats,
+            &lab,
+        ) {
             let entry = violations.entry(bad.kind).or_insert_with(|| {
                 let example = format!(
                     "packet {n} ({hook:?}, action {}): {}\n      input:  {}\n{}      output: {}\n{}",
@@ -814,16 +858,12 @@ fn fuzz_xdp_and_tc() {
                 "seed {seed}, after packet {n}: {} runs but {counted} counted under reasons: {reasons:?}",
                 stats.runs
             );
-            let dropped: u64 = [
-                reason::DROP_NO_BACKEND,
-                reason::DROP_SNAT_EXHAUSTED,
-                reason::DROP_CONN_INSERT,
-                reason::DROP_FRAG_NEEDED,
-                reason::DROP_NO_ROUTE,
-            ]
-            .iter()
-            .map(|&r| reasons[r as usize])
-            .sum();
+            let dropped: u64 = reason::NAMES
+                .iter()
+                .zip(&reasons)
+                .filter(|(name, _)| name.starts_with("drop_"))
+                .map(|(_, n)| n)
+                .sum();
             assert_eq!(
                 dropped, stats.drops,
                 "seed {seed}, after packet {n}: {} drops seen, {dropped} counted under drop reasons",
@@ -852,6 +892,10 @@ fn fuzz_xdp_and_tc() {
     for (i, count) in reasons.iter().enumerate().filter(|(_, c)| **c > 0) {
         eprintln!("  {}: {count}", reason::NAMES[i]);
     }
+    let events = lab.events();
+    for (i, count) in events.iter().enumerate() {
+        eprintln!("  event {}: {count}", lb_common::event::NAMES[i]);
+    }
     if !violations.is_empty() {
         let mut report = String::new();
         for (kind, (count, example)) in &violations {
@@ -864,11 +908,24 @@ fn fuzz_xdp_and_tc() {
         reason::FWD_REDIRECT,
         reason::PASS_TRUNCATED,
         reason::PASS_NO_SERVICE,
+        reason::DROP_REPLY_WRONG_IFACE,
+        reason::DROP_FLOOD_GUARD,
+        reason::DROP_RST_NO_CONN,
     ] {
         assert!(
             reasons[r as usize] > 0,
             "seed {seed}: no packet took {}",
             reason::NAMES[r as usize]
+        );
+    }
+    for e in [
+        lb_common::event::ESTABLISHED,
+        lb_common::event::NON_SYN_MISS,
+    ] {
+        assert!(
+            events[e as usize] > 0,
+            "seed {seed}: no {} event",
+            lb_common::event::NAMES[e as usize]
         );
     }
     assert!(

@@ -103,7 +103,11 @@ struct Expected {
     active_service: BTreeMap<u32, u64>,
     active_backend: BTreeMap<u32, u64>,
     reasons: Vec<Counters>,
+    /// CONNS entries (established flows).
     entries: u64,
+    /// UNANSWERED entries (flows not established yet).
+    unanswered: u64,
+    established: u64,
     live_flows: u64,
 }
 
@@ -121,7 +125,7 @@ impl Expected {
         if new {
             *self.active_service.entry(service).or_default() += 1;
             *self.active_backend.entry(backend).or_default() += 1;
-            self.entries += 2;
+            self.unanswered += 2;
             self.live_flows += 1;
         }
     }
@@ -151,8 +155,9 @@ fn forward(lab: &mut PacketLab, frame: &[u8]) -> Vec<u8> {
 }
 
 /// A TCP and a UDP service, 12 TCP flows (5 with a second packet, one
-/// reply), 6 UDP flows, 3 packets to no service, 2 non-IP frames, and a
-/// stale UDP entry that must not count as live.
+/// reply and the client's ACK of it: established), 6 UDP flows, 3 packets
+/// to no service, 2 non-IP frames, and a stale UDP entry that must not
+/// count as live.
 fn drive(lab: &mut PacketLab) -> World {
     let tcp = lab.add_service(
         sock(VIP_V4, 80),
@@ -179,7 +184,7 @@ fn drive(lab: &mut PacketLab) -> World {
         if i < 5 {
             let p = Pkt {
                 payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-                ..p.with_flags(TCP_ACK | TCP_PSH)
+                ..p.clone().with_flags(TCP_ACK | TCP_PSH)
             };
             let frame = p.build();
             forward(lab, &frame);
@@ -195,6 +200,17 @@ fn drive(lab: &mut PacketLab) -> World {
             let frame = reply.build();
             forward(lab, &frame);
             exp.forwarded(tcp.id(), c.backend, frame.len(), false);
+            // The client acknowledges the SYN-ACK (ISN 1000): established.
+            let frame = p
+                .clone()
+                .with_flags(TCP_ACK)
+                .with_seq_ack(1001, 1001)
+                .build();
+            forward(lab, &frame);
+            exp.forwarded(tcp.id(), c.backend, frame.len(), false);
+            exp.unanswered -= 2;
+            exp.entries += 2;
+            exp.established += 1;
         }
     }
     for i in 0..6u16 {
@@ -356,6 +372,20 @@ fn check_stats(v: &Value, w: &World) {
         w.exp.live_flows,
         "{}",
         ctx("live flows")
+    );
+    assert_eq!(
+        num(&ct["unanswered"]["entries"], "unanswered entries"),
+        w.exp.unanswered,
+        "{}",
+        ctx("unanswered entries")
+    );
+    let events = v["events"].as_array().expect("events");
+    assert_eq!(events.len(), lb_common::event::COUNT as usize);
+    assert_eq!(
+        events[lb_common::event::ESTABLISHED as usize],
+        serde_json::json!({"name": "established", "count": w.exp.established, "per_sec": null}),
+        "{}",
+        ctx("events")
     );
 }
 
@@ -660,7 +690,7 @@ fn explain_names_the_backend_the_data_plane_picks() {
     for want in [
         "skipped: down, not active".to_string(),
         format!("forward to backend #{chosen}"),
-        format!("flow_hash = {}", lb_common::hash::flow_hash(&bkey)),
+        format!("flow_hash = {}", lab_hash(&bkey)),
     ] {
         assert!(text.contains(&want), "missing {want:?} in:\n{text}");
     }
@@ -730,8 +760,9 @@ fn metrics_endpoint_parses_and_matches_the_maps() {
                     .unwrap_or("")
                     .to_string();
                 assert_eq!(r.status(), 200, "GET {url}");
+                // reqwest sends `Accept: */*`: the classic text format.
                 assert!(
-                    ct.starts_with("application/openmetrics-text"),
+                    ct.starts_with("text/plain; version=0.0.4"),
                     "content type {ct}"
                 );
                 got = Some(r.text().await.unwrap());
@@ -766,16 +797,17 @@ fn metrics_endpoint_parses_and_matches_the_maps() {
         );
         hits[0]
     };
+    // Classic text: a counter's HELP names it with `_total`.
     for family in [
-        "xdplb_service_packets",
-        "xdplb_service_bytes",
-        "xdplb_service_new_connections",
-        "xdplb_backend_packets",
-        "xdplb_backend_bytes",
-        "xdplb_backend_new_connections",
+        "xdplb_service_packets_total",
+        "xdplb_service_bytes_total",
+        "xdplb_service_new_connections_total",
+        "xdplb_backend_packets_total",
+        "xdplb_backend_bytes_total",
+        "xdplb_backend_new_connections_total",
         "xdplb_backend_state",
         "xdplb_backend_active_connections",
-        "xdplb_packets",
+        "xdplb_packets_total",
         "xdplb_conntrack_entries",
         "xdplb_conntrack_capacity",
     ] {
@@ -838,6 +870,14 @@ fn metrics_endpoint_parses_and_matches_the_maps() {
         );
     }
     assert_eq!(get("xdplb_conntrack_entries", &[]), w.exp.entries as f64);
+    assert_eq!(
+        get("xdplb_conntrack_unanswered_entries", &[]),
+        w.exp.unanswered as f64
+    );
+    assert_eq!(
+        get("xdplb_events_total", &[("event", "established")]),
+        w.exp.established as f64
+    );
     assert_eq!(get("xdplb_conntrack_capacity", &[]), 65536.0);
     let excerpt: Vec<&str> = body
         .lines()
@@ -895,6 +935,6 @@ fn no_pins_wrong_pin_dir_and_abi_mismatch_exit_nonzero_with_one_line() {
     let pin = lab.pin_dir().to_str().unwrap().to_string();
     fails_with_one_line(
         &["stats", "--pin-dir", &pin],
-        "have ABI version 999, this xdplb reads version 1",
+        "have ABI version 999, this xdplb reads version 2",
     );
 }

@@ -7,9 +7,11 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod dist;
 mod setup;
 mod swarm;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -37,7 +39,9 @@ enum Verb {
     ///
     /// Checks, and installs only what is missing:
     ///   - Debian packages (apt-get; root): build-essential iproute2 ethtool bpftool
-    ///     iputils-ping curl tcpdump
+    ///     iputils-ping curl tcpdump qemu-system-x86 busybox-static dnsmasq-base procps
+    ///   - the VM layer's kernel (newest linux-image-6.1.0-*-cloud-amd64-unsigned,
+    ///     apt-get download) and base initramfs, cached in ~/.cache/xdplb/vm
     ///   - the nightly toolchain with rust-src, clippy, rustfmt (rustup)
     ///   - clippy on the toolchain cargo xtask runs on (stable by default)
     ///   - bpf-linker 0.13.0 built against nightly's own LLVM (about two minutes,
@@ -94,19 +98,51 @@ enum Verb {
     #[command(verbatim_doc_comment)]
     Build,
 
-    /// Run every check CI runs: fmt, unit, packet, (swarm), clippy. Needs root.
+    /// Release artifacts in target/dist/: a tarball, a Debian package, a container image.
+    ///
+    /// Runs `cargo build --release --package lb-user` (the build `bench` uses
+    /// too), strips the debug info, and makes from that binary:
+    ///   xdplb-VERSION-x86_64-linux-gnu.tar.gz  the binary, the systemd unit
+    ///       (dist/xdplb.service), the example config, man pages, completions
+    ///   xdplb_VERSION_amd64.deb   the same files in their Debian places
+    ///       (dpkg-deb --build; Depends from dpkg-shlibdeps)
+    ///   xdplb-VERSION-rootfs.tar  the image's root file system (the binary and
+    ///       the libraries ldd lists); imported as xdplb:VERSION and
+    ///       xdplb:latest with `docker import` when an engine answers
+    ///   SHA256SUMS
+    /// Man pages and completions come from the binary (`xdplb generate`).
+    /// --check then installs the .deb into a scratch root (dpkg --root as
+    /// root, else dpkg -x), runs it, looks for the man pages and completions,
+    /// runs `systemd-analyze verify` on the unit, lists the tarball, and runs
+    /// `docker run xdplb:VERSION --help`; `cargo xtask test` does the same.
+    ///
+    /// Example:
+    ///   cargo xtask dist --check
+    ///   sudo dpkg -i target/dist/xdplb_*.deb
+    #[command(verbatim_doc_comment)]
+    Dist {
+        /// Install the .deb into a scratch root and check every artifact.
+        #[arg(long)]
+        check: bool,
+    },
+
+    /// Run every check CI runs: fmt, unit, packet, VM, (swarm), clippy. Needs root.
     ///
     /// Layers, in order; all run even if one fails, then a summary is printed:
     ///   1. cargo +nightly fmt --all -- --check
     ///   2. unit tests, no root:  cargo test --workspace --exclude lb-ebpf --exclude tests
-    ///   3. packet and namespace tests, root:  cargo test --package tests -- --test-threads=1
-    ///   4. swarm end-to-end:     `swarm-e2e` when `docker info` answers, else skipped
-    ///   5. cargo clippy --workspace --exclude lb-ebpf --all-targets -- -D warnings
-    ///   6. cargo +nightly clippy --package lb-ebpf --target bpfel-unknown-none ...
+    ///   3. dist: `cargo xtask dist --check` (release build, tarball, .deb, image)
+    ///   4. packet and namespace tests, root:  cargo test --package tests -- --test-threads=1
+    ///      (the upgrade test starts the .deb's binary over the debug one)
+    ///   5. VM (Debian 12 kernel 6.1): `vm-test`, packet tests and the daemon under qemu
+    ///   6. swarm end-to-end:     `swarm-e2e` when `docker info` answers, else skipped
+    ///   7. cargo clippy --workspace --exclude lb-ebpf --all-targets -- -D warnings
+    ///   8. cargo +nightly clippy --package lb-ebpf --target bpfel-unknown-none ...
     ///
     /// Runs `setup` first (only the toolchain part when not root; the packet
-    /// layer then fails with a message saying root is needed). Everything uses
-    /// the dev profile so layers share builds. Exit status non-zero if any layer
+    /// layer then fails with a message saying root is needed). Everything but
+    /// dist (and swarm, which uses dist's image) uses the dev profile so layers
+    /// share builds. Exit status non-zero if any layer
     /// failed. This is exactly what .ci/run runs.
     ///
     /// Example:
@@ -114,6 +150,43 @@ enum Verb {
     ///   AYA_BUILD_SKIP=1 cargo test -p lb-user   # pure-logic unit tests only, fast
     #[command(verbatim_doc_comment)]
     Test,
+
+    /// The tests on Debian 12's kernel 6.1 (or another Debian kernel) in a qemu VM.
+    ///
+    /// Boots the newest `linux-image-6.1.0-*-cloud-amd64-unsigned` under qemu's
+    /// software emulation (-accel tcg -cpu max -smp 2 -m 2G; /dev/kvm here hangs
+    /// stock kernels) and runs inside, each step under its own time limit:
+    ///   e2e_daemon  the testbed's `basic` scenario, TC and XDP (IPv4), real daemon
+    ///   smoke       IPv4 and IPv6 services through the real daemon, TC and XDP
+    ///   packet      every BPF_PROG_TEST_RUN packet test
+    ///   fuzz        the random-packet run, shortened to 20,000 + 4,000 packets
+    /// The kernel package is downloaded once (`apt-get download`, `dpkg-deb -x`)
+    /// into ~/.cache/xdplb/vm/, with a base initramfs (busybox, iproute2, ethtool,
+    /// curl, dnsmasq, the modules veth, bridge, sch_ingress, cls_bpf, act_bpf);
+    /// each run adds the freshly built test binaries and xdplb. Results come back
+    /// over the serial console (target/vm/console.log). Prints a summary per step
+    /// with the kernel `uname -r` saw; exit status non-zero if any step failed.
+    /// About 8 minutes on 2 cores. No root needed. `cargo xtask test` runs it as
+    /// the layer "VM (Debian 12 kernel 6.1)".
+    ///
+    /// Example:
+    ///   cargo xtask vm-test
+    ///   cargo xtask vm-test --only smoke,e2e_daemon
+    ///   cargo xtask vm-test --kernel linux-image-6.1.0-40-cloud-amd64-unsigned
+    ///   cargo xtask vm-test --kernel ./linux-image-6.12.38+deb13-cloud-amd64-unsigned_6.12.38-1_amd64.deb
+    #[command(verbatim_doc_comment)]
+    VmTest {
+        /// A Debian kernel package name (apt-get download) or a .deb file.
+        /// Default: the newest linux-image-6.1.0-*-cloud-amd64-unsigned apt knows.
+        #[arg(long, value_name = "PACKAGE_OR_DEB")]
+        kernel: Option<String>,
+        /// Hard limit for the VM (boot, every step, power-off); qemu is killed after it.
+        #[arg(long, value_name = "SECS", default_value_t = vm::DEFAULT_TIMEOUT_SECS)]
+        timeout: u64,
+        /// Run only these steps (comma-separated): e2e_daemon, smoke, packet, fuzz.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
 
     /// Benchmark xdplb beside its baselines and beside HAProxy. Needs root.
     ///
@@ -169,8 +242,9 @@ enum Verb {
     /// xdplb beside a real `--endpoint-mode dnsrr` service on Docker Swarm, under load.
     ///
     /// Needs a Docker engine (root or the docker group); no registry: builds
-    /// xdplb-e2e/xdplb:dev (target/debug/xdplb) and xdplb-e2e/nginx:dev (Debian's
-    /// nginx package) with `docker import`. Then:
+    /// xdplb-e2e/xdplb:dev (the image `dist` ships: its rootfs, from the release
+    /// build) and xdplb-e2e/nginx:dev (Debian's nginx package) with `docker
+    /// import`. Then:
     ///   - `docker swarm init` unless this node is a manager already, an
     ///     attachable overlay network `xdplb-e2e`, a config from docs/swarm/xdplb.toml
     ///   - `web`: 10 replicas, --endpoint-mode dnsrr; `xdplb`: --mode global,
@@ -213,7 +287,17 @@ fn dispatch(verb: Verb) -> Result<()> {
         Verb::Setup { force } => setup::ensure(setup::Scope::Full, force, setup::Report::Each),
         Verb::BuildEbpf { release } => build::build_ebpf(release).map(drop),
         Verb::Build => build::build(),
+        Verb::Dist { check } => dist::dist_verb(check),
         Verb::Test => test::test(),
+        Verb::VmTest {
+            kernel,
+            timeout,
+            only,
+        } => vm::vm_test(&vm::Options {
+            kernel,
+            timeout: std::time::Duration::from_secs(timeout),
+            only,
+        }),
         Verb::Bench { quick, args } => bench::bench(quick, &args),
         Verb::Demo { keep, xdp } => demo::demo(keep, xdp),
         Verb::SwarmE2e { keep } => swarm::swarm_e2e(keep),

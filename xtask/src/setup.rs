@@ -42,6 +42,22 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "reachability checks in the testbed"),
     ("curl", "HTTP requests through the balancer"),
     ("tcpdump", "watching testbed traffic when a test fails"),
+    (
+        "qemu-system-x86",
+        "the VM layer boots Debian 12's kernel 6.1 under qemu (vm-test)",
+    ),
+    (
+        "busybox-static",
+        "the VM's shell, mount, insmod, httpd (vm-test initramfs)",
+    ),
+    (
+        "dnsmasq-base",
+        "AAAA records for the VM's IPv6 smoke through the daemon",
+    ),
+    (
+        "procps",
+        "sysctl, copied into the VM with iproute2 and ethtool",
+    ),
 ];
 
 /// Debian packages only `cargo xtask bench` uses (the end-to-end comparison
@@ -134,6 +150,7 @@ pub fn ensure(scope: Scope, force: bool, report: Report) -> Result<()> {
     }
     host_components(&mut run)?;
     if scope == Scope::Full {
+        vm_cache(&mut run);
         bpffs(&mut run, root)?;
         if root {
             run.ok("running as root (the packet and end-to-end tests load BPF programs)");
@@ -575,6 +592,29 @@ fn bpf_linker(run: &mut Run, nightly: &Nightly, force: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- VM layer
+
+/// The kernel package and the base initramfs of `cargo xtask vm-test`, in
+/// ~/.cache/xdplb/vm (a download of about 27 MB, once). When another verb
+/// runs setup first (`test`), a failure here is a warning only: the VM layer
+/// then fails and says why, and the other layers still run.
+fn vm_cache(run: &mut Run) {
+    match crate::vm::prepare_cache(None) {
+        Ok((line, fetched)) => {
+            if fetched {
+                run.fixing(&line);
+                run.installed.push("vm:kernel+initramfs".into());
+            } else {
+                run.ok(&line);
+            }
+        }
+        Err(e) if run.report == Report::Each => {
+            run.problem(format!("VM kernel and initramfs (vm-test): {e:#}"))
+        }
+        Err(e) => println!("  warning  VM kernel and initramfs (vm-test): {e:#}"),
+    }
 }
 
 // ---------------------------------------------------------------- bpffs

@@ -2,8 +2,9 @@
 //! service on a real Docker engine in swarm mode, under client load.
 //!
 //! What it does, in order (every command is printed):
-//! 1. builds the daemon (`cargo build -p lb-user`) and two images without a
-//!    registry (see `images`): the daemon, and nginx from Debian's package;
+//! 1. builds the daemon (`cargo build --release -p lb-user`) and two images
+//!    without a registry (see `images`): the daemon's from the root file
+//!    system `cargo xtask dist` ships, and nginx from Debian's package;
 //! 2. asks the engine which capabilities it can grant: `BPF PERFMON
 //!    NET_ADMIN` where it knows them (Engine 23.0+), else `SYS_ADMIN`;
 //! 3. `docker swarm init` unless this node is already a manager, an
@@ -29,7 +30,7 @@
 //! (dockerd: "Could not get ipvs family information from the kernel").
 
 mod daemon;
-mod docker;
+pub(crate) mod docker;
 mod images;
 mod load;
 mod scenarios;
@@ -52,7 +53,7 @@ use self::{
 };
 use crate::{
     build::target_dir,
-    cmd::{cargo, run, workspace_root},
+    cmd::workspace_root,
     setup::{self, Report, Scope},
 };
 
@@ -81,10 +82,9 @@ pub fn swarm_e2e(keep: bool) -> Result<()> {
     let engine = docker::engine().map_err(|why| anyhow!("no Docker engine to test on: {why}"))?;
     println!("Docker Engine {}, swarm {}", engine.version, engine.swarm);
     setup::ensure(Scope::Toolchain, false, Report::Summary)?;
-    run(cargo().args(["build", "--package", "lb-user"]))?;
-    let xdplb = target_dir().join("debug").join("xdplb");
     let work = target_dir().join("swarm-e2e");
-    fs::create_dir_all(&work)?;
+    let xdplb = work.join("xdplb-rootfs.tar");
+    crate::dist::release_rootfs(&work, &xdplb)?;
 
     let mut bed = Testbed {
         work: work.clone(),
@@ -124,6 +124,7 @@ struct Testbed {
 }
 
 impl Testbed {
+    /// `xdplb`: the daemon image's root file system (`dist::image_rootfs`).
     fn run(&mut self, engine: &docker::Engine, xdplb: &Path) -> Result<Vec<Scenario>> {
         self.clear_leftovers(engine)?;
         images::build(&self.work, xdplb)?;

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: every check CI runs, in one command.
 //!
-//! Order: formatting (instant), unit tests (no root), packet tests (root),
-//! swarm end-to-end (when a Docker engine answers), then clippy. Every layer
+//! Order: formatting (instant), unit tests (no root), the release artifacts
+//! (`dist.rs`: built, installed into a scratch root, checked), packet tests (root),
+//! the VM layer (Debian 12's kernel 6.1 under qemu, `vm.rs`), swarm
+//! end-to-end (when a Docker engine answers), then clippy. Every layer
 //! runs even when an earlier one failed, so one run shows everything that is
 //! wrong; the summary at the end says which layers ran and how they went.
 //!
@@ -9,7 +11,8 @@
 //! share their artifacts (the eBPF object inside is always `--release`, built
 //! once by aya-build). Clippy compiles workspace crates again through
 //! clippy-driver; for that check-only build `AYA_BUILD_SKIP=1` saves a second
-//! eBPF build (the lints do not need the object's bytes).
+//! eBPF build (the lints do not need the object's bytes). The dist layer
+//! builds `--release`, as `bench` does, and swarm end-to-end reuses it.
 
 use std::time::Instant;
 
@@ -18,8 +21,9 @@ use anyhow::{bail, Result};
 use crate::{
     build::{ebpf_rustflags, BPF_TARGET},
     cmd::{cargo, is_root, nightly_cargo, status},
+    dist,
     setup::{self, Report, Scope},
-    swarm,
+    swarm, vm,
 };
 
 enum Outcome {
@@ -85,6 +89,15 @@ pub fn test() -> Result<()> {
         Ok(passed_if(ok, "unit tests"))
     }));
 
+    // Release artifacts, installed and checked (dist.rs). Before the packet
+    // layer: its upgrade test then upgrades the debug daemon to the .deb's.
+    let mut packaged = None;
+    layers.push(timed("dist: tarball, .deb, image", || {
+        let checked = dist::check(&dist::build()?)?;
+        packaged = Some(checked.installed_xdplb);
+        Ok(Outcome::Passed)
+    }));
+
     layers.push(timed(
         "packet + namespace tests (root, tests crate)",
         || {
@@ -96,12 +109,27 @@ pub fn test() -> Result<()> {
                 ));
             }
             // One at a time: the tests share pinned paths and namespace names.
-            let ok =
-                status(cargo().args(["test", "--package", "tests", "--", "--test-threads=1"]))?
-                    .success();
+            let mut cmd = cargo();
+            if let Some(xdplb) = &packaged {
+                cmd.env("XDPLB_UPGRADE_BIN", xdplb);
+            }
+            let ok = status(cmd.args(["test", "--package", "tests", "--", "--test-threads=1"]))?
+                .success();
             Ok(passed_if(ok, "tests crate"))
         },
     ));
+
+    // Debian 12's kernel in qemu (TCG): the packet tests and the daemon end
+    // to end on 6.1. No root needed; about 8 minutes, hard limit 13.
+    layers.push(timed("VM (Debian 12 kernel 6.1)", || {
+        let report = vm::run(&vm::Options::default())?;
+        report.print();
+        Ok(if report.passed() {
+            Outcome::Passed
+        } else {
+            Outcome::Failed(report.failure_line())
+        })
+    }));
 
     // Runs whenever an engine answers; without one, one line says why.
     layers.push(timed("swarm end-to-end", || match swarm::engine_status() {

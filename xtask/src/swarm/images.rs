@@ -2,8 +2,9 @@
 //! a binary, the shared libraries `ldd` lists for it, and a few /etc files,
 //! then `docker import`ed. No base image, no Dockerfile, nothing pulled.
 //!
-//! - `xdplb-e2e/xdplb:dev`: the daemon from `target/debug` (debug info
-//!   stripped: 130 MB -> 30 MB), glibc, libgcc_s, libm.
+//! - `xdplb-e2e/xdplb:dev`: the image `cargo xtask dist` ships (its root
+//!   file system, made by the same code from the release build: the daemon,
+//!   glibc, libgcc_s, libm), imported under this tag.
 //! - `xdplb-e2e/nginx:dev`: nginx from Debian's own `nginx` package
 //!   (`apt-get download`, unpacked with `dpkg-deb -x`, never installed on the
 //!   host, where it would start a server on port 80), its libraries, and a
@@ -16,10 +17,12 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use super::docker::{docker, out};
-use crate::cmd::{run, trace};
+use crate::{
+    cmd::run,
+    dist::{copy_libraries, docker_import, fresh_dir, import_tar, tar_tree},
+};
 
 pub const XDPLB_IMAGE: &str = "xdplb-e2e/xdplb:dev";
 pub const NGINX_IMAGE: &str = "xdplb-e2e/nginx:dev";
@@ -43,31 +46,11 @@ http {
 }
 "#;
 
-/// Builds both images from the daemon binary `xdplb`; `work` holds the
-/// staging trees and caches the nginx package.
-pub fn build(work: &Path, xdplb: &Path) -> Result<()> {
-    let rootfs = fresh_dir(&work.join("rootfs-xdplb"))?;
-    let bin = rootfs.join("usr/local/bin");
-    fs::create_dir_all(&bin)?;
-    // Debug info is most of the binary and no use inside the image.
-    run(Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(xdplb)
-        .arg(bin.join("xdplb")))?;
-    copy_libraries(xdplb, &rootfs)?;
-    // /run/xdplb holds the instance lock and the status file; /tmp for luck.
-    for dir in ["run", "tmp"] {
-        fs::create_dir_all(rootfs.join(dir))?;
-    }
-    fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    import(
-        &rootfs,
-        XDPLB_IMAGE,
-        &[
-            r#"ENTRYPOINT ["/usr/local/bin/xdplb"]"#,
-            "ENV RUST_LOG=info",
-        ],
-    )?;
+/// Builds both images: the daemon's from `xdplb_rootfs` (made by
+/// `dist::image_rootfs`); `work` holds nginx's staging tree and caches its
+/// package.
+pub fn build(work: &Path, xdplb_rootfs: &Path) -> Result<()> {
+    docker_import(xdplb_rootfs, XDPLB_IMAGE, &[label()])?;
 
     let deb = nginx_package(work)?;
     let unpacked = fresh_dir(&work.join("nginx-deb"))?;
@@ -109,14 +92,6 @@ pub fn build(work: &Path, xdplb: &Path) -> Result<()> {
     )
 }
 
-fn fresh_dir(dir: &Path) -> Result<PathBuf> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir.to_path_buf())
-}
-
 /// Debian's nginx package, downloaded once into `work` (`apt-get download`
 /// fetches the .deb for this release without installing anything).
 fn nginx_package(work: &Path) -> Result<PathBuf> {
@@ -148,96 +123,18 @@ fn nginx_package(work: &Path) -> Result<PathBuf> {
     find()?.context("apt-get download nginx succeeded but left no nginx_*.deb")
 }
 
-/// Copies every library `ldd` lists for `binary` (and the dynamic loader)
-/// into `rootfs` at the same path.
-fn copy_libraries(binary: &Path, rootfs: &Path) -> Result<()> {
-    let mut cmd = Command::new("ldd");
-    cmd.arg(binary);
-    trace(&cmd);
-    let output = cmd.output().context("running ldd")?;
-    let listing = String::from_utf8_lossy(&output.stdout);
-    if listing.contains("not a dynamic executable") || listing.contains("statically linked") {
-        return Ok(());
-    }
-    if !output.status.success() {
-        bail!(
-            "ldd {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let missing: Vec<&str> = listing
-        .lines()
-        .filter(|l| l.contains("not found"))
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "{} needs libraries this host lacks: {}",
-            binary.display(),
-            missing.join("; ")
-        );
-    }
-    for lib in library_paths(&listing) {
-        let dest = rootfs.join(lib.trim_start_matches('/'));
-        fs::create_dir_all(dest.parent().expect("a library path has a directory"))?;
-        // fs::copy follows symlinks: the soname path gets the real file.
-        fs::copy(lib, &dest).with_context(|| format!("copying {lib}"))?;
-    }
-    Ok(())
+/// `LABEL xdplb-e2e=1`: what cleanup and leftover detection look for.
+fn label() -> String {
+    format!("LABEL {}=1", super::LABEL)
 }
 
-/// The absolute paths in `ldd` output: `libc.so.6 => /lib/.../libc.so.6 (0x..)`
-/// and the loader's own `/lib64/ld-linux-x86-64.so.2 (0x..)`.
-fn library_paths(ldd: &str) -> Vec<&str> {
-    ldd.lines()
-        .filter_map(|line| {
-            let after = line.split_once("=>").map_or(line, |(_, a)| a);
-            after
-                .split_whitespace()
-                .next()
-                .filter(|p| p.starts_with('/'))
-        })
-        .collect()
-}
-
-/// `tar` the tree (owned by root, whoever runs this) and `docker import` it.
+/// `tar` the tree and `docker import` it, labelled as ours.
 fn import(rootfs: &Path, image: &str, changes: &[&str]) -> Result<()> {
     let tar = rootfs.with_extension("tar");
-    run(Command::new("tar")
-        .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
-        .arg(rootfs)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."))?;
-    let mut args = vec!["import".to_string()];
-    for change in changes {
-        args.push("--change".into());
-        args.push((*change).into());
-    }
-    args.push("--change".into());
-    args.push(format!("LABEL {}=1", super::LABEL));
-    args.push(tar.to_string_lossy().into_owned());
-    args.push(image.into());
-    out(docker(args))?;
+    tar_tree(rootfs, &tar)?;
+    let mut changes: Vec<String> = changes.iter().map(|c| (*c).to_string()).collect();
+    changes.push(label());
+    import_tar(&tar, image, &changes)?;
     fs::remove_file(&tar).ok();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn library_paths_come_from_both_kinds_of_ldd_line() {
-        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f08)\n\
-                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f08)\n";
-        assert_eq!(
-            library_paths(ldd),
-            [
-                "/lib/x86_64-linux-gnu/libc.so.6",
-                "/lib64/ld-linux-x86-64.so.2"
-            ]
-        );
-    }
 }

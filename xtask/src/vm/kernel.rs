@@ -113,7 +113,10 @@ pub fn ensure(spec: Option<&str>) -> Result<Kernel> {
     if is_unpacked(&dir) {
         return open(&package, &version, &dir, false);
     }
-    println!("vm: downloading {package} {version} (once; cached in {})", dir.display());
+    println!(
+        "vm: downloading {package} {version} (once; cached in {})",
+        dir.display()
+    );
     let download = kernels.join(".download");
     let _ = fs::remove_dir_all(&download);
     fs::create_dir_all(&download)?;
@@ -144,10 +147,18 @@ fn is_unpacked(dir: &Path) -> bool {
 
 /// `dpkg-deb -x` into a scratch directory, renamed into place when complete.
 fn unpack(deb: &Path, dir: &Path) -> Result<()> {
-    let scratch = dir.with_extension("partial");
+    let mut scratch = dir.as_os_str().to_owned();
+    scratch.push(".partial");
+    let scratch = PathBuf::from(scratch);
     let _ = fs::remove_dir_all(&scratch);
     let _ = fs::remove_dir_all(dir);
-    cmd::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(scratch.join("root")))?;
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    cmd::run(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(scratch.join("root")),
+    )?;
     fs::write(
         scratch.join(".complete"),
         format!("unpacked from {}\n", deb.display()),
@@ -160,7 +171,12 @@ fn open(package: &str, version: &str, dir: &Path, downloaded: bool) -> Result<Ke
     let root = dir.join("root");
     let boot = root.join("boot");
     let vmlinuz = fs::read_dir(&boot)
-        .with_context(|| format!("listing {} (is this a linux-image package?)", boot.display()))?
+        .with_context(|| {
+            format!(
+                "listing {} (is this a linux-image package?)",
+                boot.display()
+            )
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name()

@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{Conn, FlowKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 use tests::packet::{
-    backend_v4, backend_v6, Hook, PacketLab, Pkt, BACK_MAC, CLIENT_V4, CLIENT_V6, FRONT_MAC,
-    SNAT_PORTS, TCP_ACK, TCP_SYN, VIP_V4, VIP_V6,
+    backend_v4, backend_v6, is_back_side, view, Hook, PacketLab, Pkt, BACK_MAC, CLIENT_V4,
+    CLIENT_V6, FRONT_MAC, SNAT_PORTS, TCP_ACK, TCP_SYN, VIP_V4, VIP_V6,
 };
 
 /// Medians of one measured case.
@@ -32,11 +32,32 @@ const TC_CTX: [u8; 44] = {
     c
 };
 
+/// A frame from a back-side address (a backend's reply) arrives on `back`:
+/// the data plane takes a backend's packets only on the interface the flow's
+/// backend is reached by. Others arrive on the loopback.
 fn run_once(lab: &mut PacketLab, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, u64)> {
+    let back = view(frame).is_some_and(|v| is_back_side(v.ip.src));
+    let mut tc_ctx = TC_CTX;
+    let xdp_md: [u8; 24];
+    if back {
+        tc_ctx[36..40].copy_from_slice(&lab.back_ifindex.to_le_bytes());
+    }
+    let ctx_in = match hook {
+        Hook::Tc => Some(&tc_ctx[..]),
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, .. }.
+        Hook::Xdp if back => {
+            let mut md = [0u8; 24];
+            md[4..8].copy_from_slice(&(frame.len() as u32).to_le_bytes());
+            md[12..16].copy_from_slice(&lab.back_ifindex.to_le_bytes());
+            xdp_md = md;
+            Some(&xdp_md[..])
+        }
+        Hook::Xdp => None,
+    };
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(out),
-        ctx_in: (hook == Hook::Tc).then_some(&TC_CTX[..]),
+        ctx_in,
         repeat: 1,
         ..Default::default()
     };
@@ -161,6 +182,36 @@ fn addr_of(bytes: &[u8; 16], family: u8) -> IpAddr {
     }
 }
 
+/// Every flow of the lab must be established (in CONNS) before a case that
+/// measures one.
+fn established(lab: &PacketLab) -> Result<()> {
+    let (conns, unanswered) = lab.entries();
+    if unanswered != 0 || conns == 0 {
+        anyhow::bail!(
+            "the measured flows are not established ({conns} entries in CONNS, {unanswered} in \
+             UNANSWERED):\n{}",
+            lab.dump_conns()
+        );
+    }
+    Ok(())
+}
+
+/// The backend's UDP answer to a flow, addressed to its SNAT pair.
+fn udp_reply_frame(lab: &PacketLab, key: &FlowKey) -> Result<Vec<u8>> {
+    let conn = lab.conn(key).context("the flow was not created")?;
+    let backend = SocketAddr::new(
+        addr_of(&conn.new_dst, key.family),
+        u16::from_be(conn.new_dport_be),
+    );
+    let snat = SocketAddr::new(
+        addr_of(&conn.new_src, key.family),
+        u16::from_be(conn.new_sport_be),
+    );
+    Ok(Pkt::udp(backend, snat, b"0123456789abcdef")
+        .with_eth(BACK_MAC, BACK_MAC)
+        .build())
+}
+
 /// The backend's answer to an established flow, addressed to its SNAT pair.
 fn reply_frame(lab: &PacketLab, key: &FlowKey) -> Result<Vec<u8>> {
     let conn = lab.conn(key).context("the flow was not created")?;
@@ -266,8 +317,11 @@ pub fn per_packet(
     let other4 = eth(Pkt::tcp(c4, SocketAddr::new(VIP_V4.into(), 81), TCP_ACK));
     let other6 = eth(Pkt::tcp(c6, SocketAddr::new(VIP_V6.into(), 81), TCP_ACK));
 
-    // Establish the flows (a SYN, or the first datagram), then learn the
-    // reply tuples.
+    // Establish the flows (a SYN, or the first datagram), learn the reply
+    // tuples, and have the backend answer: a TCP flow is established by the
+    // backend's first segment without SYN, a UDP flow by the client's
+    // datagram after the backend's answer. Every case then measures the
+    // established path (CONNS), as traffic that lasts takes it.
     let mut out = vec![0u8; 2048];
     for f in [
         eth(Pkt::tcp(c4, vip4, TCP_SYN)),
@@ -279,6 +333,12 @@ pub fn per_packet(
     }
     let reply4 = reply_frame(lab, &Pkt::tcp(c4, vip4, TCP_ACK).flow_key())?;
     let reply6 = reply_frame(lab, &Pkt::tcp(c6, vip6, TCP_ACK).flow_key())?;
+    let udp_answer4 = udp_reply_frame(lab, &Pkt::udp(c4, vip4_udp, b"").flow_key())?;
+    let udp_answer6 = udp_reply_frame(lab, &Pkt::udp(c6, vip6_udp, b"").flow_key())?;
+    for f in [&reply4, &reply6, &udp_answer4, &udp_answer6, &udp4, &udp6] {
+        run_once(lab, Hook::Xdp, f, &mut out)?;
+    }
+    established(lab)?;
 
     // New flows use SNAT ports from a 10,000-port range per backend; keep
     // the four SYN cases together well under that (10 backends x 10,000).
@@ -376,6 +436,9 @@ pub fn conns_scaling(
         &eth(Pkt::tcp(c4, vip4, TCP_SYN)),
         &mut out,
     )?;
+    let reply = reply_frame(&lab, &Pkt::tcp(c4, vip4, TCP_ACK).flow_key())?;
+    run_once(&mut lab, Hook::Xdp, &reply, &mut out)?;
+    established(&lab)?;
     let ack4 = vec![eth(Pkt::tcp(c4, vip4, TCP_ACK))];
     // The measured flow's two entries count toward the size.
     let mut filled = 2usize;
@@ -428,6 +491,9 @@ pub fn backends_scaling(
             &eth(Pkt::tcp(client, vip, TCP_SYN)),
             &mut out,
         )?;
+        let reply = reply_frame(&lab, &Pkt::tcp(client, vip, TCP_ACK).flow_key())?;
+        run_once(&mut lab, Hook::Xdp, &reply, &mut out)?;
+        established(&lab)?;
         let ack = vec![eth(Pkt::tcp(client, vip, TCP_ACK))];
         let (established, empty) = measure(&mut lab, Hook::Xdp, &ack, runs)?;
         points.push(ScalePoint {

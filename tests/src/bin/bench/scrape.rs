@@ -354,7 +354,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<ScrapeResults> {
 }
 
 /// Seconds the section takes: filling the maps, then the scrapes.
-pub const ESTIMATE_S: f64 = 30.0;
+pub const ESTIMATE_S: f64 = 40.0;
 
 pub const NOT_MEASURED: &str =
     "§7 the cost of a `/metrics` scrape with 1,000,000 CONNS entries and 10,000 backends.";
