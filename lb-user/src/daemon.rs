@@ -469,7 +469,7 @@ pub async fn run(
             }
             Some((i, ev)) = health_rx.recv() => {
                 status_dirty = true;
-
+                services[i].checks.record(ev.target, &ev.result);
                 (Some(i), services[i].tracker.on_event(&ev, now.into_std()))
             }
             Some(ev) = if_rx.recv() => {

@@ -186,7 +186,7 @@ impl Format {
                 }
             }
         }
-        if om.1 > text.1 {
+        if om.1 > text.1 + 1.0 {
             Format::OpenMetrics
         } else {
             Format::Text

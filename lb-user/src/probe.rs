@@ -96,11 +96,11 @@ impl Feature {
     }
 
     /// The first mainline kernel with it (and the stable series that got it).
-    /// Sources: tcx 6.6 (e420bed02507), XDP links 5.9 (aa8d3a716b59),
-    /// BPF_F_IPV6 6.16 (ead7f9b8de65; 6.1.142), bpf_redirect_neigh 5.10
-    /// (b4ab31414970), bpf_fib_lookup 4.18 (87f5fc7e48dd), bpf_csum_update
-    /// 4.9 (36bbef52c7eb), BPF_F_MMAPABLE 5.5 (fc9702273e2e), LRU hash 4.10
-    /// (29ba732acbee), DEVMAP_HASH 5.4 (6f9d451ab1a3).
+    /// Versions as BCC's docs/kernel-versions.md lists them; commits: tcx
+    /// e420bed02507, XDP links aa8d3a716b59, BPF_F_IPV6 ead7f9b8de65
+    /// (backported to 6.1.142), bpf_redirect_neigh b4ab31414970,
+    /// bpf_fib_lookup 87f5fc7e48dd, BPF_F_MMAPABLE fc9702273e2e, LRU hash
+    /// 29ba732acbee, DEVMAP_HASH 6f9d451ab1a3.
     pub fn kernel(self) -> &'static str {
         match self {
             Feature::Tcx => "6.6",

@@ -15,147 +15,27 @@
 //! Root only: `cargo test -p tests --test reload -- --test-threads=1`
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::Path,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
-use tests::testbed::{wait_until, Daemon, Mode, Testbed, Topology, HTTP_PORT, VIP};
+use tests::testbed::{wait_until, Daemon, KeepAlive, Mode, Testbed, Topology, HTTP_PORT, VIP};
 
 tests::both_modes!(reload_under_load);
 
 const API_PORT: u16 = 8080;
 
-/// Keep-alive HTTP/1.1 requests on one connection, one after the other.
-/// Counts answers and failures; reconnects after a failure unless `once`.
-struct KeepAlive {
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+fn keep_alive(tb: &Testbed, to: SocketAddr, reconnect: bool) -> KeepAlive {
+    KeepAlive::start(tb.client_ns(), to, reconnect)
+        .unwrap_or_else(|e| panic!("keep-alive to {to}: {e:#}"))
 }
 
-fn connect(tb: &Testbed, to: SocketAddr) -> std::io::Result<TcpStream> {
-    tb.client_ns()
-        .run_in(|| Ok(TcpStream::connect_timeout(&to, Duration::from_secs(2))?))
-        .map_err(std::io::Error::other)
-}
-
-/// One request on `s`; the body's first word (the backend's name).
-fn request(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    s.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: keep-alive\r\n\r\n")?;
-    let mut len = None;
-    let mut status = String::new();
-    s.read_line(&mut status)?;
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("status line {status:?}")));
-    }
-    loop {
-        let mut line = String::new();
-        if s.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse::<usize>().ok();
-            }
-        }
-    }
-    let mut body = vec![0u8; len.ok_or_else(|| std::io::Error::other("no content-length"))?];
-    s.read_exact(&mut body)?;
-    Ok(String::from_utf8_lossy(&body)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
-impl KeepAlive {
-    fn start(tb: &Testbed, to: SocketAddr, reconnect: bool) -> Self {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let first = connect(tb, to).unwrap_or_else(|e| panic!("keep-alive connect to {to}: {e}"));
-        let ns = tb.client_ns().path();
-        let (o, f, halt) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            // This thread reconnects from inside the client namespace
-            // (setns changes only the calling thread's namespace).
-            let target = std::fs::File::open(&ns).expect("opening the client namespace");
-            // SAFETY: setns(2) on an fd we own, for this thread only.
-            let rc = unsafe {
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&target), libc::CLONE_NEWNET)
-            };
-            assert_eq!(rc, 0, "entering the client namespace");
-            let mut conn = Some(BufReader::new(first));
-            while !halt.load(Ordering::SeqCst) {
-                let Some(c) = conn.as_mut() else {
-                    if !reconnect {
-                        break;
-                    }
-                    match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
-                        Ok(s) => conn = Some(BufReader::new(s)),
-                        Err(_) => {
-                            f.fetch_add(1, Ordering::SeqCst);
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                    continue;
-                };
-                let _ = c.get_ref().set_read_timeout(Some(Duration::from_secs(2)));
-                match request(c) {
-                    Ok(_) => {
-                        o.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(_) => {
-                        f.fetch_add(1, Ordering::SeqCst);
-                        conn = None;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Self {
-            ok,
-            failed,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn counts(&self) -> (u64, u64) {
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst),
-        )
-    }
-
-    fn stop(mut self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.counts()
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// (answered, failed) so far.
+fn counts(k: &KeepAlive) -> (usize, usize) {
+    let r = k.requests();
+    let ok = r.iter().filter(|q| q.outcome.is_ok()).count();
+    (ok, r.len() - ok)
 }
 
 fn api_section() -> String {
@@ -214,7 +94,7 @@ fn reload_under_load(mode: Mode) {
 
     let web = SocketAddr::from((VIP, HTTP_PORT));
     let load = tb.client().start_rate(&tb.url("/"), 200);
-    let keep: Vec<KeepAlive> = (0..4).map(|_| KeepAlive::start(&tb, web, true)).collect();
+    let keep: Vec<KeepAlive> = (0..4).map(|_| keep_alive(&tb, web, true)).collect();
     std::thread::sleep(Duration::from_millis(500));
 
     // 1. Add a service.
@@ -232,7 +112,7 @@ fn reload_under_load(mode: Mode) {
         "api is served by its tasks: {who}"
     );
     // An established flow on api, to see it survive the drain later.
-    let api_flow = KeepAlive::start(&tb, SocketAddr::from((VIP, API_PORT)), false);
+    let api_flow = keep_alive(&tb, SocketAddr::from((VIP, API_PORT)), false);
 
     // 2. Change web's checks.
     let http_checks = with_api.replacen("check = \"tcp\"", "check = \"http:/healthz\"", 1);
@@ -272,9 +152,9 @@ fn reload_under_load(mode: Mode) {
     let (ok, out, err) = reload(&tb);
     assert!(ok, "reload removing api: {out}{err}");
     assert!(out.contains("removed api"), "{out}");
-    let drained_before = api_flow.counts().0;
+    let drained_before = counts(&api_flow).0;
     std::thread::sleep(Duration::from_millis(1500));
-    let during_drain = api_flow.counts();
+    let during_drain = counts(&api_flow);
     assert!(
         during_drain.0 > drained_before && during_drain.1 == 0,
         "the established api flow keeps working while api drains: {drained_before} -> {during_drain:?}"
@@ -289,7 +169,13 @@ fn reload_under_load(mode: Mode) {
 
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
-    let kept: Vec<(u64, u64)> = keep.into_iter().map(KeepAlive::stop).collect();
+    let kept: Vec<(usize, usize)> = keep
+        .into_iter()
+        .map(|k| {
+            let r = k.stop();
+            (r.ok(), r.failed())
+        })
+        .collect();
     drop(api_flow);
     assert_eq!(
         report.failed,

@@ -158,13 +158,12 @@ daemon_alive() {
 }
 
 # The last lines of the daemon's log, indented, for a failing check; while
-# it still runs, also where its main thread is (a start that never ends is
-# most likely the verifier: the kernel stack then shows bpf_check).
+# it still runs, also its main thread's state (R for a start that never
+# ends: in the verifier, BPF_PROG_LOAD runs on the caller's thread).
 log_tail() {
     tail -n 25 "$W/xdplb-$mode.log" 2>/dev/null | sed 's/^/    daemon: /'
     if daemon_alive; then
-        echo "    daemon still running, main thread state $(cut -d' ' -f3 /proc/$daemon/stat), kernel stack:"
-        sed 's/^/      /' /proc/$daemon/stack 2>/dev/null | head -n 12
+        echo "    daemon: still running; main thread state $(cut -d' ' -f3 /proc/$daemon/stat)"
     fi
 }
 
@@ -196,7 +195,7 @@ run_mode() {
         case "$first" in
             b0 | b1) ;;
             *)
-                log_tail
+                [ $fam = ipv4 ] && log_tail
                 check "$fam-$mode" FAILED "no answer through $url within ${READY_SECS} s of the daemon's start"
                 continue
                 ;;
