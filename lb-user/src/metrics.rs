@@ -186,7 +186,7 @@ impl Format {
                 }
             }
         }
-        if om.1 > text.1 + 1.0 {
+        if om.1 > text.1 {
             Format::OpenMetrics
         } else {
             Format::Text
@@ -708,7 +708,7 @@ pub fn openmetrics_to_text(om: &str) -> String {
                 }
                 "TYPE" => {
                     let (sample, ty) = match text {
-                        "counter" => (format!("{name}_total"), "counter"),
+                        "counter" => (name.to_string(), "counter"),
                         "info" => (format!("{name}_info"), "gauge"),
                         "gauge" | "histogram" | "summary" => (name.to_string(), text),
                         _ => (name.to_string(), "untyped"),
