@@ -50,7 +50,8 @@ fn mirror_key(c: &Conn, proto: u8, family: u8, out: &mut FlowKey) {
 
 /// Reply path: copies the reverse entry for `s.key` into `s.conn` and
 /// updates the flow. `Err`: drop (no flow holds this SNAT port, or the
-/// packet came in on another interface than the flow's backend side).
+/// packet came in on another interface than the flow's backend side, see
+/// `backend_side`).
 ///
 /// - A RST from the backend resets the forward entry too (an established
 ///   flow keeps its entries for `unanswered_timeout`, refreshed by any
@@ -59,13 +60,18 @@ fn mirror_key(c: &Conn, proto: u8, family: u8, out: &mut FlowKey) {
 /// - An unanswered TCP flow records the backend's SYN-ACK and is
 ///   established by the backend's first segment without SYN or RST.
 #[inline(always)]
-pub fn reply<C: Packet>(ctx: &C, s: &mut Scratch, flags: u8) -> Result<(), Out> {
+pub fn reply<C: Packet>(ctx: &mut C, s: &mut Scratch, flags: u8) -> Result<(), Out> {
     let now = now();
     let ingress = ctx.ingress_ifindex();
     if let Some(p) = CONNS.get_ptr_mut(&s.key) {
         // SAFETY: a successful lookup's pointer, read at once (see the module).
         s.conn = unsafe { *p };
-        reply_accepted(&s.conn, ingress)?;
+        is_reverse(&s.conn)?;
+        let p = if s.conn.ifindex == ingress {
+            p
+        } else {
+            backend_side(ctx, s, &CONNS, ingress)?
+        };
         let state = tcp_state_after(s.conn.tcp_state, flags);
         // SAFETY: the same pointer, no helper call since the lookup; plain
         // stores (a racing CPU can at worst lose a refresh).
@@ -86,7 +92,12 @@ pub fn reply<C: Packet>(ctx: &C, s: &mut Scratch, flags: u8) -> Result<(), Out> 
     };
     // SAFETY: as above.
     s.conn = unsafe { *p };
-    reply_accepted(&s.conn, ingress)?;
+    is_reverse(&s.conn)?;
+    let p = if s.conn.ifindex == ingress {
+        p
+    } else {
+        backend_side(ctx, s, &UNANSWERED, ingress)?
+    };
     let rst = flags & TCP_RST != 0;
     if !rst {
         s.conn.last_seen_ns = now;
@@ -129,17 +140,38 @@ pub fn reply<C: Packet>(ctx: &C, s: &mut Scratch, flags: u8) -> Result<(), Out> 
     Ok(())
 }
 
-/// Is `c` (found under a reply's key) a reverse entry, and did the packet
-/// arrive on the flow's backend side?
+/// Is `c`, found under a reply's key, a reverse entry?
 #[inline(always)]
-fn reply_accepted(c: &Conn, ingress: u32) -> Result<(), Out> {
+fn is_reverse(c: &Conn) -> Result<(), Out> {
     if c.flags & CONN_F_REVERSE == 0 {
         return Err(Out::drop(reason::DROP_REPLY_NO_CONN));
     }
-    if c.ifindex != ingress {
-        return Err(Out::drop(reason::DROP_REPLY_WRONG_IFACE));
-    }
     Ok(())
+}
+
+/// A reply that arrived on another interface than its flow's backend side
+/// (`s.conn.ifindex`) is accepted only if the backend is now reached by
+/// the interface it came in by (`fwd::comes_from`: an interface re-created,
+/// a route moved); the flow is then bound to it. Returns a fresh pointer to
+/// the entry (the route lookup was a helper call), or the drop.
+#[inline(always)]
+fn backend_side<C: Packet>(
+    ctx: &mut C,
+    s: &mut Scratch,
+    t: &Table,
+    ingress: u32,
+) -> Result<*mut Conn, Out> {
+    let wrong = Out::drop(reason::DROP_REPLY_WRONG_IFACE);
+    s.peek.new_src = s.key.dst;
+    s.peek.new_dst = s.key.src;
+    if !fwd::comes_from(ctx, &s.l3, &mut s.fib, &s.peek) {
+        return Err(wrong);
+    }
+    let p = t.get_ptr_mut(&s.key).ok_or(wrong)?;
+    // SAFETY: a successful lookup's pointer, written at once.
+    unsafe { (*p).ifindex = ingress };
+    s.conn.ifindex = ingress;
+    Ok(p)
 }
 
 /// Does `s.other`, found under `s.key2` (the mirror of the reverse entry

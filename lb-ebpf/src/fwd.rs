@@ -4,7 +4,10 @@
 //! our own addresses, and the stack drops it as a martian.
 
 use ::core::mem::{size_of, zeroed};
-use aya_ebpf::{bindings::bpf_fib_lookup, helpers::generated::bpf_fib_lookup as fib_lookup};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+};
 use lb_common::Conn;
 
 use crate::{core::Out, ctx::Packet, maps::Scratch, parse::L3};
@@ -49,6 +52,19 @@ pub fn route<C: Packet>(
 ) -> Result<(), Out> {
     let rc = lookup(ctx, l3, fib, c);
     ctx.can_send(rc, fib)
+}
+
+/// Would we send to `c.new_dst` (from `c.new_src`) out of the interface
+/// this packet came in by? The second chance of a packet that arrived on
+/// another interface than its flow recorded: after an interface was
+/// re-created (a new ifindex) or a route moved, the flow follows the
+/// routing table, while a forged packet from another side still fails.
+/// Out of line: only such packets pay for it.
+#[inline(never)]
+pub fn comes_from<C: Packet>(ctx: &mut C, l3: &L3, fib: &mut bpf_fib_lookup, c: &Conn) -> bool {
+    let rc = lookup(ctx, l3, fib, c);
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64)
+        && fib.ifindex == ctx.ingress_ifindex()
 }
 
 /// Sends the rewritten packet along the route `route` accepted.

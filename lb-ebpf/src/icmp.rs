@@ -165,7 +165,7 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
 /// dropped: translated, a forged error would reach a client from the VIP,
 /// or a backend from the SNAT address.
 #[inline(always)]
-fn flow_of_quote<C: Packet>(ctx: &C, s: &mut Scratch) -> Result<(), Out> {
+fn flow_of_quote<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<(), Out> {
     // SAFETY: read-only, copied at once (an LRU element can be recycled
     // for another flow as soon as it is evicted).
     match unsafe { CONNS.get(&s.key2) } {
@@ -179,8 +179,17 @@ fn flow_of_quote<C: Packet>(ctx: &C, s: &mut Scratch) -> Result<(), Out> {
     let rejected = Out::drop(reason::DROP_ICMP_REJECTED);
     // CONFIG is an array: the lookup of index 0 cannot fail once loaded.
     let cfg = CONFIG.get(0).ok_or(rejected)?;
-    if s.conn.ifindex != ctx.ingress_ifindex() || s.conn.expired(s.key2.proto, cfg, now()) {
+    if s.conn.expired(s.key2.proto, cfg, now()) {
         return Err(rejected);
+    }
+    if s.conn.ifindex != ctx.ingress_ifindex() {
+        // Unless that side is now reached by the interface it came in by
+        // (see `fwd::comes_from`): the flow's peer is `s.key2.src`.
+        s.peek.new_src = s.key2.dst;
+        s.peek.new_dst = s.key2.src;
+        if !fwd::comes_from(ctx, &s.l3, &mut s.fib, &s.peek) {
+            return Err(rejected);
+        }
     }
     Ok(())
 }

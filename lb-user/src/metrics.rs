@@ -708,7 +708,7 @@ pub fn openmetrics_to_text(om: &str) -> String {
                 }
                 "TYPE" => {
                     let (sample, ty) = match text {
-                        "counter" => (name.to_string(), "counter"),
+                        "counter" => (format!("{name}_total"), "counter"),
                         "info" => (format!("{name}_info"), "gauge"),
                         "gauge" | "histogram" | "summary" => (name.to_string(), text),
                         _ => (name.to_string(), "untyped"),

@@ -73,7 +73,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use lb_common::{reason, Conn, Counters, FlowKey, MAP_CONNS, MAP_REASON_STATS, MAP_UNANSWERED};
+use lb_common::{
+    event, reason, Conn, Counters, FlowKey, MAP_CONNS, MAP_EVENT_STATS, MAP_REASON_STATS,
+    MAP_UNANSWERED,
+};
 
 pub mod backend;
 pub mod client;
@@ -854,6 +857,24 @@ impl Testbed {
             let packets: u64 = map.get(&r, 0)?.iter().map(|c| c.packets).sum();
             if packets > 0 {
                 out.insert(reason::NAMES[r as usize], packets);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events (`EVENT_STATS`, summed over CPUs: flows established, misses
+    /// on non-SYN segments, the flood guard at work, ...), the non-zero ones,
+    /// read from the pinned map.
+    pub fn event_stats(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let path = self.pin_dir.join(MAP_EVENT_STATS);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+        let mut out = BTreeMap::new();
+        for e in 0..event::COUNT {
+            let n: u64 = map.get(&e, 0)?.iter().sum();
+            if n > 0 {
+                out.insert(event::NAMES[e as usize], n);
             }
         }
         Ok(out)

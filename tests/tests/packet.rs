@@ -1951,6 +1951,26 @@ fn replies_count_only_from_the_backend_side(hook: Hook) {
         "the reply on the backend side",
         &Pkt::tcp(b, sock(SNAT_V4, port), TCP_ACK | TCP_PSH),
     );
+    // The backend side's interface was re-created (a new ifindex): its
+    // packets now come in by another one, which the route to the backend
+    // confirms; the flow is bound to it again.
+    let mut rev = lab.conn(&rkey).expect("reverse entry");
+    rev.ifindex = 4242;
+    lab.dp_mut()
+        .insert_conn(&rkey, &rev)
+        .expect("writing CONNS");
+    sent_on(
+        &mut lab,
+        hook,
+        "the reply after the backend side's interface was re-created",
+        &Pkt::tcp(b, sock(SNAT_V4, port), TCP_ACK | TCP_PSH),
+    );
+    assert_eq!(
+        lab.conn(&rkey).map(|c| c.ifindex),
+        Some(lab.back_ifindex),
+        "{}",
+        lab.dump_conns()
+    );
     // An unanswered flow: a forged SYN-ACK records nothing.
     let syn2 = Pkt::tcp(client(CLIENT_V4, 44501), sock(VIP_V4, 80), TCP_SYN);
     let (b2, p2) = new_flow(&mut lab, hook, &svc, &syn2);
