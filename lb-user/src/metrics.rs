@@ -480,9 +480,23 @@ fn families(s: &Snapshot, status: Option<&Status>, walk: WalkAge) -> Vec<Family>
         "How long the service's health checks took, passed or failed (a timeout counts as the \
          time it waited)",
     );
+    let mut map_errors = Family::new(
+        "xdplb_service_map_write_errors",
+        Counter,
+        "Map updates of the service that failed since the daemon started (the data plane kept \
+         the last good table; xdplb backends shows the error)",
+    );
+    let mut map_failing = Family::new(
+        "xdplb_service_map_update_failing",
+        Gauge,
+        "1 while the service's maps lag behind its state because updates fail (retried with \
+         back-off), else 0",
+    );
     for svc in status.map(|st| &st.services[..]).unwrap_or_default() {
         let service = svc.name.as_str();
         let l = [("service", service)];
+        map_errors.add(&l, Value::Int(svc.map_write_errors));
+        map_failing.add(&l, Value::Int(u64::from(svc.error.is_some())));
         if let Some(d) = &svc.dns {
             dns_polls.add(&l, Value::Int(d.polls));
             for (error, n) in [
@@ -534,6 +548,8 @@ fn families(s: &Snapshot, status: Option<&Status>, walk: WalkAge) -> Vec<Family>
         }
     }
     out.extend([
+        map_errors,
+        map_failing,
         dns_polls,
         dns_failures,
         dns_negative,
@@ -1277,6 +1293,12 @@ mod tests {
                     addr: "127.0.0.1".parse().unwrap(),
                     reason: "loopback address".into(),
                 }],
+                error: Some(status::ServiceError {
+                    message: "no free backend slot".into(),
+                    since_ms: 0,
+                    attempts: 3,
+                }),
+                map_write_errors: 3,
                 dns: Some(status::DnsStatus {
                     polls: 12,
                     answers: 8,
@@ -1539,6 +1561,9 @@ mod tests {
             "xdplb_dns_last_success_timestamp_seconds{service=\"dns\"} 1700000000.5",
             "xdplb_dns_tasks{service=\"dns\",verdict=\"accepted\"} 1",
             "xdplb_dns_tasks{service=\"dns\",verdict=\"rejected\"} 1",
+            "# TYPE xdplb_service_map_write_errors_total counter",
+            "xdplb_service_map_write_errors_total{service=\"dns\"} 3",
+            "xdplb_service_map_update_failing{service=\"dns\"} 1",
             "# TYPE xdplb_health_checks_total counter",
             "xdplb_health_checks_total{service=\"dns\",backend=\"10.1.0.9:5353\",result=\"fail\"} 1",
             "xdplb_health_checks_total{service=\"dns\",backend=\"10.1.0.9:5353\",result=\"pass\"} 3",
