@@ -212,6 +212,28 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl Svc {
+    /// A service as configured, with no tasks yet and nothing running.
+    fn new(cfg: &ServiceConfig) -> Self {
+        Self {
+            tracker: BackendTracker::new(
+                cfg.backends.name.clone(),
+                check_spec(cfg).is_some(),
+                cfg.drain_timeout,
+            ),
+            cfg: cfg.clone(),
+            checkers: HashMap::new(),
+            answer: None,
+            rejected: BTreeMap::new(),
+            failing: None,
+            map_write_errors: 0,
+            dns_stop: None,
+            retiring: None,
+            gone: false,
+            dns: Default::default(),
+            checks: Default::default(),
+        }
+    }
+
     /// Screens a DNS answer (screen.rs): logs each newly rejected address
     /// once, and returns the addresses that may be backends.
     fn screen(&mut self, answer: BTreeSet<IpAddr>, host: &HostAddrs) -> BTreeSet<IpAddr> {
@@ -772,20 +794,9 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
                 tracing::info!(service = %s.name, "{t}");
             }
         }
-        services.push(Svc {
-            cfg: s.clone(),
-            tracker,
-            checkers: HashMap::new(),
-            answer: None,
-            rejected: BTreeMap::new(),
-            failing: None,
-            map_write_errors: 0,
-            dns_stop: None,
-            retiring: None,
-            gone: false,
-            dns: Default::default(),
-            checks: Default::default(),
-        });
+        let mut svc = Svc::new(s);
+        svc.tracker = tracker;
+        services.push(svc);
     }
     Ok((writer, services, ifaces))
 }
@@ -852,21 +863,7 @@ impl ReloadCtx<'_> {
             self.writer.set_backend_slots(new.backend_slots);
         }
         for s in &plan.added {
-            let checks = check_spec(s).is_some();
-            let mut svc = Svc {
-                cfg: s.clone(),
-                tracker: BackendTracker::new(s.backends.name.clone(), checks, s.drain_timeout),
-                checkers: HashMap::new(),
-                answer: None,
-                rejected: BTreeMap::new(),
-                failing: None,
-                map_write_errors: 0,
-                dns_stop: None,
-                retiring: None,
-                gone: false,
-                dns: Default::default(),
-                checks: Default::default(),
-            };
+            let mut svc = Svc::new(s);
             let i = self.services.len();
             spawn_discovery(i, &mut svc, self.dns_tx, self.tasks);
             self.services.push(svc);

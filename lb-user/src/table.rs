@@ -197,7 +197,6 @@ impl Writer {
             }
         }
         let mut taken_ids = Vec::new();
-        let mut regions: Vec<(u32, u32)> = Vec::new();
         for spec in specs {
             let key = spec.key();
             let Some(svc) = pinned
@@ -226,7 +225,6 @@ impl Writer {
                 "adopted pinned service state (connection table kept)"
             );
             taken_ids.push(svc.id);
-            regions.push((svc.maglev_base, 2 * svc.maglev_size));
             // The SNAT range may have been reconfigured; ports of live flows
             // stay valid (their reverse entries keep them).
             let mut svc = *svc;
@@ -260,51 +258,9 @@ impl Writer {
             }
         }
         for spec in specs {
-            if self.services.contains_key(&spec.name) {
-                continue;
+            if !self.services.contains_key(&spec.name) {
+                self.add_service(spec)?;
             }
-            let id = (1..MAX_SERVICES)
-                .find(|i| !taken_ids.contains(i))
-                .context("no free service id: too many services")?;
-            taken_ids.push(id);
-            let need = 2 * spec.maglev_size;
-            let base = first_fit(&regions, need, self.maglev_capacity).with_context(|| {
-                format!(
-                    "Maglev map full: service {} needs {need} slots; raise the capacity or lower maglev_size",
-                    spec.name
-                )
-            })?;
-            regions.push((base, need));
-            let svc = Service {
-                id,
-                flags: 0,
-                maglev_base: base,
-                maglev_size: spec.maglev_size,
-                active_half: 0,
-                snat_port_lo: spec.snat_ports.0,
-                snat_port_hi: spec.snat_ports.1,
-                snat_addr: spec.snat_addr.map(|a| addr_bytes(a).0).unwrap_or_default(),
-            };
-            let size = spec.maglev_size as usize;
-            // Zero both halves: a region may hold another service's old table.
-            let zeros = vec![0u32; size];
-            for h in 0..2 {
-                self.dp
-                    .write_maglev_changes(base + h * spec.maglev_size, &zeros)?;
-            }
-            self.dp.set_service(&spec.key(), &svc)?;
-            self.services.insert(
-                spec.name.clone(),
-                ServiceState {
-                    spec: spec.clone(),
-                    svc,
-                    backends: BTreeMap::new(),
-                    adopted_active: Vec::new(),
-                    retired_at: None,
-                    written: BTreeMap::new(),
-                    moved_from: None,
-                },
-            );
         }
         Ok(())
     }
