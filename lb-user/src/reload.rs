@@ -159,6 +159,12 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, NeedsRestart> {
             old.conntrack.capacity, new.conntrack.capacity
         ));
     }
+    if old.conntrack.unanswered_capacity != new.conntrack.unanswered_capacity {
+        refused.push(format!(
+            "conntrack.unanswered_capacity ({} -> {})",
+            old.conntrack.unanswered_capacity, new.conntrack.unanswered_capacity
+        ));
+    }
     for n in &new.services {
         if let Some(o) = old.services.iter().find(|o| o.name == n.name) {
             if o.listen != n.listen {
@@ -351,6 +357,13 @@ backends = "tasks.web:80"
                 "conntrack.capacity",
                 format!(
                     "interfaces = [\"eth0\", \"eth1\"]\n[conntrack]\ncapacity = 1024\n{services}"
+                ),
+            ),
+            (
+                "conntrack.unanswered_capacity",
+                format!(
+                    "interfaces = [\"eth0\", \"eth1\"]\n[conntrack]\nunanswered_capacity = 1024\n\
+                     {services}"
                 ),
             ),
             ("listen", BASE.replace("0.0.0.0:80", "0.0.0.0:81")),
