@@ -247,7 +247,9 @@ impl Config {
 }
 
 /// `SERVICES` key. An all-zero `addr` is the wildcard ("any local address").
-#[repr(C)]
+/// 4-byte aligned (its size stays 20): the data plane zeroes `addr` a word
+/// at a time instead of calling a byte-by-byte `memset`.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
     pub addr: [u8; 16],
@@ -295,7 +297,8 @@ const _: () = assert!(size_of::<Backend>() == 24);
 
 /// `SNAT_ADDRS` key: addresses the data plane uses as SNAT sources. A packet
 /// to one of them, on a port in the SNAT range, may be a reply to translate.
-#[repr(C)]
+/// 4-byte aligned (its size stays 20), like [`ServiceKey`].
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
     pub addr: [u8; 16],
@@ -303,6 +306,32 @@ pub struct AddrKey {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(size_of::<AddrKey>() == 20);
+
+/// Are two addresses equal? Without an early exit (two 8-byte words XORed
+/// and ORed), so the eBPF verifier walks one path instead of one per byte
+/// block: `==` on arrays becomes a chain of compares and branches.
+#[inline(always)]
+pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    addr_diff(a, b) == 0
+}
+
+/// Zero exactly when the addresses are equal (see [`same_addr`]).
+#[inline(always)]
+fn addr_diff(a: &[u8; 16], b: &[u8; 16]) -> u64 {
+    let w = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            x[i],
+            x[i + 1],
+            x[i + 2],
+            x[i + 3],
+            x[i + 4],
+            x[i + 5],
+            x[i + 6],
+            x[i + 7],
+        ])
+    };
+    (w(a, 0) ^ w(b, 0)) | (w(a, 8) ^ w(b, 8))
+}
 
 /// `CONNS` and `UNANSWERED` key: the 5-tuple as the packet carries it on
 /// arrival. 8-byte aligned (its size stays 40), so the flow hash reads the
@@ -321,6 +350,19 @@ pub struct FlowKey {
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
 impl FlowKey {
+    /// `==` without early exits (see [`same_addr`]).
+    #[inline(always)]
+    pub fn same(&self, o: &FlowKey) -> bool {
+        let ports = |k: &FlowKey| {
+            k.sport_be as u64
+                | (k.dport_be as u64) << 16
+                | (k.proto as u64) << 32
+                | (k.family as u64) << 40
+        };
+        (addr_diff(&self.src, &o.src) | addr_diff(&self.dst, &o.dst) | (ports(self) ^ ports(o)))
+            == 0
+    }
+
     /// The key a packet travelling the other way would carry.
     #[inline(always)]
     pub fn reversed(&self) -> Self {
@@ -396,7 +438,7 @@ impl Conn {
     /// key is `fwd` (it may have been taken over by another flow since)?
     #[inline(always)]
     pub fn points_back_to(&self, fwd: &FlowKey) -> bool {
-        self.new_dst == fwd.src && self.new_dport_be == fwd.sport_be
+        same_addr(&self.new_dst, &fwd.src) && self.new_dport_be == fwd.sport_be
     }
 
     /// Has the entry been idle longer than its timeout at `now_ns`

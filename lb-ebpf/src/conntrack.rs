@@ -9,24 +9,49 @@
 //! outlives the next helper call. Writes go through the lookup's pointer
 //! before any other helper call.
 
+use ::core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use lb_common::{
     event, forward_establishes, hash::flow_hash, is_fresh_syn, reason, refused_within_hold,
-    reply_establishes, tcp_state_after, Backend, Config, Conn, FlowKey, Service, BACKEND_ACTIVE,
-    BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK, CONN_F_UNANSWERED,
-    MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_OPEN, TCP_STATE_RESET,
+    reply_establishes, same_addr, tcp_state_after, Backend, Config, Conn, FlowKey, Service,
+    BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK,
+    CONN_F_UNANSWERED, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_OPEN, TCP_STATE_RESET,
 };
 
 use crate::{
     core::Out,
     ctx::Packet,
     fwd,
-    maps::{Scratch, BACKENDS, CONNS, MAGLEV, REFUSED, UNANSWERED},
+    maps::{Probe, Scratch, BACKENDS, CONNS, MAGLEV, REFUSED, UNANSWERED},
     parse::{TCP_ACK, TCP_RST, TCP_SYN},
     stats,
 };
 
 type Table = LruHashMap<FlowKey, Conn>;
+
+/// Copies a connection entry eight bytes at a time. A plain `*dst = *src`
+/// of the 72-byte `Conn` compiles to a call to a byte-by-byte `memcpy` on
+/// BPF (LLVM inlines copies of up to 64 bytes only): about 600 instructions
+/// per copy instead of 18. Volatile, so LLVM does not turn the loop back
+/// into that call.
+///
+/// # Safety
+///
+/// `src` points to a whole `Conn`, readable (a map value from a successful
+/// lookup, read at once: see the module).
+#[inline(always)]
+pub unsafe fn copy_conn(dst: &mut Conn, src: *const Conn) {
+    const WORDS: usize = size_of::<Conn>() / 8;
+    let s = src as *const u64;
+    let d = dst as *mut Conn as *mut u64;
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both point to a whole `Conn` (8-byte aligned, its size a
+        // multiple of 8): `dst` a reference, `src` by the caller's promise.
+        unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -65,7 +90,7 @@ pub fn reply<C: Packet>(ctx: &mut C, s: &mut Scratch, flags: u8) -> Result<(), O
     let ingress = ctx.ingress_ifindex();
     if let Some(p) = CONNS.get_ptr_mut(&s.key) {
         // SAFETY: a successful lookup's pointer, read at once (see the module).
-        s.conn = unsafe { *p };
+        unsafe { copy_conn(&mut s.conn, p) };
         is_reverse(&s.conn)?;
         let p = if s.conn.ifindex == ingress {
             p
@@ -91,7 +116,7 @@ pub fn reply<C: Packet>(ctx: &mut C, s: &mut Scratch, flags: u8) -> Result<(), O
         return Err(Out::drop(reason::DROP_REPLY_NO_CONN));
     };
     // SAFETY: as above.
-    s.conn = unsafe { *p };
+    unsafe { copy_conn(&mut s.conn, p) };
     is_reverse(&s.conn)?;
     let p = if s.conn.ifindex == ingress {
         p
@@ -130,7 +155,8 @@ pub fn reply<C: Packet>(ctx: &mut C, s: &mut Scratch, flags: u8) -> Result<(), O
     } else if reply_establishes(s.key.proto, flags) {
         // SAFETY: read-only, copied at once.
         if let Some(f) = unsafe { UNANSWERED.get(&s.key2) } {
-            s.other = *f;
+            // SAFETY: a whole entry from the lookup just made.
+            unsafe { copy_conn(&mut s.other, f) };
             if forward_is_ours(s) {
                 s.other.last_seen_ns = now;
                 promote(s);
@@ -180,7 +206,7 @@ fn backend_side<C: Packet>(
 fn forward_is_ours(s: &Scratch) -> bool {
     s.other.flags & CONN_F_REVERSE == 0
         && s.other.new_sport_be == s.key.dport_be
-        && s.other.new_dst == s.key.src
+        && same_addr(&s.other.new_dst, &s.key.src)
 }
 
 /// Removes the forward entry `s.key2` from `t` if it still belongs to the
@@ -189,7 +215,8 @@ fn forward_is_ours(s: &Scratch) -> bool {
 fn remove_forward_if_ours(t: &Table, s: &mut Scratch) {
     // SAFETY: read-only, copied at once.
     if let Some(f) = unsafe { t.get(&s.key2) } {
-        s.other = *f;
+        // SAFETY: a whole entry from the lookup just made.
+        unsafe { copy_conn(&mut s.other, f) };
         if forward_is_ours(s) {
             // The only error (-ENOENT: gone already) leaves it gone too.
             let _ = t.remove(&s.key2);
@@ -203,7 +230,7 @@ fn remove_forward_if_ours(t: &Table, s: &mut Scratch) {
 fn reset_forward(s: &mut Scratch) {
     if let Some(p) = CONNS.get_ptr_mut(&s.key2) {
         // SAFETY: a successful lookup's pointer, read at once.
-        s.other = unsafe { *p };
+        unsafe { copy_conn(&mut s.other, p) };
         if forward_is_ours(s) {
             // SAFETY: the same pointer, no helper call since the lookup.
             unsafe { (*p).tcp_state = TCP_STATE_RESET };
@@ -242,7 +269,7 @@ fn keeps_flow(c: &Conn, svc: &Service, fresh_syn: bool, now: u64) -> bool {
         Some(b) => {
             (b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !fresh_syn))
                 && b.service == svc.id
-                && b.addr == c.new_dst
+                && same_addr(&b.addr, &c.new_dst)
                 && b.port_be == c.new_dport_be
                 && !(fresh_syn && refused_recently(c.backend, now))
         }
@@ -285,6 +312,10 @@ pub fn forward<C: Packet>(
     flags: u8,
 ) -> Result<bool, Out> {
     let now = now();
+    // For `choose`, read back from the scratch: a register would carry what
+    // the branches below learned about it into the new-flow code, and the
+    // verifier would walk that code once per variant.
+    s.flags = flags;
     let proto = s.key.proto;
     let fresh_syn = proto == PROTO_TCP && is_fresh_syn(flags);
     let mut found = false;
@@ -292,10 +323,9 @@ pub fn forward<C: Packet>(
         // SAFETY: a successful lookup's pointer, read and refreshed at once
         // (see the module); plain stores, a racing CPU can at worst lose a
         // refresh. An entry about to be released gets one it won't need.
-        unsafe {
-            s.conn = *p;
-            (*p).last_seen_ns = now;
-        }
+        unsafe { copy_conn(&mut s.conn, p) };
+        // SAFETY: as above.
+        unsafe { (*p).last_seen_ns = now };
         if usable(&s.conn, svc, cfg, proto, fresh_syn, now) {
             let state = tcp_state_after(s.conn.tcp_state, flags);
             if state != s.conn.tcp_state {
@@ -314,10 +344,9 @@ pub fn forward<C: Packet>(
         found = true;
     } else if let Some(p) = UNANSWERED.get_ptr_mut(&s.key) {
         // SAFETY: as above.
-        unsafe {
-            s.conn = *p;
-            (*p).last_seen_ns = now;
-        }
+        unsafe { copy_conn(&mut s.conn, p) };
+        // SAFETY: as above.
+        unsafe { (*p).last_seen_ns = now };
         if usable(&s.conn, svc, cfg, proto, fresh_syn, now) {
             if flags & TCP_RST != 0 {
                 // The client gave up: no TIME_WAIT follows, free the port.
@@ -349,7 +378,7 @@ pub fn forward<C: Packet>(
         }
     }
     s.guard = guard as u32;
-    new_flow(ctx, s, svc, cfg, flags, now)?;
+    new_flow(ctx, s, svc, cfg, now)?;
     Ok(true)
 }
 
@@ -372,7 +401,8 @@ fn release(t: &Table, s: &mut Scratch) {
     mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
     // SAFETY: read-only, copied at once.
     if let Some(r) = unsafe { t.get(&s.key2) } {
-        s.other = *r;
+        // SAFETY: a whole entry from the lookup just made.
+        unsafe { copy_conn(&mut s.other, r) };
         // Another flow may hold the port by now (it was free for the
         // taking once this flow expired): leave that one alone.
         if s.other.flags & CONN_F_REVERSE != 0 && s.other.points_back_to(&s.key) {
@@ -389,7 +419,7 @@ fn reset_reverse(s: &mut Scratch) {
     mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
     if let Some(p) = CONNS.get_ptr_mut(&s.key2) {
         // SAFETY: a successful lookup's pointer, read at once.
-        s.other = unsafe { *p };
+        unsafe { copy_conn(&mut s.other, p) };
         if s.other.flags & CONN_F_REVERSE != 0 && s.other.points_back_to(&s.key) {
             // SAFETY: the same pointer, no helper call since the lookup.
             unsafe { (*p).tcp_state = TCP_STATE_RESET };
@@ -406,7 +436,8 @@ fn establish_forward(s: &mut Scratch, flags: u8, now: u64) {
     let Some(r) = (unsafe { UNANSWERED.get(&s.key2) }) else {
         return;
     };
-    s.other = *r;
+    // SAFETY: a whole entry from the lookup just made.
+    unsafe { copy_conn(&mut s.other, r) };
     if s.other.flags & CONN_F_REVERSE == 0
         || !s.other.points_back_to(&s.key)
         || !forward_establishes(s.key.proto, flags, s.seg.ack, &s.other)
@@ -429,10 +460,9 @@ fn new_flow<C: Packet>(
     s: &mut Scratch,
     svc: &Service,
     cfg: &Config,
-    flags: u8,
     now: u64,
 ) -> Result<(), Out> {
-    let r = choose(s, svc, cfg, flags, now);
+    let r = choose(s, svc, cfg, now);
     if r != 0 {
         return Err(Out::drop(r));
     }
@@ -450,7 +480,8 @@ fn new_flow<C: Packet>(
 /// only new flows pay for it; BPF passes at most five arguments, all in
 /// registers, hence the plain code.
 #[inline(never)]
-fn choose(s: &mut Scratch, svc: &Service, cfg: &Config, flags: u8, now: u64) -> u32 {
+fn choose(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
+    let flags = s.flags;
     s.hash = flow_hash(&s.key, &cfg.hash_key);
     let Some((index, backend)) = pick(svc, s.hash, now) else {
         return reason::DROP_NO_BACKEND;
@@ -460,21 +491,21 @@ fn choose(s: &mut Scratch, svc: &Service, cfg: &Config, flags: u8, now: u64) -> 
     } else {
         0
     };
-    s.conn = Conn {
-        new_src: svc.snat_addr,
-        new_dst: backend.addr,
-        new_sport_be: 0,
-        new_dport_be: backend.port_be,
-        backend: index,
-        service: svc.id,
-        flags: CONN_F_UNANSWERED | syn,
-        tcp_state: tcp_state_after(TCP_STATE_OPEN, flags),
-        _pad: [0; 2],
-        ifindex: 0,
-        seq: 0,
-        last_seen_ns: now,
-        created_ns: now,
-    };
+    // Field by field, not a struct literal: see `copy_conn`.
+    let c = &mut s.conn;
+    c.new_src = svc.snat_addr;
+    c.new_dst = backend.addr;
+    c.new_sport_be = 0;
+    c.new_dport_be = backend.port_be;
+    c.backend = index;
+    c.service = svc.id;
+    c.flags = CONN_F_UNANSWERED | syn;
+    c.tcp_state = tcp_state_after(TCP_STATE_OPEN, flags);
+    c._pad = [0; 2];
+    c.ifindex = 0;
+    c.seq = 0;
+    c.last_seen_ns = now;
+    c.created_ns = now;
     0
 }
 
@@ -558,22 +589,21 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     } else {
         prime % range
     };
-    s.other = Conn {
-        new_src: s.key.dst,
-        new_dst: s.key.src,
-        new_sport_be: s.key.dport_be,
-        new_dport_be: s.key.sport_be,
-        backend: s.conn.backend,
-        service: svc.id,
-        flags: CONN_F_REVERSE | CONN_F_UNANSWERED | (s.conn.flags & CONN_F_SYN),
-        tcp_state: TCP_STATE_OPEN,
-        _pad: [0; 2],
-        // The backend side: where its answers must come from.
-        ifindex: s.fib.ifindex,
-        seq: 0,
-        last_seen_ns: now,
-        created_ns: now,
-    };
+    let r = &mut s.other;
+    r.new_src = s.key.dst;
+    r.new_dst = s.key.src;
+    r.new_sport_be = s.key.dport_be;
+    r.new_dport_be = s.key.sport_be;
+    r.backend = s.conn.backend;
+    r.service = svc.id;
+    r.flags = CONN_F_REVERSE | CONN_F_UNANSWERED | (s.conn.flags & CONN_F_SYN);
+    r.tcp_state = TCP_STATE_OPEN;
+    r._pad = [0; 2];
+    // The backend side: where its answers must come from.
+    r.ifindex = s.fib.ifindex;
+    r.seq = 0;
+    r.last_seen_ns = now;
+    r.created_ns = now;
     s.key2 = FlowKey {
         src: s.conn.new_dst,
         dst: svc.snat_addr,
@@ -583,43 +613,44 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
         family: s.key.family,
         _pad: [0; 2],
     };
-    // Under the flood guard: the taken port whose unanswered holder was
-    // seen the longest ago. Kept in the scratch, not in locals: the
-    // verifier does not track map memory, so the paths through one probe
-    // end in the same state and it prunes them instead of exploring every
-    // combination of the 32 probes.
-    s.oldest_port_be = 0;
-    s.oldest_seen = u64::MAX;
-    let mut got = 0u16;
-    let mut i = 0;
-    while i < SNAT_PROBES && i < range {
-        // `first + i * stride` < 32 * 65536: no overflow.
-        let off = (first + i * stride) % range;
-        let port_be = ((lo + off) as u16).to_be();
-        s.key2.dport_be = port_be;
-        if !held_by_established(s, cfg, now) {
-            if UNANSWERED
-                .insert(&s.key2, &s.other, BPF_NOEXIST as u64)
-                .is_ok()
-            {
-                got = port_be;
+    s.probe = Probe {
+        lo,
+        range,
+        first,
+        stride,
+        now,
+        // Under the flood guard: the taken port whose unanswered holder was
+        // seen the longest ago.
+        oldest_seen: u64::MAX,
+        oldest_port_be: 0,
+        got: 0,
+    };
+    // The flow's own first port, reclaimed if its reservation went stale
+    // (the flow's own, lost half, included: a flow re-created after losing
+    // an entry gets its port back); then the next ports free in both
+    // tables; then, among the first RECLAIM_PROBES, stale reservations. In
+    // passes because a staleness check costs the verifier about 15,000
+    // instructions per probe: on all SNAT_PROBES probes it would take most
+    // of its budget of 1,000,000.
+    if !probe_port(s, cfg, 0) {
+        let mut i = 1;
+        while i < SNAT_PROBES && i < range {
+            if probe_free_port(s, i) {
                 break;
             }
-            let seen = unanswered_holder(s, cfg, now);
-            if seen == 0 {
-                if UNANSWERED.insert(&s.key2, &s.other, 0).is_ok() {
-                    got = port_be;
-                    break;
-                }
-            } else if seen < s.oldest_seen {
-                s.oldest_seen = seen;
-                s.oldest_port_be = port_be;
-            }
+            i += 1;
         }
-        i += 1;
+        let mut i = 1;
+        while s.probe.got == 0 && i < RECLAIM_PROBES && i < range {
+            if probe_port(s, cfg, i) {
+                break;
+            }
+            i += 1;
+        }
     }
-    if got == 0 && s.guard != 0 && s.oldest_port_be != 0 {
-        let port_be = s.oldest_port_be;
+    let mut got = s.probe.got;
+    if got == 0 && s.guard != 0 && s.probe.oldest_port_be != 0 {
+        let port_be = s.probe.oldest_port_be;
         if take_over(s, port_be) {
             got = port_be;
         }
@@ -637,6 +668,72 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     0
 }
 
+/// How many of the probed ports a new flow may also take from a stale
+/// reservation (or, under the flood guard, from the longest-idle unanswered
+/// flow).
+const RECLAIM_PROBES: u32 = 8;
+
+/// The `i`th probed SNAT port (see `reserve`), in network byte order, now
+/// also in `s.key2`.
+#[inline(always)]
+fn probed_port(s: &mut Scratch, i: u32) -> u16 {
+    let p = &s.probe;
+    // `first + i * stride` < 32 * 65536: no overflow.
+    let off = (p.first + i * p.stride) % p.range;
+    let port_be = ((p.lo + off) as u16).to_be();
+    s.key2.dport_be = port_be;
+    port_be
+}
+
+/// The `i`th probe of the first pass: reserves the port if no flow holds
+/// it in either table.
+#[inline(always)]
+fn probe_free_port(s: &mut Scratch, i: u32) -> bool {
+    let port_be = probed_port(s, i);
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { CONNS.get(&s.key2) }.is_some() {
+        return false;
+    }
+    if UNANSWERED
+        .insert(&s.key2, &s.other, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        s.probe.got = port_be;
+        return true;
+    }
+    false
+}
+
+/// The `i`th probe of the second pass: takes the port from a stale
+/// reservation (true), or notes the longest-idle unanswered holder and
+/// goes on.
+#[inline(always)]
+fn probe_port(s: &mut Scratch, cfg: &Config, i: u32) -> bool {
+    let port_be = probed_port(s, i);
+    let now = s.probe.now;
+    if held_by_established(s, cfg, now) {
+        return false;
+    }
+    if UNANSWERED
+        .insert(&s.key2, &s.other, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        s.probe.got = port_be;
+        return true;
+    }
+    let seen = unanswered_holder(s, cfg, now);
+    if seen == 0 {
+        if UNANSWERED.insert(&s.key2, &s.other, 0).is_ok() {
+            s.probe.got = port_be;
+            return true;
+        }
+    } else if seen < s.probe.oldest_seen {
+        s.probe.oldest_seen = seen;
+        s.probe.oldest_port_be = port_be;
+    }
+    false
+}
+
 /// Is the port of `s.key2` held by a live established flow? A stale
 /// reservation there (its forward entry gone, expired, moved to another
 /// port, or the flow being picked again) is removed.
@@ -646,7 +743,8 @@ fn held_by_established(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
     let Some(r) = (unsafe { CONNS.get(&s.key2) }) else {
         return false;
     };
-    s.peek = *r;
+    // SAFETY: a whole entry from the lookup just made.
+    unsafe { copy_conn(&mut s.peek, r) };
     if holder_seen(&CONNS, s, cfg, now) != 0 {
         return true;
     }
@@ -662,11 +760,12 @@ fn unanswered_holder(s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
     let Some(r) = (unsafe { UNANSWERED.get(&s.key2) }) else {
         return 0;
     };
-    s.peek = *r;
+    // SAFETY: a whole entry from the lookup just made.
+    unsafe { copy_conn(&mut s.peek, r) };
     let seen = holder_seen(&UNANSWERED, s, cfg, now);
     // Stale, and not the flow being picked again: an unanswered flow that
     // expired (or lost its forward entry to the LRU).
-    if seen == 0 && s.key3 != s.key {
+    if seen == 0 && !s.key3.same(&s.key) {
         stats::event(event::UNANSWERED_EXPIRED);
     }
     seen
@@ -680,17 +779,18 @@ fn unanswered_holder(s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
 #[inline(always)]
 fn holder_seen(t: &Table, s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
     mirror_key(&s.peek, s.key2.proto, s.key2.family, &mut s.key3);
-    if s.key3 == s.key {
+    if s.key3.same(&s.key) {
         return 0;
     }
     // SAFETY: read-only, copied at once.
     let Some(f) = (unsafe { t.get(&s.key3) }) else {
         return 0;
     };
-    s.peek = *f;
+    // SAFETY: a whole entry from the lookup just made.
+    unsafe { copy_conn(&mut s.peek, f) };
     if s.peek.flags & CONN_F_REVERSE != 0
         || s.peek.new_sport_be != s.key2.dport_be
-        || s.peek.new_dst != s.key2.src
+        || !same_addr(&s.peek.new_dst, &s.key2.src)
         || s.peek.expired(s.key2.proto, cfg, now)
     {
         return 0;
@@ -710,7 +810,8 @@ fn take_over(s: &mut Scratch, port_be: u16) -> bool {
     s.key2.dport_be = port_be;
     // SAFETY: read-only, copied at once.
     if let Some(r) = unsafe { UNANSWERED.get(&s.key2) } {
-        s.peek = *r;
+        // SAFETY: a whole entry from the lookup just made.
+        unsafe { copy_conn(&mut s.peek, r) };
         mirror_key(&s.peek, s.key2.proto, s.key2.family, &mut s.key3);
         let _ = UNANSWERED.remove(&s.key3);
     }

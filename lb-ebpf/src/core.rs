@@ -1,15 +1,18 @@
 //! The one core both hooks run: parse, reply path, service lookup,
 //! connection table, rewrite, forward. docs/DATAPLANE.md walks through it.
 
+use ::core::ptr::write_volatile;
 use aya_ebpf::bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT};
-use lb_common::{reason, AddrKey, Config, Service, ServiceKey};
+use lb_common::{reason, Config, Service};
 
 use crate::{
     conntrack,
     ctx::Packet,
     fwd, icmp,
     maps::{self, Scratch, CONFIG, SERVICES, SNAT_ADDRS},
-    nat, parse, stats,
+    nat, parse,
+    parse::{copy_addr, zero_addr},
+    stats,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -163,11 +166,18 @@ fn is_reply(s: &mut Scratch, cfg: &Config) -> bool {
     if cfg.snat_port_min == 0 || dport < cfg.snat_port_min || dport > cfg.snat_port_max {
         return false;
     }
-    s.addr_key = AddrKey {
-        addr: s.key.dst,
-        family: s.key.family,
-        _pad: [0; 3],
-    };
+    // Field by field (a struct literal becomes calls to byte-by-byte
+    // `memcpy` and `memset` on BPF); the family and the padding are one
+    // 4-byte word.
+    // SAFETY: `AddrKey` is 4-byte aligned: its address at 0, its family and
+    // padding the word at 16; `FlowKey` is 8-byte aligned.
+    unsafe {
+        copy_addr(&mut s.addr_key.addr, &s.key.dst);
+        write_volatile(
+            &mut s.addr_key.family as *mut u8 as *mut u32,
+            s.key.family as u32,
+        );
+    }
     SNAT_ADDRS.get_ptr(&s.addr_key).is_some()
 }
 
@@ -175,12 +185,12 @@ fn is_reply(s: &mut Scratch, cfg: &Config) -> bool {
 /// wildcard (all-zero address).
 #[inline(always)]
 fn service(s: &mut Scratch) -> Option<&'static Service> {
-    s.svc_key = ServiceKey {
-        addr: s.key.dst,
-        port_be: s.key.dport_be,
-        proto: s.key.proto,
-        family: s.key.family,
-    };
+    // Field by field: see `is_reply`.
+    // SAFETY: `ServiceKey` is 4-byte aligned, `FlowKey` 8-byte aligned.
+    unsafe { copy_addr(&mut s.svc_key.addr, &s.key.dst) };
+    s.svc_key.port_be = s.key.dport_be;
+    s.svc_key.proto = s.key.proto;
+    s.svc_key.family = s.key.family;
     // SAFETY: SERVICES is not preallocated, so an update swaps in a new
     // element and frees the old one after an RCU grace period: the Service
     // read through this pointer is one consistent version for the whole run,
@@ -188,7 +198,8 @@ fn service(s: &mut Scratch) -> Option<&'static Service> {
     if let Some(svc) = unsafe { SERVICES.get(&s.svc_key) } {
         return Some(svc);
     }
-    s.svc_key.addr = [0; 16];
+    // SAFETY: `ServiceKey` is 4-byte aligned, its address at 0.
+    unsafe { zero_addr(&mut s.svc_key.addr) };
     // SAFETY: as above.
     unsafe { SERVICES.get(&s.svc_key) }
 }

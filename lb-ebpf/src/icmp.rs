@@ -13,13 +13,13 @@ use network_types::{
 };
 
 use crate::{
-    conntrack::now,
+    conntrack::{copy_conn, now},
     core::{Out, Verdict},
     ctx::{ptr_at, ptr_at_mut, read16, write16, Packet},
     fwd,
     maps::{Scratch, CONFIG, CONNS, UNANSWERED},
     nat,
-    parse::{l4_csum_off, L3_OFF},
+    parse::{copy_addr, l4_csum_off, L3_OFF},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -97,10 +97,11 @@ pub fn translate<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<Out, Out> {
             ptr_at_mut::<C, [u8; 16]>(ctx, inner_off + offset_of!(Ipv6Hdr, src_addr)).ok_or(bad)?;
         let dst =
             ptr_at_mut::<C, [u8; 16]>(ctx, inner_off + offset_of!(Ipv6Hdr, dst_addr)).ok_or(bad)?;
-        // SAFETY: both pointers were bounds-checked by `ptr_at_mut`.
+        // SAFETY: both pointers were bounds-checked by `ptr_at_mut`; the
+        // quoted addresses sit at even offsets (see `copy_addr`).
         unsafe {
-            *src = e.new_dst;
-            *dst = e.new_src;
+            copy_addr(src, &e.new_dst);
+            copy_addr(dst, &e.new_src);
         }
     } else {
         let check_off = inner_off + offset_of!(Ipv4Hdr, check);
@@ -169,10 +170,12 @@ fn flow_of_quote<C: Packet>(ctx: &mut C, s: &mut Scratch) -> Result<(), Out> {
     // SAFETY: read-only, copied at once (an LRU element can be recycled
     // for another flow as soon as it is evicted).
     match unsafe { CONNS.get(&s.key2) } {
-        Some(c) => s.conn = *c,
+        // SAFETY: a whole entry from the lookup just made.
+        Some(c) => unsafe { copy_conn(&mut s.conn, c) },
         // SAFETY: as above.
         None => match unsafe { UNANSWERED.get(&s.key2) } {
-            Some(c) => s.conn = *c,
+            // SAFETY: as above.
+            Some(c) => unsafe { copy_conn(&mut s.conn, c) },
             None => return Err(Out::pass(reason::PASS_ICMP_NO_FLOW)),
         },
     }

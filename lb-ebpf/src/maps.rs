@@ -104,12 +104,29 @@ pub struct Scratch {
     pub hash: u32,
     /// 1 while the flood guard is on for the new flow being created.
     pub guard: u32,
-    /// While probing SNAT ports: the taken port whose unanswered holder was
-    /// seen the longest ago, and when.
-    pub oldest_seen: u64,
-    pub oldest_port_be: u16,
+    /// The packet's TCP flags (for the new-flow code).
+    pub flags: u8,
+    /// SNAT port probing (`conntrack::reserve`).
+    pub probe: Probe,
     /// The flood guard's count on this CPU; kept from packet to packet.
     pub flood: FloodWindow,
+}
+
+/// The state of a new flow's SNAT port probes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Probe {
+    pub lo: u32,
+    pub range: u32,
+    pub first: u32,
+    pub stride: u32,
+    pub now: u64,
+    /// The taken port whose unanswered holder was seen the longest ago, and
+    /// when (the flood guard's candidate).
+    pub oldest_seen: u64,
+    pub oldest_port_be: u16,
+    /// The port reserved; 0 while none is.
+    pub got: u16,
 }
 
 #[map(name = "SCRATCH")]

@@ -6,7 +6,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     ctx::{ptr_at_mut, read16, write16, Packet},
-    parse::{l4_csum_off, L3, L3_OFF},
+    parse::{copy_addr, l4_csum_off, L3, L3_OFF},
 };
 
 /// IPv4: TTL and protocol share one checksum word.
@@ -39,10 +39,11 @@ pub fn rewrite_ip<C: Packet>(
         let src = ptr_at_mut::<C, [u8; 16]>(ctx, V6_SRC)?;
         let dst = ptr_at_mut::<C, [u8; 16]>(ctx, V6_DST)?;
         let hl = ptr_at_mut::<C, u8>(ctx, V6_HOP_LIMIT)?;
-        // SAFETY: each pointer was bounds-checked by `ptr_at_mut` above.
+        // SAFETY: each pointer was bounds-checked by `ptr_at_mut` above;
+        // the addresses sit at even offsets (see `copy_addr`).
         unsafe {
-            *src = *new_src;
-            *dst = *new_dst;
+            copy_addr(src, new_src);
+            copy_addr(dst, new_dst);
             *hl = l3.ttl - 1;
         }
     } else {

@@ -1,7 +1,10 @@
 //! Header parsing. Every function returns `Err(reason)` for a packet it does
 //! not fully understand; the caller passes such packets on untouched.
 
-use ::core::mem::offset_of;
+use ::core::{
+    mem::offset_of,
+    ptr::{read_volatile, write_volatile},
+};
 use lb_common::{
     reason, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
@@ -38,13 +41,16 @@ pub struct Seg {
 }
 
 /// What the network layer told us.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct L3 {
-    pub family: u8,
-    pub proto: u8,
+    /// First and 8-byte aligned: stored (and zeroed) a word at a time. At
+    /// an odd alignment LLVM calls a byte-by-byte `memset`/`memcpy` on BPF
+    /// for every packet.
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    pub family: u8,
+    pub proto: u8,
     pub ttl: u8,
     /// IPv4 total length or IPv6 payload length + 40.
     pub ip_len: u16,
@@ -66,6 +72,46 @@ impl L3 {
         } else {
             L4_OFF_V4
         }
+    }
+}
+
+/// Zeroes an address four bytes at a time (`= [0; 16]` compiles to a call
+/// to a byte-by-byte `memset` on BPF).
+///
+/// # Safety
+///
+/// `dst` is 4-byte aligned.
+#[inline(always)]
+pub unsafe fn zero_addr(dst: *mut [u8; 16]) {
+    let d = dst as *mut u32;
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: inside `dst`, aligned by the caller's promise.
+        unsafe { write_volatile(d.add(i), 0) };
+        i += 1;
+    }
+}
+
+/// Copies an IPv6 address into or out of the packet two bytes at a time
+/// (IPv6 addresses sit at even offsets from the frame's start). `*dst =
+/// *src` would compile to a call to a byte-by-byte `memcpy` (the packet
+/// gives LLVM no alignment); volatile keeps it from turning this back into
+/// one.
+///
+/// # Safety
+///
+/// Both point to 16 bytes, at even addresses, in the packet (bounds
+/// checked by `ptr_at`) or in memory of ours.
+#[inline(always)]
+pub unsafe fn copy_addr(dst: *mut [u8; 16], src: *const [u8; 16]) {
+    let s = src as *const u16;
+    let d = dst as *mut u16;
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: by the caller's promise. Two-byte accesses at even
+        // addresses (BPF would allow them unaligned on these hosts anyway).
+        unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        i += 1;
     }
 }
 
@@ -101,8 +147,11 @@ fn ipv4<C: Packet>(ctx: &C, out: &mut L3) -> Result<(), u32> {
     }
     out.family = FAMILY_V4;
     out.proto = ip.proto;
-    out.src = [0; 16];
-    out.dst = [0; 16];
+    // SAFETY: `L3` is 8-byte aligned and its addresses come first.
+    unsafe {
+        zero_addr(&mut out.src);
+        zero_addr(&mut out.dst);
+    }
     out.src[..4].copy_from_slice(&ip.src_addr);
     out.dst[..4].copy_from_slice(&ip.dst_addr);
     out.ttl = ip.ttl;
@@ -132,8 +181,12 @@ fn ipv6<C: Packet>(ctx: &C, out: &mut L3) -> Result<(), u32> {
     }
     out.family = FAMILY_V6;
     out.proto = nh;
-    out.src = ip.src_addr;
-    out.dst = ip.dst_addr;
+    // SAFETY: the header was bounds-checked by `ptr_at`; its addresses
+    // start at even offsets, `out` is 8-byte aligned.
+    unsafe {
+        copy_addr(&mut out.src, &ip.src_addr);
+        copy_addr(&mut out.dst, &ip.dst_addr);
+    }
     out.ttl = ip.hop_limit;
     out.ip_len = u16::from_be_bytes(ip.payload_len).wrapping_add(Ipv6Hdr::LEN as u16);
     Ok(())
