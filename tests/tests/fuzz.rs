@@ -36,7 +36,10 @@ use tests::packet::*;
 const DEFAULT_XDP_PACKETS: u64 = 1_000_000;
 /// How often the reason totals are reconciled with the runs so far.
 const RECONCILE_EVERY: u64 = 50_000;
-/// How often a backend changes state and a table flips.
+/// How often a backend changes state and a table flips (and the flood
+/// guard goes on or off): every this many runs, or more often in a short
+/// run, so that even one of 24,000 packets (the VM layer's) sees at least
+/// eight rounds.
 const CHURN_EVERY: u64 = 100_000;
 
 struct SvcModel {
@@ -776,6 +779,7 @@ fn fuzz_xdp_and_tc() {
     let mut violations: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let start = Instant::now();
     let total = xdp_packets + tc_packets;
+    let churn_every = CHURN_EVERY.min(total / 8).max(1);
     let (mut xdp_left, mut tc_left) = (xdp_packets, tc_packets);
 
     // Frames the kernel refuses to run do not count towards the totals.
@@ -870,8 +874,8 @@ fn fuzz_xdp_and_tc() {
                 stats.drops
             );
         }
-        if stats.runs.is_multiple_of(CHURN_EVERY) {
-            churn(&mut lab, &mut model, stats.runs / CHURN_EVERY);
+        if stats.runs.is_multiple_of(churn_every) {
+            churn(&mut lab, &mut model, stats.runs / churn_every);
         }
     }
     let reasons = lab.reasons();
