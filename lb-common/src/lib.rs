@@ -39,8 +39,16 @@ pub const MAP_UNANSWERED: &str = "UNANSWERED";
 /// Per-CPU event counters, indexed like [`event::NAMES`].
 pub const MAP_EVENT_STATS: &str = "EVENT_STATS";
 
+/// Program arrays (not pinned) holding each hook's log program: the main
+/// programs tail-call it when a packet has a rare line to log.
+pub const MAP_LOG_XDP: &str = "LOG_XDP";
+pub const MAP_LOG_TC: &str = "LOG_TC";
+
 pub const PROG_XDP: &str = "xdplb_xdp";
 pub const PROG_TC: &str = "xdplb_tc";
+/// The log programs (never attached; see [`MAP_LOG_XDP`]).
+pub const PROG_XDP_LOG: &str = "xdplb_xdp_log";
+pub const PROG_TC_LOG: &str = "xdplb_tc_log";
 
 // ---- load-time constants (read-only globals the loader sets) -----------------
 /// How the TC program patches TCP/UDP checksums of IPv6 packets: one of the

@@ -23,6 +23,7 @@ use crate::{
     ctx::Packet,
     fwd,
     maps::{Probe, Scratch, BACKENDS, CONNS, MAGLEV, REFUSED, UNANSWERED},
+    note,
     parse::{TCP_ACK, TCP_RST, TCP_SYN},
     stats,
 };
@@ -364,6 +365,7 @@ pub fn forward<C: Packet>(
         found = true;
     }
     let guard = s.flood.count(now, cfg.flood_new_flows_per_cpu);
+    note::flood(s, guard, cfg.flood_new_flows_per_cpu, now);
     if guard {
         stats::event(event::FLOOD_GUARD_ACTIVE);
     }

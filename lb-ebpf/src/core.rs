@@ -10,7 +10,7 @@ use crate::{
     ctx::Packet,
     fwd, icmp,
     maps::{self, Scratch, CONFIG, SERVICES, SNAT_ADDRS},
-    nat, parse,
+    nat, note, parse,
     parse::{copy_addr, zero_addr},
     stats,
 };
@@ -98,7 +98,13 @@ pub fn run<C: Packet>(ctx: &mut C) -> Out {
         // failed, which changes nothing): untouched, like any truncated packet.
         (None, _) => Out::pass(reason::PASS_TRUNCATED),
         (Some(()), Some(s)) => match process(ctx, s, len) {
-            Ok(out) | Err(out) => out,
+            Ok(out) => out,
+            Err(out) => {
+                if out.verdict == Verdict::Drop {
+                    note::drop(s, out.reason);
+                }
+                out
+            }
         },
         // A per-CPU array slot always exists; kept for the verifier.
         (Some(()), None) => Out::pass(reason::PASS_BAD_HEADER),

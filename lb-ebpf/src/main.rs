@@ -18,24 +18,52 @@ mod fwd;
 mod icmp;
 mod maps;
 mod nat;
+mod note;
 mod parse;
 mod stats;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
+    bindings::{xdp_action, TC_ACT_SHOT},
+    macros::{classifier, map, xdp},
+    maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
+
+/// Each hook's log program (`note::hand_over`), filled in at load: a
+/// program array takes programs of one type only.
+#[map(name = "LOG_XDP")]
+static LOG_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map(name = "LOG_TC")]
+static LOG_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn xdplb_xdp(ctx: XdpContext) -> u32 {
     let mut pkt = ctx::Xdp(ctx);
-    core::run(&mut pkt).xdp_action()
+    let action = core::run(&mut pkt).xdp_action();
+    note::hand_over(&pkt.0, action, &LOG_XDP);
+    action
 }
 
 #[classifier]
 pub fn xdplb_tc(ctx: TcContext) -> i32 {
     let mut pkt = ctx::Tc(ctx);
-    core::run(&mut pkt).tc_action()
+    let action = core::run(&mut pkt).tc_action();
+    note::hand_over(&pkt.0, action as u32, &LOG_TC);
+    action
+}
+
+/// `xdplb_xdp`'s rare log lines (note.rs); ends the packet's run with the
+/// action `xdplb_xdp` chose. Dropping is the safe answer to the impossible
+/// case (no scratch slot): the packet may be rewritten already.
+#[xdp]
+pub fn xdplb_xdp_log(_ctx: XdpContext) -> u32 {
+    note::write().unwrap_or(xdp_action::XDP_DROP)
+}
+
+/// `xdplb_tc`'s rare log lines, as `xdplb_xdp_log`.
+#[classifier]
+pub fn xdplb_tc_log(_ctx: TcContext) -> i32 {
+    note::write().map_or(TC_ACT_SHOT, |a| a as i32)
 }
 
 #[cfg(not(test))]

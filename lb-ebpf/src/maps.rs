@@ -110,6 +110,8 @@ pub struct Scratch {
     pub probe: Probe,
     /// The flood guard's count on this CPU; kept from packet to packet.
     pub flood: FloodWindow,
+    /// Rate limits of the data plane's log lines; kept like `flood`.
+    pub log: crate::note::LogGate,
 }
 
 /// The state of a new flow's SNAT port probes.

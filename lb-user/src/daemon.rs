@@ -742,6 +742,12 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
         maglev_capacity,
         l4_csum: crate::maps::L4Csum::Probe,
     })?;
+    // Before attaching: the programs' first lines are read too. The task
+    // ends with the runtime.
+    match dp.take_log(crate::logging::DataPlaneLog) {
+        Ok(log) => drop(tokio::spawn(crate::logging::drain_data_plane(log))),
+        Err(e) => tracing::warn!("{e:#}; the data plane's counters still count"),
+    }
     let adopted_conns = dp.conns().map(|c| c.len()).unwrap_or(0);
     if adopted_conns > 0 {
         tracing::info!(entries = adopted_conns, "adopted pinned connection table");

@@ -9,6 +9,10 @@
 //!   bits_offset`; the kernel rejects the BTF rustc emits for some types,
 //!   and aya loads the programs without it). That dump is replaced by one
 //!   debug line naming the kernel's reason.
+//! - The data plane's own lines (flood guard on and off, SNAT ports
+//!   exhausted, no route; lb-ebpf/src/note.rs) come through aya-log's ring
+//!   buffer; [`drain_data_plane`] re-emits each as an event with
+//!   `source="dataplane"`. The kernel side rate-limits them.
 
 use std::{fmt, io::IsTerminal as _};
 
@@ -85,4 +89,56 @@ pub fn init(format: LogFormat) {
         .with(fmt)
         .with((!explicit_aya).then_some(BtfNote))
         .init();
+}
+
+/// Re-emits aya-log records from the data plane as tracing events.
+pub struct DataPlaneLog;
+
+impl log::Log for DataPlaneLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let msg = r.args();
+        match r.level() {
+            log::Level::Error => tracing::error!(source = "dataplane", "{msg}"),
+            log::Level::Warn => tracing::warn!(source = "dataplane", "{msg}"),
+            log::Level::Info => tracing::info!(source = "dataplane", "{msg}"),
+            log::Level::Debug => tracing::debug!(source = "dataplane", "{msg}"),
+            log::Level::Trace => tracing::trace!(source = "dataplane", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Logs the data plane's lines as they arrive, until the task is dropped.
+pub async fn drain_data_plane(logger: aya_log::EbpfLogger<DataPlaneLog>) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the logger owns the ring buffer's fd (its `MapData`) and
+    // moves into the `AsyncFd`, so the fd stays open, and the same, for the
+    // `AsyncFd`'s whole life.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            let e = e.into_parts().1;
+            tracing::warn!(
+                "the data plane's log lines cannot be read (epoll: {e}); its counters still count"
+            );
+            return;
+        }
+    };
+    loop {
+        let mut ready = match fd.readable_mut().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("stopped reading the data plane's log lines: {e}");
+                return;
+            }
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }

@@ -13,15 +13,15 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, MAP_BACKENDS,
-    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_MAGLEV, MAP_REASON_STATS,
-    MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_UNANSWERED,
-    PROG_TC, PROG_XDP,
+    MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_LOG_TC, MAP_LOG_XDP, MAP_MAGLEV,
+    MAP_REASON_STATS, MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS,
+    MAP_UNANSWERED, PROG_TC, PROG_TC_LOG, PROG_XDP, PROG_XDP_LOG,
 };
 
 /// The eBPF object, built by `build.rs` through aya-build.
@@ -124,6 +124,8 @@ pub struct DataPlane {
     events: PerCpuArray<MapData, u64>,
     /// `MAGLEV` mapped into this process, when the map allows it.
     maglev_mem: Option<MaglevMem>,
+    /// `LOG_XDP` and `LOG_TC`, held so that their entries stay.
+    _log_progs: Vec<ProgramArray<MapData>>,
 }
 
 /// `BPF_F_MMAPABLE` (uapi `linux/bpf.h`).
@@ -272,7 +274,7 @@ impl DataPlane {
             .override_global(lb_common::GLOBAL_L4_CSUM, &l4_csum, true)
             .load(EBPF_OBJECT)
             .context("loading the xdplb eBPF object (are you root, is bpffs mounted?)")?;
-        for name in [PROG_XDP, PROG_TC] {
+        for name in [PROG_XDP, PROG_TC, PROG_XDP_LOG, PROG_TC_LOG] {
             let prog = ebpf
                 .program_mut(name)
                 .with_context(|| format!("eBPF object has no program {name}"))?;
@@ -282,6 +284,22 @@ impl DataPlane {
                 _ => bail!("program {name} has an unexpected type"),
             }
             .with_context(|| format!("the kernel verifier rejected {name}"))?;
+        }
+        // Each hook hands its rare log lines to its log program (a tail
+        // call; lb-ebpf/src/note.rs). The arrays keep their entries while
+        // this process holds them: without a reader the lines stop too.
+        let mut log_progs = Vec::new();
+        for (map, prog) in [(MAP_LOG_XDP, PROG_XDP_LOG), (MAP_LOG_TC, PROG_TC_LOG)] {
+            let mut array: ProgramArray<MapData> = take(&mut ebpf, map)?;
+            let fd = match ebpf.program(prog) {
+                Some(aya::programs::Program::Xdp(p)) => p.fd()?,
+                Some(aya::programs::Program::SchedClassifier(p)) => p.fd()?,
+                _ => bail!("eBPF object has no program {prog} of the expected type"),
+            };
+            array
+                .set(0, fd, 0)
+                .with_context(|| format!("putting {prog} into {map}"))?;
+            log_progs.push(array);
         }
         let maglev_mem = match ebpf.map(MAP_MAGLEV) {
             Some(aya::maps::Map::Array(data)) => MaglevMem::open(data)
@@ -307,6 +325,7 @@ impl DataPlane {
             refused: take(&mut ebpf, MAP_REFUSED)?,
             events: take(&mut ebpf, MAP_EVENT_STATS)?,
             pin_dir: opts.pin_dir.clone(),
+            _log_progs: log_progs,
             ebpf,
         };
         let cfg = dp.config()?;
@@ -322,6 +341,14 @@ impl DataPlane {
             );
         }
         Ok(dp)
+    }
+
+    /// The data plane's log (aya-log's ring buffer of this load) for
+    /// [`crate::logging::drain_data_plane`]. Once per load.
+    /// Each record goes to `logger` when the logger is flushed.
+    pub fn take_log<T: log::Log>(&mut self, logger: T) -> Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .context("opening the data plane's log ring buffer (AYA_LOGS)")
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -932,7 +932,24 @@ pub struct PacketLab {
     next_service_id: u32,
     next_backend: u32,
     next_maglev_base: u32,
+    /// The data plane's log (aya-log), taken at the first `log_lines`.
+    log: Option<(aya_log::EbpfLogger<LogCapture>, LogCapture)>,
     _not_send: PhantomData<*const ()>,
+}
+
+/// Collects the data plane's log lines (aya-log records) for a test.
+#[derive(Clone, Default)]
+pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for LogCapture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        let line = format!("{} {}", r.level(), r.args());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+    fn flush(&self) {}
 }
 
 /// Fails loudly when not root: these tests cannot mean anything otherwise.
@@ -1027,6 +1044,7 @@ impl PacketLab {
             next_service_id: 1,
             next_backend: 1,
             next_maglev_base: 0,
+            log: None,
             _not_send: PhantomData,
         };
         lab.configure()?;
@@ -1056,6 +1074,22 @@ impl PacketLab {
 
     pub fn dp(&self) -> &DataPlane {
         self.dp.as_ref().expect("data plane is loaded")
+    }
+
+    /// The data plane's log lines ("LEVEL message") written since the last
+    /// call (all since the load at the first).
+    pub fn log_lines(&mut self) -> Vec<String> {
+        if self.log.is_none() {
+            let capture = LogCapture::default();
+            let logger = self
+                .dp_mut()
+                .take_log(capture.clone())
+                .expect("the data plane's log ring buffer");
+            self.log = Some((logger, capture));
+        }
+        let (logger, capture) = self.log.as_mut().expect("taken above");
+        logger.flush();
+        std::mem::take(&mut *capture.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Changes CONFIG with `f`.

@@ -198,6 +198,9 @@ pub struct DaemonConfig {
     /// Top-level settings written before everything else (e.g.
     /// `backend_slots = 4`), one per line.
     pub extra_top: String,
+    /// Settings added to `[conntrack]` (e.g.
+    /// `flood_new_flows_per_second = 2`), one per line.
+    pub extra_conntrack: String,
 }
 
 impl DaemonConfig {
@@ -214,6 +217,7 @@ impl DaemonConfig {
             closing_timeout: Duration::from_secs(10),
             udp: true,
             extra_top: String::new(),
+            extra_conntrack: String::new(),
         }
     }
 
@@ -226,6 +230,7 @@ impl DaemonConfig {
         s.push_str(&self.extra_top);
         let _ = writeln!(s, "\n[conntrack]");
         let _ = writeln!(s, "closing_timeout = {}", ms(self.closing_timeout));
+        s.push_str(&self.extra_conntrack);
         let _ = writeln!(s, "\n[[service]]");
         let _ = writeln!(s, "name = \"web\"");
         let _ = writeln!(s, "listen = \"{VIP}:{HTTP_PORT}/tcp\"");

@@ -99,3 +99,54 @@ fn daemon_start_logs_json_without_the_btf_dump() {
         messages.len()
     );
 }
+
+/// The data plane's own lines reach the daemon's log (aya-log), marked
+/// `source=dataplane`, once per event however many packets it hits: a
+/// flood-guard threshold of 2 new flows per second, then 40 connections.
+#[test]
+fn the_data_planes_lines_reach_the_daemon_log() {
+    let tb = Testbed::build(Mode::Tc, Topology::new(1))
+        .unwrap_or_else(|e| panic!("building the testbed: {e:#}"));
+    let mut cfg = tb.daemon_config();
+    cfg.udp = false;
+    cfg.extra_conntrack = "flood_new_flows_per_second = 2\n".into();
+    let mut args = tb
+        .config_args(&cfg)
+        .unwrap_or_else(|e| panic!("writing the config: {e:#}"));
+    args.extend(["--log-format".to_string(), "json".to_string()]);
+    let mut d = tb
+        .start_daemon(&args)
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+    d.wait_ready().unwrap_or_else(|e| panic!("{e:#}"));
+    let url = tb.url("/");
+    let mut answered = 0;
+    for _ in 0..40 {
+        if tb.client().get(&url).is_ok() {
+            answered += 1;
+        }
+    }
+    // Fresh SYNs still start flows under the guard.
+    assert_eq!(
+        answered, 40,
+        "every connection answered under the flood guard"
+    );
+    d.wait_log("flood guard on on cpu", std::time::Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    d.sigterm().unwrap_or_else(|e| panic!("{e:#}"));
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("flood guard on on cpu"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // One CPU or both may have seen more than its share (one new flow a
+    // second each); each says so once in the 10 s its lines are limited to.
+    assert!(
+        (1..=2).contains(&lines.len()),
+        "one line per CPU at most:\n{log}"
+    );
+    for l in &lines {
+        assert_eq!(l["source"], "dataplane", "{l}");
+        assert_eq!(l["level"], "WARN", "{l}");
+    }
+}

@@ -59,6 +59,7 @@ both_hooks!(
     replies_count_only_from_the_backend_side,
     icmp_errors_count_only_from_the_quoted_side_of_live_flows,
     the_flow_hash_is_keyed,
+    rare_drops_and_the_flood_guard_reach_the_log_once,
 );
 
 // ---- shared setup ----------------------------------------------------------------
@@ -1379,6 +1380,81 @@ fn fresh_syns_leave_draining_and_refused_flows(hook: Hook) {
 }
 
 // ---- 9. SNAT exhaustion -------------------------------------------------------------------------
+
+/// SNAT exhaustion and the flood guard going on and off reach the data
+/// plane's log (aya-log), one line each however many packets they hit.
+fn rare_drops_and_the_flood_guard_reach_the_log_once(hook: Hook) {
+    let mut lab = lab(hook, "ratelog");
+    lab.stay_on_one_cpu();
+    let vip = sock(std::net::Ipv4Addr::new(10, 0, 0, 101), 80);
+    let svc = lab.add_service(vip, PROTO_TCP, 45000..=45001, &backends_v4(&[19], 80));
+    for cport in [46001u16, 46002] {
+        let (action, _) = lab.run(
+            hook,
+            &Pkt::tcp(client(CLIENT_V4, cport), vip, TCP_SYN).build(),
+        );
+        assert_eq!(action, hook.redirect(), "flow from port {cport}");
+    }
+    assert_eq!(lab.log_lines(), Vec::<String>::new(), "nothing rare yet");
+    let before = lab.reasons();
+    for cport in 46003u16..46053 {
+        let (action, _) = lab.run(
+            hook,
+            &Pkt::tcp(client(CLIENT_V4, cport), vip, TCP_SYN).build(),
+        );
+        assert_eq!(action, hook.drop_(), "flow from port {cport}");
+    }
+    let after = lab.reasons();
+    let dropped =
+        after[reason::DROP_SNAT_EXHAUSTED as usize] - before[reason::DROP_SNAT_EXHAUSTED as usize];
+    assert_eq!(dropped, 50);
+    let lines = lab.log_lines();
+    let backend = svc.backend_sock(svc.backends[0].0);
+    assert_eq!(lines.len(), 1, "50 exhausted drops, one line: {lines:#?}");
+    assert!(
+        lines[0].starts_with("WARN SNAT ports exhausted: a packet to 10.0.0.101:80 (rewritten to ")
+            && lines[0].contains(&format!(
+                "(rewritten to {backend}) was dropped (drop_snat_exhausted; 0 more on cpu "
+            ))
+            && lines[0].ends_with(" since the last line)"),
+        "{lines:#?}"
+    );
+
+    // The flood guard: one line when it goes on, one when a new flow finds
+    // it off again (at most two one-second windows after the flood).
+    let other = tcp_v4_service(&mut lab);
+    lab.set_config(|c| c.flood_new_flows_per_cpu = 3);
+    let flows = |lab: &mut PacketLab, ports: std::ops::Range<u16>| {
+        for p in ports {
+            let syn = Pkt::tcp(client(CLIENT_V4, p), sock(VIP_V4, 80), TCP_SYN);
+            let (action, _) = lab.run(hook, &syn.build());
+            assert_eq!(action, hook.redirect(), "SYN from port {p}");
+        }
+    };
+    flows(&mut lab, 47000..47020);
+    let lines = lab.log_lines();
+    assert_eq!(
+        lines.len(),
+        1,
+        "20 new flows over a limit of 3, one line: {lines:#?}"
+    );
+    assert!(
+        lines[0].starts_with("WARN flood guard on on cpu ")
+            && lines[0].contains("(limit 3 new flows per second): segments that match no flow"),
+        "{lines:#?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    flows(&mut lab, 47020..47021);
+    let lines = lab.log_lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("WARN flood guard off on cpu ")
+            && lines[0]
+                .ends_with("(limit 3 new flows per second): new flows are handled as usual again"),
+        "{lines:#?}"
+    );
+    let _ = other;
+}
 
 fn snat_exhaustion_drops(hook: Hook) {
     let mut lab = lab(hook, "snat");
