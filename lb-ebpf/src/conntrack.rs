@@ -15,14 +15,15 @@ use lb_common::{
     event, forward_establishes, hash::flow_hash, is_fresh_syn, reason, refused_within_hold,
     reply_establishes, same_addr, tcp_state_after, Backend, Config, Conn, FlowKey, Service,
     BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK,
-    CONN_F_UNANSWERED, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_OPEN, TCP_STATE_RESET,
+    CONN_F_UNANSWERED, FLOOD_WINDOW_NS, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_OPEN,
+    TCP_STATE_RESET,
 };
 
 use crate::{
     core::Out,
     ctx::Packet,
     fwd,
-    maps::{Probe, Scratch, BACKENDS, CONNS, MAGLEV, REFUSED, UNANSWERED},
+    maps::{Probe, Scratch, BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, UNANSWERED},
     note,
     parse::{TCP_ACK, TCP_RST, TCP_SYN},
     stats,
@@ -364,8 +365,9 @@ pub fn forward<C: Packet>(
         release(&UNANSWERED, s);
         found = true;
     }
-    let guard = s.flood.count(now, cfg.flood_new_flows_per_cpu);
-    note::flood(s, guard, cfg.flood_new_flows_per_cpu, now);
+    let local = s.flood.count(now, cfg.flood_new_flows_per_cpu);
+    note::flood(s, local, cfg.flood_new_flows_per_cpu, now);
+    let guard = flood_guard(local, cfg.flood_new_flows_per_cpu, now);
     if guard {
         stats::event(event::FLOOD_GUARD_ACTIVE);
     }
@@ -382,6 +384,33 @@ pub fn forward<C: Packet>(
     s.guard = guard as u32;
     new_flow(ctx, s, svc, cfg, now)?;
     Ok(true)
+}
+
+/// Is the flood guard on for this new flow? On when this CPU counts a
+/// flood (`local`, which then publishes it), or while another CPU's
+/// published guard lasts (unless the guard is off: `limit` 0).
+#[inline(always)]
+fn flood_guard(local: bool, limit: u32, now: u64) -> bool {
+    if limit == 0 {
+        return false;
+    }
+    let Some(p) = FLOOD_UNTIL.get_ptr_mut(0) else {
+        return local;
+    };
+    // SAFETY: an array slot from a successful lookup; a plain u64 that
+    // CPUs race on harmlessly (each writes a time a window ahead).
+    let until = unsafe { *p };
+    if local {
+        let want = now + FLOOD_WINDOW_NS;
+        // Written a few times a window, not per packet: no cache line
+        // bouncing between the CPUs of a flood.
+        if until < want - FLOOD_WINDOW_NS / 4 {
+            // SAFETY: as above.
+            unsafe { *p = want };
+        }
+        return true;
+    }
+    now < until
 }
 
 /// Sets the TCP state of the entry at `key` in `t`.
@@ -634,9 +663,17 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     // passes because a staleness check costs the verifier about 15,000
     // instructions per probe: on all SNAT_PROBES probes it would take most
     // of its budget of 1,000,000.
+    // Under the flood guard the free-port pass stops early: with the range
+    // full of a flood's reservations, 32 probes of two tables each would
+    // cost every flood SYN more than the rest of its path.
+    let free_probes = if s.guard != 0 {
+        FLOOD_FREE_PROBES
+    } else {
+        SNAT_PROBES
+    };
     if !probe_port(s, cfg, 0) {
         let mut i = 1;
-        while i < SNAT_PROBES && i < range {
+        while i < free_probes && i < range {
             if probe_free_port(s, i) {
                 break;
             }
@@ -651,7 +688,14 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
         }
     }
     let mut got = s.probe.got;
-    if got == 0 && s.guard != 0 && s.probe.oldest_port_be != 0 {
+    // Every probed port is held: under the flood guard, the new flow takes
+    // the port of the unanswered flow idle the longest; without it, only
+    // when that flow has been waiting for the backend for RECLAIM_IDLE_NS
+    // (a flood's leftovers, or a SYN the client will send again anyway).
+    if got == 0
+        && s.probe.oldest_port_be != 0
+        && (s.guard != 0 || now.saturating_sub(s.probe.oldest_seen) >= RECLAIM_IDLE_NS)
+    {
         let port_be = s.probe.oldest_port_be;
         if take_over(s, port_be) {
             got = port_be;
@@ -669,6 +713,15 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     }
     0
 }
+
+/// Under the flood guard: how many ports the free-port pass probes.
+const FLOOD_FREE_PROBES: u32 = 4;
+
+/// Without the flood guard, how long an unanswered flow must have been idle
+/// before a new flow that found every probed port held may take its port.
+/// A client retransmits an unanswered SYN after 1 s; its flow then starts
+/// afresh.
+const RECLAIM_IDLE_NS: u64 = 1_000_000_000;
 
 /// How many of the probed ports a new flow may also take from a stale
 /// reservation (or, under the flood guard, from the longest-idle unanswered

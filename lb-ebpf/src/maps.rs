@@ -131,6 +131,14 @@ pub struct Probe {
     pub got: u16,
 }
 
+/// Until when (`bpf_ktime_get_ns`) some CPU's flood guard is on: the
+/// guard then holds on every CPU (`conntrack::forward`). A flood arriving
+/// on one receive queue is counted by one CPU, while the SNAT ports it
+/// holds are shared by all. Written only under a flood, at most a few
+/// times per window.
+#[map(name = "FLOOD_UNTIL")]
+pub static FLOOD_UNTIL: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 

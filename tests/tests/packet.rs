@@ -1991,6 +1991,17 @@ fn flood_guard_drops_non_syn_misses_and_takes_idle_ports(hook: Hook) {
         &c.build(),
         reason::DROP_SNAT_EXHAUSTED,
     );
+    // ... until its unanswered holder has waited a second for the backend:
+    // then the new flow takes the port, guard or not.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let before = lab.events();
+    let (_, port) = new_flow(&mut lab, hook, &one, &c);
+    assert_eq!(port, 45000);
+    assert_eq!(
+        event_delta(&before, &lab.events()),
+        [("flood_port_taken", 1)]
+    );
+    assert_eq!(lab.conn(&b.flow_key()), None, "{}", lab.dump_conns());
 }
 
 fn replies_count_only_from_the_backend_side(hook: Hook) {

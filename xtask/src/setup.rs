@@ -55,6 +55,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "AAAA records for the VM's IPv6 smoke through the daemon",
     ),
     (
+        "hping3",
+        "SYN and ACK floods and forged packets in the hostile layer (tests under_attack) and the bench",
+    ),
+    (
         "procps",
         "sysctl, copied into the VM with iproute2 and ethtool",
     ),
