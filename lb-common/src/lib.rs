@@ -461,6 +461,36 @@ impl Conn {
 /// long it stays on after the last new flow above its threshold.
 pub const FLOOD_WINDOW_NS: u64 = 1_000_000_000;
 
+/// The SYN challenge under the flood guard (docs/DATAPLANE.md §8): a SYN
+/// that comes again between these two ages of its first copy passes.
+pub const SYN_RETRY_MIN_NS: u64 = 500_000_000;
+pub const SYN_RETRY_MAX_NS: u64 = 10_000_000_000;
+/// How long a source that passed the challenge passes at once (refreshed by
+/// each of its SYNs that passes).
+pub const SOURCE_VOUCHED_NS: u64 = 60_000_000_000;
+/// Slots of the challenge's tables (`SYN_PENDING`, by flow; `SYN_SOURCES`,
+/// by source): powers of two. 8 MiB and 256 KiB.
+pub const SYN_PENDING_SLOTS: u32 = 1 << 21;
+pub const SYN_SOURCE_SLOTS: u32 = 1 << 16;
+
+/// A challenge slot: when (`bpf_ktime_get_ns` in 2^24 ns ticks, 20 bits:
+/// wraps after 4.9 h) and a 12-bit tag of the hash that chose the slot
+/// (another flow or source in the same slot is not taken for this one).
+#[inline(always)]
+pub fn syn_stamp(now_ns: u64, hash: u32) -> u32 {
+    (((now_ns >> 24) as u32 & 0xf_ffff) << 12) | (hash >> 20)
+}
+
+/// The age of a slot written by [`syn_stamp`], if it holds `hash`'s tag.
+#[inline(always)]
+pub fn syn_stamp_age(stamp: u32, now_ns: u64, hash: u32) -> Option<u64> {
+    if stamp == 0 || stamp & 0xfff != hash >> 20 {
+        return None;
+    }
+    let ticks = ((now_ns >> 24) as u32).wrapping_sub(stamp >> 12) & 0xf_ffff;
+    Some((ticks as u64) << 24)
+}
+
 /// The flood guard's state on one CPU (the data plane keeps one per CPU, so
 /// counting costs no atomic operation): new flows counted in the current
 /// one-second window, and until when the guard is on. Like Katran's
@@ -566,7 +596,12 @@ pub mod reason {
     /// A TCP segment with RST that misses the connection table: there is
     /// nothing to reset, so no flow (and no SNAT port) is made for it.
     pub const DROP_RST_NO_CONN: u32 = 26;
-    pub const COUNT: u32 = 27;
+    /// Under the flood guard, a fresh SYN from a source that has not shown
+    /// it is real yet: dropped, and remembered; the same SYN sent again
+    /// (a real client retransmits after 1 s) passes and vouches for its
+    /// source (docs/DATAPLANE.md §8).
+    pub const DROP_SYN_CHALLENGE: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -597,6 +632,7 @@ pub mod reason {
         "drop_icmp_rejected",
         "drop_flood_guard",
         "drop_rst_no_conn",
+        "drop_syn_challenge",
     ];
 }
 
@@ -620,7 +656,10 @@ pub mod event {
     /// Under the flood guard a new flow found every probed SNAT port held
     /// and took the one of the longest-idle unanswered flow.
     pub const FLOOD_PORT_TAKEN: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Under the flood guard a SYN came again in time: its source is
+    /// vouched for (its SYNs pass at once for `SOURCE_VOUCHED_NS`).
+    pub const SOURCE_VOUCHED: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -630,6 +669,7 @@ pub mod event {
         "rst_freed",
         "flood_guard_active",
         "flood_port_taken",
+        "source_vouched",
     ];
 }
 

@@ -13,17 +13,21 @@ use ::core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use lb_common::{
     event, forward_establishes, hash::flow_hash, is_fresh_syn, reason, refused_within_hold,
-    reply_establishes, same_addr, tcp_state_after, Backend, Config, Conn, FlowKey, Service,
-    BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK,
-    CONN_F_UNANSWERED, FLOOD_WINDOW_NS, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES, TCP_STATE_OPEN,
-    TCP_STATE_RESET,
+    reply_establishes, same_addr, syn_stamp, syn_stamp_age, tcp_state_after, Backend, Config, Conn,
+    FlowKey, Service, BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN,
+    CONN_F_SYNACK, CONN_F_UNANSWERED, FLOOD_WINDOW_NS, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES,
+    SOURCE_VOUCHED_NS, SYN_PENDING_SLOTS, SYN_RETRY_MAX_NS, SYN_RETRY_MIN_NS, SYN_SOURCE_SLOTS,
+    TCP_STATE_OPEN, TCP_STATE_RESET,
 };
 
 use crate::{
     core::Out,
     ctx::Packet,
     fwd,
-    maps::{Probe, Scratch, BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, UNANSWERED},
+    maps::{
+        Probe, Scratch, BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, SYN_PENDING, SYN_SOURCES,
+        UNANSWERED,
+    },
     note,
     parse::{TCP_ACK, TCP_RST, TCP_SYN},
     stats,
@@ -355,7 +359,7 @@ pub fn forward<C: Packet>(
                 release(&UNANSWERED, s);
                 stats::event(event::RST_FREED);
             } else if proto != PROTO_TCP || flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK {
-                establish_forward(s, flags, now);
+                establish_forward(s, cfg, flags, now);
             }
             return Ok(false);
         }
@@ -380,6 +384,9 @@ pub fn forward<C: Packet>(
         if guard {
             return Err(Out::drop(reason::DROP_FLOOD_GUARD));
         }
+    }
+    if guard && fresh_syn && !found && !challenge(s, cfg, now) {
+        return Err(Out::drop(reason::DROP_SYN_CHALLENGE));
     }
     s.guard = guard as u32;
     new_flow(ctx, s, svc, cfg, now)?;
@@ -411,6 +418,81 @@ fn flood_guard(local: bool, limit: u32, now: u64) -> bool {
         return true;
     }
     now < until
+}
+
+/// Under the flood guard: may this fresh SYN start a flow? Yes when its
+/// source passed the challenge within `SOURCE_VOUCHED_NS`, or when this
+/// very SYN (same 4-tuple) was dropped between `SYN_RETRY_MIN_NS` and
+/// `SYN_RETRY_MAX_NS` ago: a real client retransmits after 1 s, a flood
+/// from random sources never repeats itself. That passes and vouches for
+/// the source. Otherwise the SYN is remembered and dropped: a flood's SYNs
+/// cost no entry, no port and no backend work. Both tables are indexed by
+/// the keyed flow hash, so an outsider cannot aim at a slot.
+#[inline(never)]
+fn challenge(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
+    let (src_slot, src_hash) = source_slot(s, cfg);
+    let Some(src_slot) = src_slot else {
+        return true;
+    };
+    // SAFETY: an array slot from a successful lookup; a plain u32 that
+    // CPUs race on harmlessly (the worst case: one more challenge).
+    let vouched = unsafe { *src_slot };
+    if syn_stamp_age(vouched, now, src_hash).is_some_and(|age| age < SOURCE_VOUCHED_NS) {
+        // SAFETY: as above.
+        unsafe { *src_slot = syn_stamp(now, src_hash) };
+        return true;
+    }
+    let flow = flow_hash(&s.key, &cfg.hash_key);
+    let Some(slot) = SYN_PENDING.get_ptr_mut(flow & (SYN_PENDING_SLOTS - 1)) else {
+        return true;
+    };
+    // SAFETY: as above.
+    let seen = unsafe { *slot };
+    if syn_stamp_age(seen, now, flow)
+        .is_some_and(|age| (SYN_RETRY_MIN_NS..SYN_RETRY_MAX_NS).contains(&age))
+    {
+        // SAFETY: as above (both slots, from their lookups).
+        unsafe {
+            *slot = 0;
+            *src_slot = syn_stamp(now, src_hash);
+        }
+        stats::event(event::SOURCE_VOUCHED);
+        return true;
+    }
+    // SAFETY: as above.
+    unsafe { *slot = syn_stamp(now, flow) };
+    false
+}
+
+/// The `SYN_SOURCES` slot of the packet's source, and the source's hash.
+#[inline(always)]
+fn source_slot(s: &mut Scratch, cfg: &Config) -> (Option<*mut u32>, u32) {
+    // The source alone: a FlowKey with everything but `src` zero.
+    s.key3 = FlowKey {
+        src: s.key.src,
+        dst: [0; 16],
+        sport_be: 0,
+        dport_be: 0,
+        proto: 0,
+        family: s.key.family,
+        _pad: [0; 2],
+    };
+    let hash = flow_hash(&s.key3, &cfg.hash_key);
+    (SYN_SOURCES.get_ptr_mut(hash & (SYN_SOURCE_SLOTS - 1)), hash)
+}
+
+/// A client completed a handshake (it acknowledged the backend's SYN-ACK
+/// exactly, which only a real source can): its SYNs pass the challenge at
+/// once from now on, for `SOURCE_VOUCHED_NS`. Whether or not the guard is
+/// on: the guard comes and goes with the load, and a client must not pay
+/// the challenge again each time it comes back.
+#[inline(never)]
+fn vouch(s: &mut Scratch, cfg: &Config, now: u64) {
+    let (slot, hash) = source_slot(s, cfg);
+    if let Some(slot) = slot {
+        // SAFETY: an array slot from a successful lookup (see `challenge`).
+        unsafe { *slot = syn_stamp(now, hash) };
+    }
 }
 
 /// Sets the TCP state of the entry at `key` in `t`.
@@ -461,7 +543,7 @@ fn reset_reverse(s: &mut Scratch) {
 /// The client's packet on an unanswered flow: establishes it if it proves
 /// the backend answered (`forward_establishes`).
 #[inline(always)]
-fn establish_forward(s: &mut Scratch, flags: u8, now: u64) {
+fn establish_forward(s: &mut Scratch, cfg: &Config, flags: u8, now: u64) {
     mirror_key(&s.conn, s.key.proto, s.key.family, &mut s.key2);
     // SAFETY: read-only, copied at once.
     let Some(r) = (unsafe { UNANSWERED.get(&s.key2) }) else {
@@ -478,6 +560,9 @@ fn establish_forward(s: &mut Scratch, flags: u8, now: u64) {
     s.conn.last_seen_ns = now;
     s.conn.tcp_state = tcp_state_after(s.conn.tcp_state, flags);
     promote(s);
+    if s.key.proto == PROTO_TCP {
+        vouch(s, cfg, now);
+    }
 }
 
 /// Creates a new flow for `s.key`: picks its backend, routes the packet

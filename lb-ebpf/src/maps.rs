@@ -139,6 +139,15 @@ pub struct Probe {
 #[map(name = "FLOOD_UNTIL")]
 pub static FLOOD_UNTIL: Array<u64> = Array::with_max_entries(1, 0);
 
+/// The SYN challenge under the flood guard (`conntrack::challenge`): when
+/// a fresh SYN was last dropped, by flow (`lb_common::syn_stamp`), and
+/// when a source last passed, by source. Not pinned: a restart starts the
+/// challenge over, which costs a vouched client one retransmitted SYN.
+#[map(name = "SYN_PENDING")]
+pub static SYN_PENDING: Array<u32> = Array::with_max_entries(lb_common::SYN_PENDING_SLOTS, 0);
+#[map(name = "SYN_SOURCES")]
+pub static SYN_SOURCES: Array<u32> = Array::with_max_entries(lb_common::SYN_SOURCE_SLOTS, 0);
+
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 

@@ -207,7 +207,8 @@ fn flood_line(s: &mut Scratch, on: bool) {
     let (state, what) = if on {
         (
             "on",
-            "segments that match no flow and are not SYNs are dropped (drop_flood_guard)",
+            "segments that match no flow are dropped (drop_flood_guard), SYNs until \
+             they are sent again (drop_syn_challenge)",
         )
     } else {
         ("off", "new flows are handled as usual again")

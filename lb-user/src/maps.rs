@@ -669,22 +669,26 @@ fn check_pinned_abi(pin_dir: &Path) -> Result<()> {
 /// fail on the missing slots. Its counters start again from zero (the other
 /// maps, the connection table included, are kept).
 fn drop_resized_reason_stats(pin_dir: &Path) -> Result<()> {
-    let path = pin_dir.join(MAP_REASON_STATS);
-    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-        return Ok(());
-    }
-    let entries = MapData::from_pin(&path)
-        .and_then(|m| m.info())
-        .map(|i| i.max_entries())
-        .with_context(|| format!("reading {}", path.display()))?;
-    if entries != lb_common::reason::COUNT {
-        tracing::info!(
-            "{} has {entries} reasons, this build counts {}: replacing it (reason counters \
-             start from zero)",
-            path.display(),
-            lb_common::reason::COUNT
-        );
-        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    for (map, count, what) in [
+        (MAP_REASON_STATS, lb_common::reason::COUNT, "reasons"),
+        (MAP_EVENT_STATS, lb_common::event::COUNT, "events"),
+    ] {
+        let path = pin_dir.join(map);
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let entries = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries())
+            .with_context(|| format!("reading {}", path.display()))?;
+        if entries != count {
+            tracing::info!(
+                "{} has {entries} {what}, this build counts {count}: replacing it ({what} \
+                 counters start from zero)",
+                path.display(),
+            );
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        }
     }
     Ok(())
 }

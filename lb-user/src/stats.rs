@@ -1505,7 +1505,8 @@ mod tests {
                 {"name": "unanswered_expired", "count": 0, "per_sec": null},
                 {"name": "rst_freed", "count": 0, "per_sec": null},
                 {"name": "flood_guard_active", "count": 0, "per_sec": null},
-                {"name": "flood_port_taken", "count": 0, "per_sec": null}
+                {"name": "flood_port_taken", "count": 0, "per_sec": null},
+                {"name": "source_vouched", "count": 0, "per_sec": null}
             ],
             "conntrack": {"entries": 6, "capacity": 1000, "fill": 0.006, "live_flows": 3,
                 "unanswered": {"entries": 2, "capacity": 500, "fill": 0.004, "live_flows": 1}}
@@ -1663,7 +1664,7 @@ web (0.0.0.0:80/tcp)                10  1000 B          4       3
 REASON           PACKETS   BYTES
 pass_no_service        2   120 B
 fwd_redirect          10  1000 B
-(25 reasons at zero not shown; --json lists all)
+(26 reasons at zero not shown; --json lists all)
 events: established 4
 
 connection table: 6 of 1,000 entries (0.6% full), 3 live flows

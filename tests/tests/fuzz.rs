@@ -914,6 +914,7 @@ fn fuzz_xdp_and_tc() {
         reason::PASS_NO_SERVICE,
         reason::DROP_REPLY_WRONG_IFACE,
         reason::DROP_FLOOD_GUARD,
+        reason::DROP_SYN_CHALLENGE,
         reason::DROP_RST_NO_CONN,
     ] {
         assert!(

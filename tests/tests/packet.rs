@@ -1431,7 +1431,13 @@ fn rare_drops_and_the_flood_guard_reach_the_log_once(hook: Hook) {
             assert_eq!(action, hook.redirect(), "SYN from port {p}");
         }
     };
-    flows(&mut lab, 47000..47020);
+    flows(&mut lab, 47000..47003);
+    // Over the limit: the guard goes on; the SYN challenge drops these.
+    for p in 47003..47020 {
+        let syn = Pkt::tcp(client(CLIENT_V4, p), sock(VIP_V4, 80), TCP_SYN);
+        let (action, _) = lab.run(hook, &syn.build());
+        assert_eq!(action, hook.drop_(), "SYN from port {p}");
+    }
     let lines = lab.log_lines();
     assert_eq!(
         lines.len(),
@@ -1920,17 +1926,65 @@ fn flood_guard_drops_non_syn_misses_and_takes_idle_ports(hook: Hook) {
             "new flow {p} is under the limit"
         );
     }
-    // Over the limit: SYNs still get through, counted.
+    // Over the limit: the SYN challenge. A fresh SYN from a source not
+    // vouched for is dropped and remembered; sent again too soon (a flood
+    // repeating itself), dropped again; sent again after 0.5 s (a real
+    // client retransmits after 1 s), it starts its flow and vouches for
+    // the source, whose next SYNs pass at once.
+    let stranger = std::net::Ipv4Addr::new(10, 0, 0, 3);
+    let first = Pkt::tcp(client(stranger, 44404), vip, TCP_SYN);
+    for what in ["a SYN under the guard", "the same SYN again at once"] {
+        let before = lab.events();
+        expect_drop(
+            &mut lab,
+            hook,
+            what,
+            None,
+            &first.build(),
+            reason::DROP_SYN_CHALLENGE,
+        );
+        assert_eq!(
+            event_delta(&before, &lab.events()),
+            [("flood_guard_active", 1)]
+        );
+        assert_eq!(lab.conn(&first.flow_key()), None);
+    }
+    // Another flow of the same source is not vouched for by the first.
+    let other = Pkt::tcp(client(stranger, 44409), vip, TCP_SYN);
+    expect_drop(
+        &mut lab,
+        hook,
+        "another flow",
+        None,
+        &other.build(),
+        reason::DROP_SYN_CHALLENGE,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let before = lab.events();
+    new_flow(&mut lab, hook, &svc, &first);
+    assert_eq!(
+        event_delta(&before, &lab.events()),
+        [("flood_guard_active", 1), ("source_vouched", 1)]
+    );
+    let before = lab.events();
+    new_flow(&mut lab, hook, &svc, &other);
+    assert_eq!(
+        event_delta(&before, &lab.events()),
+        [("flood_guard_active", 1)],
+        "a vouched source's SYN passes at once"
+    );
+    // CLIENT_V4 completed a handshake before the flood: vouched for too.
     let before = lab.events();
     new_flow(
         &mut lab,
         hook,
         &svc,
-        &Pkt::tcp(client(CLIENT_V4, 44404), vip, TCP_SYN),
+        &Pkt::tcp(client(CLIENT_V4, 44410), vip, TCP_SYN),
     );
     assert_eq!(
         event_delta(&before, &lab.events()),
-        [("flood_guard_active", 1)]
+        [("flood_guard_active", 1)],
+        "a source with an established connection passes at once"
     );
     // A segment other than a SYN that misses: dropped, no state.
     let ack = Pkt::tcp(client(CLIENT_V4, 44405), vip, TCP_ACK);

@@ -29,26 +29,7 @@ use tests::{
     },
 };
 
-#[test]
-fn tc() {
-    floods_and_forgeries_cost_live_flows_nothing(Mode::Tc);
-}
-
-/// Fails today, so ignored (run it with `-- --ignored`): in XDP mode
-/// hping3 floods at about 200,000 SYNs per second here (TC mode slows it to
-/// about 25,000), every SYN of the flood is forwarded to a task, and the
-/// tasks' SYN-ACKs come back through the balancer; on this 2-core machine
-/// that work starves everything else. Measured (2026-12-03): 53/98 new
-/// connections during the flood, 1 of 4 keep-alive connections failed;
-/// everything after the flood and every forgery check passes. The way out
-/// is to stop forwarding a flood's SYNs under the guard (SYN cookies or a
-/// retransmission challenge in the data plane), the under-attack issue's
-/// remaining work.
-#[test]
-#[ignore = "XDP: a 200k SYN/s flood starves this 2-core host (see the comment)"]
-fn xdp() {
-    floods_and_forgeries_cost_live_flows_nothing(Mode::Xdp);
-}
+tests::both_modes!(floods_and_forgeries_cost_live_flows_nothing);
 
 const TASKS: usize = 3;
 const KEEPALIVE: usize = 4;
