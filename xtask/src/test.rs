@@ -121,7 +121,7 @@ pub fn test() -> Result<()> {
 
     // Debian 12's kernel in qemu (TCG): the packet tests, the fuzz run
     // (shortened) and the daemon end to end on 6.1. No root needed; about
-    // 6 minutes on 2 cores. `XDPLB_TEST_VM=0` skips it (says so below).
+    // 8 minutes on 2 cores. `XDPLB_TEST_VM=0` skips it (says so below).
     layers.push(timed("VM (Debian 12 kernel 6.1)", || {
         if std::env::var_os("XDPLB_TEST_VM").is_some_and(|v| v == "0") {
             let why = "XDPLB_TEST_VM=0 (run it alone with `cargo xtask vm-test`)";

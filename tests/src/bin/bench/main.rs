@@ -11,6 +11,7 @@
 //! These machines are noisy, so the ratio to the baseline is the headline.
 //! Nothing here is a test assertion: targets are printed beside results.
 
+mod attack;
 mod charts;
 mod control;
 mod dataplane;
@@ -59,15 +60,18 @@ enum Section {
     Memory,
     /// §7: the cost of a `/metrics` scrape with full tables.
     Metrics,
+    /// §8: floods against HAProxy and xdplb.
+    Attack,
 }
 
 impl Section {
-    const ALL: [(&'static str, Section); 5] = [
+    const ALL: [(&'static str, Section); 6] = [
         ("dataplane", Section::Dataplane),
         ("e2e", Section::E2e),
         ("control", Section::Control),
         ("memory", Section::Memory),
         ("metrics", Section::Metrics),
+        ("attack", Section::Attack),
     ];
 
     fn parse_list(list: &str) -> Result<Vec<Section>> {
@@ -125,7 +129,7 @@ fn parse_args() -> Result<Args> {
                      (default 1M), shorter live-frames and wrk runs. --no-write: print only.\n\
                      --no-e2e: skip the parts that run the daemon in the namespace testbed: the\n\
                      comparison with HAProxy (needs haproxy, wrk, bpftool and the xdplb binary)\n\
-                     and the memory figures. --only dataplane,e2e,control,memory,metrics: run just\n\
+                     and the memory figures. --only dataplane,e2e,control,memory,metrics,attack: run just\n\
                      these sections and print them (implies --no-write), for iterating on one.\n\
                      Needs root."
                 );
@@ -973,6 +977,25 @@ fn main() -> Result<()> {
             Err(e) => {
                 println!("metrics scrape not measured: {e:#}");
                 not_measured.push(scrape::NOT_MEASURED);
+            }
+        }
+    }
+
+    if args.wants(Section::Attack) {
+        if plan.e2e_secs == 0 {
+            not_measured.push(attack::NOT_MEASURED);
+        } else {
+            let secs = if args.quick { 3 } else { 5 };
+            match attack::run(secs, |what| progress.say(what)) {
+                Ok(rows) => {
+                    let t = attack::table(&rows, secs);
+                    t.print();
+                    tables.push(t);
+                }
+                Err(e) => {
+                    println!("under attack not measured: {e:#}");
+                    not_measured.push(attack::NOT_MEASURED);
+                }
             }
         }
     }
