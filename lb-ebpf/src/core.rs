@@ -89,28 +89,35 @@ impl Out {
     }
 }
 
+/// Runs the core on one packet: its fate, and whether it noted a log line
+/// for the hook's log program (`note::hand_over`).
 #[inline(always)]
-pub fn run<C: Packet>(ctx: &mut C) -> Out {
+pub fn run<C: Packet>(ctx: &mut C) -> (Out, bool) {
     let pulled = ctx.prepare();
     let len = ctx.frame_len();
+    let mut log = false;
     let out = match (pulled, maps::scratch()) {
         // The headers could not be made readable (TC: `bpf_skb_pull_data`
         // failed, which changes nothing): untouched, like any truncated packet.
         (None, _) => Out::pass(reason::PASS_TRUNCATED),
-        (Some(()), Some(s)) => match process(ctx, s, len) {
-            Ok(out) => out,
-            Err(out) => {
-                if out.verdict == Verdict::Drop {
-                    note::drop(s, out.reason);
+        (Some(()), Some(s)) => {
+            let out = match process(ctx, s, len) {
+                Ok(out) => out,
+                Err(out) => {
+                    if out.verdict == Verdict::Drop {
+                        note::drop(s, out.reason);
+                    }
+                    out
                 }
-                out
-            }
-        },
+            };
+            log = s.log.pending != 0;
+            out
+        }
         // A per-CPU array slot always exists; kept for the verifier.
         (Some(()), None) => Out::pass(reason::PASS_BAD_HEADER),
     };
     stats::reason(out.reason, len);
-    out
+    (out, log)
 }
 
 #[inline(always)]

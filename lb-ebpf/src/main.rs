@@ -39,16 +39,22 @@ static LOG_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[xdp]
 pub fn xdplb_xdp(ctx: XdpContext) -> u32 {
     let mut pkt = ctx::Xdp(ctx);
-    let action = core::run(&mut pkt).xdp_action();
-    note::hand_over(&pkt.0, action, &LOG_XDP);
+    let (out, log) = core::run(&mut pkt);
+    let action = out.xdp_action();
+    if log {
+        note::hand_over(&pkt.0, action, &LOG_XDP);
+    }
     action
 }
 
 #[classifier]
 pub fn xdplb_tc(ctx: TcContext) -> i32 {
     let mut pkt = ctx::Tc(ctx);
-    let action = core::run(&mut pkt).tc_action();
-    note::hand_over(&pkt.0, action as u32, &LOG_TC);
+    let (out, log) = core::run(&mut pkt);
+    let action = out.tc_action();
+    if log {
+        note::hand_over(&pkt.0, action as u32, &LOG_TC);
+    }
     action
 }
 

@@ -46,7 +46,7 @@ pub struct LogGate {
     flood_on: u32,
     /// `LINE_*` bits this packet's log program writes (0: none, no tail
     /// call), with what they need that the scratch does not keep.
-    pending: u32,
+    pub pending: u32,
     pending_held: u32,
     limit: u32,
     /// The hook's return value, which the log program returns.
@@ -115,7 +115,8 @@ pub fn flood(s: &mut Scratch, guard: bool, limit: u32, now: u64) {
     s.log.limit = limit;
 }
 
-/// The end of a hook's run: when this packet noted a line, hands over to
+/// The end of a hook's run, when this packet noted a line (`core::run`
+/// says so, so other packets pay no lookup here): hands over to
 /// the hook's log program (`progs[0]`), which writes it and returns
 /// `action` for us. The verifier then walks the aya-log code once, in that
 /// program, instead of on every path of this one (it costs thousands of

@@ -96,14 +96,20 @@ pub fn run(secs: u64, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
     {
         let tb = Testbed::new(Mode::Tc, BACKENDS)?;
         tb.client_reuses_time_wait()?;
-        progress(&format!("under attack: {} ({secs} s per flood)", Balancer::Haproxy.label()));
+        progress(&format!(
+            "under attack: {} ({secs} s per flood)",
+            Balancer::Haproxy.label()
+        ));
         {
             let h = Haproxy::start(&tb, false)?;
             wait_backends(&tb, BACKENDS, "HAProxy to reach every backend")
                 .with_context(|| format!("HAProxy's log ends:\n{}", h.log_tail()))?;
             floods(&tb, Balancer::Haproxy, secs, &mut out)?;
         }
-        progress(&format!("under attack: {} ({secs} s per flood)", Balancer::XdplbTc.label()));
+        progress(&format!(
+            "under attack: {} ({secs} s per flood)",
+            Balancer::XdplbTc.label()
+        ));
         let daemon = tb.start_daemon(&tb.daemon_args()?)?;
         wait_backends(&tb, BACKENDS, "xdplb to reach every backend")?;
         floods(&tb, Balancer::XdplbTc, secs, &mut out)?;
@@ -113,7 +119,10 @@ pub fn run(secs: u64, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
     {
         let tb = Testbed::new(Mode::Xdp, BACKENDS)?;
         tb.client_reuses_time_wait()?;
-        progress(&format!("under attack: {} ({secs} s per flood)", Balancer::XdplbXdp.label()));
+        progress(&format!(
+            "under attack: {} ({secs} s per flood)",
+            Balancer::XdplbXdp.label()
+        ));
         let daemon = tb.start_daemon(&tb.daemon_args()?)?;
         wait_backends(&tb, BACKENDS, "xdplb to reach every backend")?;
         floods(&tb, Balancer::XdplbXdp, secs, &mut out)?;
