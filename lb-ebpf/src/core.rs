@@ -1,7 +1,10 @@
 //! The one core both hooks run: parse, reply path, service lookup,
 //! connection table, rewrite, forward. docs/DATAPLANE.md walks through it.
 
-use ::core::ptr::write_volatile;
+use ::core::{
+    mem::size_of,
+    ptr::{read_volatile, write_volatile},
+};
 use aya_ebpf::bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT};
 use lb_common::{reason, Config, Service};
 
@@ -204,15 +207,33 @@ fn service(s: &mut Scratch) -> Option<&'static Service> {
     s.svc_key.port_be = s.key.dport_be;
     s.svc_key.proto = s.key.proto;
     s.svc_key.family = s.key.family;
-    // SAFETY: SERVICES is not preallocated, so an update swaps in a new
-    // element and frees the old one after an RCU grace period: the Service
-    // read through this pointer is one consistent version for the whole run,
-    // which is what makes a Maglev flip atomic (see maps.rs).
-    if let Some(svc) = unsafe { SERVICES.get(&s.svc_key) } {
-        return Some(svc);
+    let p = match SERVICES.get_ptr(&s.svc_key) {
+        Some(p) => p,
+        None => {
+            // SAFETY: `ServiceKey` is 4-byte aligned, its address at 0.
+            unsafe { zero_addr(&mut s.svc_key.addr) };
+            SERVICES.get_ptr(&s.svc_key)?
+        }
+    };
+    // Copied, not kept: an update swaps in a new element, but the kernel's
+    // BPF allocator may hand the old one to the next update before this run
+    // ends (no RCU grace period on reuse since 6.1), and a Service read
+    // field by field across the new-flow path was seen torn (the Maglev half
+    // of one version, the SNAT range of another: tests `flip`). The copy is
+    // one version, which is what makes a Maglev flip atomic (see maps.rs).
+    // Into per-CPU map memory, not the stack: the verifier tracks stack
+    // values and would walk the new-flow path once per variant.
+    let copy = maps::SVC_COPY.get_ptr_mut(0)?;
+    // SAFETY: `p` is a successful lookup's pointer to a whole Service,
+    // `copy` this CPU's slot (used by one program run at a time); both
+    // 4-byte aligned, 40 bytes.
+    unsafe {
+        let (src, dst) = (p as *const u32, copy as *mut u32);
+        let mut i = 0;
+        while i < size_of::<Service>() / 4 {
+            write_volatile(dst.add(i), read_volatile(src.add(i)));
+            i += 1;
+        }
+        Some(&*copy)
     }
-    // SAFETY: `ServiceKey` is 4-byte aligned, its address at 0.
-    unsafe { zero_addr(&mut s.svc_key.addr) };
-    // SAFETY: as above.
-    unsafe { SERVICES.get(&s.svc_key) }
 }

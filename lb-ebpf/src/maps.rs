@@ -18,12 +18,14 @@ use crate::parse::{Seg, L3};
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-/// Not preallocated (`BPF_F_NO_PREALLOC`): a replaced element is freed only
-/// after an RCU grace period, so a program that looked up the old value keeps
-/// reading that one consistent version until it returns. With preallocation
-/// the kernel recycles the replaced element for the next update at once
-/// (kernel/bpf/hashtab.c, `extra_elems`, commit 8c290e60fa2a), and a Maglev
-/// flip would no longer be atomic for a reader caught between two updates.
+/// Not preallocated (`BPF_F_NO_PREALLOC`): an update swaps in a new element
+/// instead of rewriting the old one in place (with preallocation the kernel
+/// recycles the replaced element for the next update at once:
+/// kernel/bpf/hashtab.c, `extra_elems`, commit 8c290e60fa2a). The old
+/// element is freed to the BPF allocator, which since 6.1 may reuse it
+/// before an RCU grace period ends, so the data plane copies the value
+/// right after its lookup (`core::service`) and reads only the copy: one
+/// consistent version per packet, which is what makes a Maglev flip atomic.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> =
     HashMap::pinned(MAX_SERVICES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
@@ -147,6 +149,10 @@ pub static FLOOD_UNTIL: Array<u64> = Array::with_max_entries(1, 0);
 pub static SYN_PENDING: Array<u32> = Array::with_max_entries(lb_common::SYN_PENDING_SLOTS, 0);
 #[map(name = "SYN_SOURCES")]
 pub static SYN_SOURCES: Array<u32> = Array::with_max_entries(lb_common::SYN_SOURCE_SLOTS, 0);
+
+/// This CPU's copy of the packet's `SERVICES` value (`core::service`).
+#[map(name = "SVC_COPY")]
+pub static SVC_COPY: PerCpuArray<Service> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -31,15 +31,15 @@
 //!
 //! Plus: every packet is forwarded (no drop, `drop_*` counters stay 0).
 //!
-//! What "no torn read" assumes: the program reads `SERVICES` and then its one
-//! `MAGLEV` slot a few instructions apart. Neither the `Writer` nor this
-//! flipper waits for an RCU grace period before rewriting the half that was
-//! live a flip ago, and `SERVICES` is a preallocated hash map, whose replaced
-//! element becomes the CPU's spare and is overwritten by that CPU's next
-//! update of an existing key (kernel/bpf/hashtab.c, `alloc_htab_elem` and
-//! `extra_elems`, Linux 4.11 commit 8c290e60fa2a). A program stalled between
-//! its two lookups for a whole generation could therefore see a torn table,
-//! and this test would count it as torn.
+//! What "no torn read" assumes: the program copies the `SERVICES` value
+//! right after its lookup (`core::service`: the kernel's BPF allocator may
+//! reuse a replaced element before an RCU grace period ends, and a run that
+//! read the value field by field was once seen with the Maglev half of one
+//! generation and the SNAT range of another), and reads its one `MAGLEV`
+//! slot soon after. Neither the `Writer` nor this flipper waits for a grace
+//! period before rewriting the half that was live a flip ago, so a program
+//! stalled between the copy and the slot read for a whole generation could
+//! still see a torn table, and this test would count it as torn.
 //!
 //! Run as root, one test at a time (the lab moves its thread into its own
 //! network namespace):
