@@ -212,6 +212,31 @@ enum Verb {
         args: Vec<String>,
     },
 
+    /// Compare the per-packet costs (bench §1) of another revision with this checkout's. Root.
+    ///
+    /// Builds REV's bench in a worktree of its own (target/bench-ab/<rev>,
+    /// kept for the next comparison) and this checkout's, then runs
+    /// `bench --only dataplane --quick` of each in alternating rounds and
+    /// prints each case's cost above the paired empty program, the median
+    /// over rounds, beside the other side's, with the change. Single full
+    /// runs move 10-20% from run to run here; this is how a change of a few
+    /// per cent is told (e.g. "no more than 5% worse than before").
+    ///
+    /// Example:
+    ///   cargo xtask bench-ab 77bd37e
+    ///   cargo xtask bench-ab HEAD~3 --rounds 7
+    #[command(verbatim_doc_comment)]
+    BenchAb {
+        /// The revision to compare with (anything `git rev-parse` takes).
+        rev: String,
+        /// Rounds per side.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Test runs per case and round (the bench's --runs).
+        #[arg(long, default_value_t = 20_000)]
+        runs: u32,
+    },
+
     /// The guided demo on a namespace testbed: 10 tasks, scale 10 -> 3 -> 12, a task dies. Root.
     ///
     /// Runs `setup`, builds the daemon and the demo in the dev profile
@@ -299,6 +324,7 @@ fn dispatch(verb: Verb) -> Result<()> {
             only,
         }),
         Verb::Bench { quick, args } => bench::bench(quick, &args),
+        Verb::BenchAb { rev, rounds, runs } => bench::bench_ab(&rev, rounds, runs),
         Verb::Demo { keep, xdp } => demo::demo(keep, xdp),
         Verb::SwarmE2e { keep } => swarm::swarm_e2e(keep),
     }
