@@ -67,6 +67,15 @@ pub const L4_CSUM_COMPENSATE: u32 = 1;
 /// kernel that lacks a flag we pass. Never set by the daemon.
 pub const L4_CSUM_FAULT: u32 = 2;
 
+/// How long the data plane uses a next hop it cached (egress interface,
+/// MACs: `NEXT_HOPS`, per CPU) before it asks the FIB again. A neighbour
+/// whose MAC changes (a task re-created at the same address: Docker no
+/// longer derives MACs from IPs), a route that moves or an interface that
+/// goes is seen at most this late (plus a tick of the coarse clock). A new
+/// task at a reused address takes longer than this to pass DNS and health
+/// checks; a flow to a departed one fails either way.
+pub const NEXT_HOP_TTL_NS: u64 = 50_000_000;
+
 // ---- capacities ---------------------------------------------------------------
 /// Service ids index the per-service counters; 0 is never used.
 pub const MAX_SERVICES: u32 = 1024;

@@ -3,14 +3,22 @@
 //! A rewritten packet must never reach the local stack: its source is one of
 //! our own addresses, and the stack drops it as a martian.
 
-use ::core::{mem::size_of, ptr::write_volatile};
+use ::core::{
+    mem::size_of,
+    ptr::{read_volatile, write_volatile},
+};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
 };
-use lb_common::Conn;
+use lb_common::{Conn, NEXT_HOP_TTL_NS};
 
-use crate::{core::Out, ctx::Packet, maps::Scratch, parse::L3};
+use crate::{
+    core::Out,
+    ctx::Packet,
+    maps::{NextHop, NextHopKey, Scratch, NEXT_HOPS},
+    parse::L3,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -49,8 +57,73 @@ pub fn route<C: Packet>(
     fib: &mut bpf_fib_lookup,
     c: &Conn,
 ) -> Result<(), Out> {
-    let rc = lookup(ctx, l3, fib, c);
+    let rc = cached_lookup(ctx, l3, fib, c);
     ctx.can_send(rc, fib)
+}
+
+/// [`lookup`] through this CPU's `NEXT_HOPS`: a fresh entry for the
+/// destination and ingress interface, made by a lookup for a packet at
+/// least this long (the MTU check: XDP passes the length, TC's skb is
+/// checked by the kernel), fills in what `can_send` and `send` read (the egress interface
+/// and both MACs) and returns the cached code. Otherwise the FIB is asked,
+/// and a usable answer (a route, with or without a neighbour) is cached.
+#[inline(always)]
+fn cached_lookup<C: Packet>(ctx: &mut C, l3: &L3, fib: &mut bpf_fib_lookup, c: &Conn) -> i64 {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let d = &c.new_dst;
+    let key = NextHopKey {
+        addr: [
+            u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
+            u32::from_ne_bytes([d[4], d[5], d[6], d[7]]),
+            u32::from_ne_bytes([d[8], d[9], d[10], d[11]]),
+            u32::from_ne_bytes([d[12], d[13], d[14], d[15]]),
+        ],
+        ingress: ctx.ingress_ifindex(),
+        family: l3.family as u32,
+    };
+    if let Some(h) = NEXT_HOPS.get_ptr(&key) {
+        // SAFETY: this CPU's value from a successful lookup; only programs
+        // on this CPU write it, never while this one runs.
+        let h = unsafe { &*h };
+        if now.wrapping_sub(h.at_ns) < NEXT_HOP_TTL_NS && l3.ip_len <= h.ok_len {
+            fib.ifindex = h.ifindex;
+            copy_mac(&mut fib.smac, &h.smac);
+            copy_mac(&mut fib.dmac, &h.dmac);
+            return h.rc as i64;
+        }
+    }
+    let rc = lookup(ctx, l3, fib, c);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        let mut h = NextHop {
+            at_ns: now,
+            ifindex: fib.ifindex,
+            rc: rc as u32,
+            smac: [0; 6],
+            dmac: [0; 6],
+            ok_len: l3.ip_len,
+            _pad: 0,
+        };
+        copy_mac(&mut h.smac, &fib.smac);
+        copy_mac(&mut h.dmac, &fib.dmac);
+        // A full map evicts this CPU's least recently used entry; a failed
+        // insert only costs the next packet a lookup.
+        let _ = NEXT_HOPS.insert(&key, &h, 0);
+    }
+    rc
+}
+
+/// Copies a MAC address two bytes at a time (a plain copy becomes a call
+/// to a byte-by-byte `memcpy` on BPF).
+#[inline(always)]
+fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+    let mut i = 0;
+    while i < 6 {
+        // SAFETY: inside both 6-byte arrays.
+        unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        i += 1;
+    }
 }
 
 /// Zeroes the lookup's parameters (all-zero is their "unset" state), four

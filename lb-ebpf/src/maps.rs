@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FloodWindow, FlowKey, Service, ServiceKey,
@@ -149,6 +149,46 @@ pub static FLOOD_UNTIL: Array<u64> = Array::with_max_entries(1, 0);
 pub static SYN_PENDING: Array<u32> = Array::with_max_entries(lb_common::SYN_PENDING_SLOTS, 0);
 #[map(name = "SYN_SOURCES")]
 pub static SYN_SOURCES: Array<u32> = Array::with_max_entries(lb_common::SYN_SOURCE_SLOTS, 0);
+
+/// A next hop as `bpf_fib_lookup` found it (`fwd::route`), cached per CPU
+/// for `NEXT_HOP_TTL_NS`: the lookup is the largest single cost of a
+/// forwarded packet. Keyed by the rewritten destination and the ingress
+/// interface (the lookup's other inputs: the source is one of our own
+/// addresses, the length is checked against `ok_len`). Not pinned: a
+/// restart starts it empty.
+#[map(name = "NEXT_HOPS")]
+pub static NEXT_HOPS: LruPerCpuHashMap<NextHopKey, NextHop> =
+    LruPerCpuHashMap::with_max_entries(NEXT_HOPS_CAPACITY, 0);
+
+/// Destinations cached per CPU: backends and client-side neighbours.
+pub const NEXT_HOPS_CAPACITY: u32 = 4096;
+
+/// `NEXT_HOPS` key: all words, so a key built on the stack has no padding
+/// the verifier would see uninitialised.
+#[repr(C)]
+pub struct NextHopKey {
+    pub addr: [u32; 4],
+    pub ingress: u32,
+    pub family: u32,
+}
+
+/// `NEXT_HOPS` value: what `fwd::route` and the hook's `send` read from
+/// `bpf_fib_lookup`.
+#[repr(C)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` of the lookup.
+    pub at_ns: u64,
+    pub ifindex: u32,
+    /// The lookup's code: `BPF_FIB_LKUP_RET_SUCCESS` or `_NO_NEIGH`.
+    pub rc: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// The IP length of the packet the lookup was made for: the MTU check
+    /// passed for it, so it holds for packets no longer. A GSO packet in
+    /// TC (its IP length is the whole super-packet) is always looked up.
+    pub ok_len: u16,
+    pub _pad: u16,
+}
 
 /// This CPU's copy of the packet's `SERVICES` value (`core::service`).
 #[map(name = "SVC_COPY")]

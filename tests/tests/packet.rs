@@ -7,12 +7,15 @@
 //! network namespace):
 //! `cargo test -p tests --test packet -- --test-threads=1`
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use lb_common::{
     event, reason, Conn, Counters, FlowKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
-    CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK, CONN_F_UNANSWERED, PROTO_TCP,
-    PROTO_UDP, TCP_STATE_OPEN, TCP_STATE_RESET,
+    CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN, CONN_F_SYNACK, CONN_F_UNANSWERED, NEXT_HOP_TTL_NS,
+    PROTO_TCP, PROTO_UDP, TCP_STATE_OPEN, TCP_STATE_RESET,
 };
 use tests::packet::*;
 
@@ -49,6 +52,7 @@ both_hooks!(
     fresh_syns_leave_draining_and_refused_flows,
     snat_exhaustion_drops,
     no_neighbour_and_oversized,
+    next_hops_are_cached_briefly,
     tcp_flows_are_established_by_the_backends_answer,
     udp_flows_are_established_when_the_client_speaks_again,
     unanswered_flows_expire_and_free_their_port,
@@ -2215,6 +2219,143 @@ fn the_flow_hash_is_keyed(hook: Hook) {
 }
 
 // ---- forwarding corner cases ------------------------------------------------------------------------
+
+/// The data plane caches each next hop per CPU for `NEXT_HOP_TTL_NS`
+/// (`NEXT_HOPS`): a route that goes, a neighbour whose MAC changes and a
+/// route that comes back are all seen once it has passed, and the MTU
+/// check is never skipped for a packet longer than the one the cached
+/// lookup was made for.
+fn next_hops_are_cached_briefly(hook: Hook) {
+    let mut lab = lab(hook, "nhop");
+    let svc = tcp_v4_service(&mut lab);
+    let syn = Pkt::tcp(client(CLIENT_V4, 40200), sock(VIP_V4, 80), TCP_SYN);
+    let (backend, port) = new_flow(&mut lab, hook, &svc, &syn);
+    let ack = Pkt::tcp(client(CLIENT_V4, 40200), sock(VIP_V4, 80), TCP_ACK);
+    let want = forwarded(hook, &ack, &svc, backend, port);
+    expect(
+        &mut lab,
+        hook,
+        "the flow's next packet",
+        &ack.build(),
+        hook.redirect(),
+        &want.build(),
+    );
+    // Past the TTL and a tick of the coarse clock (at most 10 ms).
+    let expire =
+        || std::thread::sleep(Duration::from_nanos(NEXT_HOP_TTL_NS) + Duration::from_millis(60));
+
+    let target = format!("{}/32", svc.backend_sock(backend).ip());
+    lab.ns
+        .ip(&["route", "add", "unreachable", &target])
+        .expect("adding a route");
+    expire();
+    match hook {
+        Hook::Xdp => {
+            let before = lab.reasons();
+            expect(
+                &mut lab,
+                hook,
+                "no route to the backend any more",
+                &ack.build(),
+                XDP_PASS,
+                &ack.build(),
+            );
+            expect_one_reason("no route", &before, &lab.reasons(), &[reason::PASS_XDP_FIB]);
+        }
+        Hook::Tc => expect_drop(
+            &mut lab,
+            hook,
+            "no route to the backend any more",
+            None,
+            &ack.build(),
+            reason::DROP_NO_ROUTE,
+        ),
+    }
+    lab.ns
+        .ip(&["route", "del", "unreachable", &target])
+        .expect("removing the route");
+    expire();
+    expect(
+        &mut lab,
+        hook,
+        "the route is back",
+        &ack.build(),
+        hook.redirect(),
+        &want.build(),
+    );
+
+    if hook == Hook::Xdp {
+        // The task re-created at the same address with another MAC.
+        let mac = [0x02, 0, 0, 0, 0x77, 0x77];
+        let ip = svc.backend_sock(backend).ip();
+        let original = neighbour_mac(ip).expect("the lab's backends have neighbours");
+        let addr = ip.to_string();
+        let nud = ["nud", "permanent"];
+        let set = |lab: &PacketLab, m: [u8; 6]| {
+            let mut args = vec!["neigh", "replace", addr.as_str(), "lladdr"];
+            let m = mac_str(m);
+            args.extend([m.as_str(), "dev", "back"]);
+            args.extend(nud);
+            lab.ns.ip(&args).expect("replacing the neighbour");
+        };
+        set(&lab, mac);
+        expire();
+        let moved = want.clone().with_eth(BACK_MAC, mac);
+        expect(
+            &mut lab,
+            hook,
+            "the backend's new MAC",
+            &ack.build(),
+            hook.redirect(),
+            &moved.build(),
+        );
+        set(&lab, original);
+    }
+
+    // A small packet caches the next hop; a longer one on the same flow is
+    // still checked against the MTU (1500).
+    let udp = lab.add_service(
+        sock(VIP_V4, 53),
+        PROTO_UDP,
+        42000..=42999,
+        &backends_v4(&[15], 53),
+    );
+    let small = Pkt::udp(client(CLIENT_V4, 40201), sock(VIP_V4, 53), b"q");
+    let (b, p) = new_flow(&mut lab, hook, &udp, &small);
+    let again = forwarded(hook, &small, &udp, b, p);
+    expect(
+        &mut lab,
+        hook,
+        "the small packet again",
+        &small.build(),
+        hook.redirect(),
+        &again.build(),
+    );
+    let big = Pkt::udp(
+        client(CLIENT_V4, 40201),
+        sock(VIP_V4, 53),
+        &vec![0x5a; 1600],
+    );
+    let before = lab.reasons();
+    let (action, out) = lab.run(hook, &big.build());
+    let (want_action, want_reason) = match hook {
+        Hook::Xdp => (XDP_PASS, reason::PASS_XDP_FIB),
+        Hook::Tc => (TC_ACT_SHOT, reason::DROP_FRAG_NEEDED),
+    };
+    assert_eq!(
+        (action, out == big.build()),
+        (want_action, true),
+        "oversized on a cached next hop: expected {} with the frame unchanged, saw {}",
+        hook.action_name(want_action),
+        hook.action_name(action)
+    );
+    expect_one_reason(
+        "oversized on a cached next hop",
+        &before,
+        &lab.reasons(),
+        &[want_reason],
+    );
+}
 
 fn no_neighbour_and_oversized(hook: Hook) {
     let mut lab = lab(hook, "fib");
