@@ -43,6 +43,21 @@ pub const MAP_EVENT_STATS: &str = "EVENT_STATS";
 /// programs tail-call it when a packet has a rare line to log.
 pub const MAP_LOG_XDP: &str = "LOG_XDP";
 pub const MAP_LOG_TC: &str = "LOG_TC";
+/// One bit per (protocol, port) some service listens on: the data plane's
+/// first test of a packet (`service_port_bit`). Not pinned: rebuilt from
+/// `SERVICES` at every load.
+pub const MAP_SERVICE_PORTS: &str = "SERVICE_PORTS";
+/// `SERVICE_PORTS` words: a bit per TCP port, then a bit per UDP port.
+pub const SERVICE_PORT_WORDS: u32 = 2 * 65536 / 32;
+
+/// The `SERVICE_PORTS` word index and bit of a protocol's port (host
+/// order); every protocol but UDP shares TCP's half (services are TCP or
+/// UDP).
+#[inline(always)]
+pub fn service_port_bit(proto: u8, port: u16) -> (u32, u32) {
+    let i = ((proto == PROTO_UDP) as u32) << 16 | port as u32;
+    (i >> 5, 1 << (i & 31))
+}
 
 pub const PROG_XDP: &str = "xdplb_xdp";
 pub const PROG_TC: &str = "xdplb_tc";
@@ -55,6 +70,23 @@ pub const PROG_TC_LOG: &str = "xdplb_tc_log";
 /// `L4_CSUM_*` values, a `u32` fixed when the object is loaded (aya
 /// `EbpfLoader::override_global`), so the verifier prunes the other paths.
 pub const GLOBAL_L4_CSUM: &str = "L4_CSUM_MODE";
+/// The bench's per-step breakdown (`cargo xtask bench`, §1b): a forwarded
+/// packet's run ends, passed, after stage `BENCH_STOP_*` (0, the default and
+/// the only value the daemon uses: never). A load-time constant like
+/// `GLOBAL_L4_CSUM`, so the verifier removes the tests from a normal load.
+pub const GLOBAL_BENCH_STOP: &str = "BENCH_STOP";
+/// After parsing: the filter of `SERVICE_PORTS`, the scratch, Ethernet, IP,
+/// TCP/UDP.
+pub const BENCH_STOP_PARSE: u32 = 1;
+/// After the service lookup (`SERVICES`, and its copy).
+pub const BENCH_STOP_SERVICE: u32 = 2;
+/// After the connection table (`CONNS`, `BACKENDS`, the flow's state).
+pub const BENCH_STOP_CONNS: u32 = 3;
+/// After the next hop (`NEXT_HOPS`, or `bpf_fib_lookup`).
+pub const BENCH_STOP_ROUTE: u32 = 4;
+/// After the rewrite (addresses, ports, checksums, TTL).
+pub const BENCH_STOP_REWRITE: u32 = 5;
+
 /// `bpf_l4_csum_replace` with `BPF_F_IPV6` (Linux 6.16; stable 6.1.142,
 /// Debian 6.1.147-1). The object's default.
 pub const L4_CSUM_IPV6_FLAG: u32 = 0;

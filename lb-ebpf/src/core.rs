@@ -98,6 +98,10 @@ impl Out {
 pub fn run<C: Packet>(ctx: &mut C) -> (Out, bool) {
     let pulled = ctx.prepare();
     let len = ctx.frame_len();
+    if pulled.is_some() && !maybe_ours(ctx) {
+        stats::reason(reason::PASS_NO_SERVICE, len);
+        return (Out::pass(reason::PASS_NO_SERVICE), false);
+    }
     let mut log = false;
     let out = match (pulled, maps::scratch()) {
         // The headers could not be made readable (TC: `bpf_skb_pull_data`
@@ -123,6 +127,42 @@ pub fn run<C: Packet>(ctx: &mut C) -> (Out, bool) {
     (out, log)
 }
 
+/// Could the packet be ours: for a service's port, a reply to a SNAT
+/// port, or anything but plain TCP and UDP (ICMP errors, and what the full
+/// parse must name)? Most of what a NIC receives in XDP mode is none of
+/// these (the host's SSH, Docker's traffic), and pays one array lookup.
+#[inline(always)]
+fn maybe_ours<C: Packet>(ctx: &C) -> bool {
+    let Some((proto, port)) = parse::dest_port(ctx) else {
+        return true;
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return true;
+    };
+    if cfg.snat_port_min != 0 && port >= cfg.snat_port_min && port <= cfg.snat_port_max {
+        return true;
+    }
+    let (word, bit) = lb_common::service_port_bit(proto, port);
+    maps::SERVICE_PORTS.get(word).is_none_or(|w| w & bit != 0)
+}
+
+/// `lb_common::GLOBAL_BENCH_STOP`: the bench's per-step breakdown. The
+/// name must stay as it is: userspace finds the global by its symbol.
+#[unsafe(no_mangle)]
+static BENCH_STOP: u32 = 0;
+
+/// Does the bench's breakdown end the run after `stage`? Never in a normal
+/// load: the verifier sees the constant 0 and removes the test.
+#[inline(always)]
+fn stop_after(stage: u32) -> Result<(), Out> {
+    // SAFETY: a plain read of a static; volatile so the compiler cannot
+    // fold the default in (see `ctx::l4_csum_mode`).
+    if unsafe { read_volatile(&BENCH_STOP) } == stage {
+        return Err(Out::pass(reason::PASS_NO_SERVICE));
+    }
+    Ok(())
+}
+
 #[inline(always)]
 fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out> {
     parse::l3(ctx, &mut s.l3).map_err(Out::pass)?;
@@ -130,6 +170,7 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
         return icmp::translate(ctx, s);
     }
     let tcp_flags = parse::l4(ctx, &s.l3, &mut s.key, &mut s.seg).map_err(Out::pass)?;
+    stop_after(lb_common::BENCH_STOP_PARSE)?;
     // CONFIG is an array: the lookup of index 0 cannot fail once loaded.
     let cfg: &Config = CONFIG.get(0).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
 
@@ -146,6 +187,7 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
     }
 
     let svc = service(s).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
+    stop_after(lb_common::BENCH_STOP_SERVICE)?;
     if s.l3.ttl <= 1 {
         return Err(Out::pass(reason::PASS_TTL_EXPIRED));
     }
@@ -154,10 +196,13 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
         // state, and TC, which gets it untouched, creates and counts it.
         stats::new_flow(svc.id, s.conn.backend);
     } else {
+        stop_after(lb_common::BENCH_STOP_CONNS)?;
         fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;
     }
+    stop_after(lb_common::BENCH_STOP_ROUTE)?;
     let c = &s.conn;
     rewritten(nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c))?;
+    stop_after(lb_common::BENCH_STOP_REWRITE)?;
     stats::flow(svc.id, c.backend, len);
     Ok(fwd::send(ctx, s))
 }

@@ -150,6 +150,14 @@ pub static SYN_PENDING: Array<u32> = Array::with_max_entries(lb_common::SYN_PEND
 #[map(name = "SYN_SOURCES")]
 pub static SYN_SOURCES: Array<u32> = Array::with_max_entries(lb_common::SYN_SOURCE_SLOTS, 0);
 
+/// A bit per (protocol, port) some service listens on
+/// (`lb_common::service_port_bit`): a packet for no such port and outside
+/// the SNAT range is passed after this one array lookup (`core::run`).
+/// Written by the daemon before a service is added and after one is
+/// removed.
+#[map(name = "SERVICE_PORTS")]
+pub static SERVICE_PORTS: Array<u32> = Array::with_max_entries(lb_common::SERVICE_PORT_WORDS, 0);
+
 /// A next hop as `bpf_fib_lookup` found it (`fwd::route`), cached per CPU
 /// for `NEXT_HOP_TTL_NS`: the lookup is the largest single cost of a
 /// forwarded packet. Keyed by the rewritten destination and the ingress

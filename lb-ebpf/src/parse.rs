@@ -115,6 +115,37 @@ pub unsafe fn copy_addr(dst: *mut [u8; 16], src: *const [u8; 16]) {
     }
 }
 
+/// The protocol and destination port (host order) of a plain TCP or UDP
+/// packet: IPv4 without options or fragmentation, IPv6 with TCP or UDP
+/// right after its header. `None` for anything else, which the full parse
+/// then names. Reads the packet only: the first test of every packet
+/// (`core::run`).
+#[inline(always)]
+pub fn dest_port<C: Packet>(ctx: &C) -> Option<(u8, u16)> {
+    // SAFETY (all reads below): `ptr_at` bounds-checked each one.
+    let ether_type = unsafe { *ptr_at::<C, u16>(ctx, 12)? };
+    let (proto, l4) = if ether_type == EtherType::Ipv4 as u16 {
+        let ver_ihl = unsafe { *ptr_at::<C, u8>(ctx, L3_OFF)? };
+        let frags = unsafe { *ptr_at::<C, u16>(ctx, L3_OFF + 6)? };
+        if ver_ihl != 0x45 || u16::from_be(frags) & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
+            return None;
+        }
+        (unsafe { *ptr_at::<C, u8>(ctx, L3_OFF + 9)? }, L4_OFF_V4)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        if unsafe { *ptr_at::<C, u8>(ctx, L3_OFF)? } >> 4 != 6 {
+            return None;
+        }
+        (unsafe { *ptr_at::<C, u8>(ctx, L3_OFF + 6)? }, L4_OFF_V6)
+    } else {
+        return None;
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let dport = unsafe { *ptr_at::<C, u16>(ctx, l4 + 2)? };
+    Some((proto, u16::from_be(dport)))
+}
+
 /// Parses Ethernet and IP into `out`.
 #[inline(always)]
 pub fn l3<C: Packet>(ctx: &C, out: &mut L3) -> Result<(), u32> {

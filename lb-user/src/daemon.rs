@@ -741,6 +741,7 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
         unanswered_capacity: cfg.conntrack.unanswered_capacity,
         maglev_capacity,
         l4_csum: crate::maps::L4Csum::Probe,
+        bench_stop: 0,
     })?;
     // Before attaching: the programs' first lines are read too. The task
     // ends with the runtime.

@@ -20,8 +20,9 @@ use aya::{
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, MAP_BACKENDS,
     MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_LOG_TC, MAP_LOG_XDP, MAP_MAGLEV,
-    MAP_REASON_STATS, MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS,
-    MAP_UNANSWERED, PROG_TC, PROG_TC_LOG, PROG_XDP, PROG_XDP_LOG,
+    MAP_REASON_STATS, MAP_REFUSED, MAP_SERVICES, MAP_SERVICE_PORTS, MAP_SERVICE_STATS,
+    MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_UNANSWERED, PROG_TC, PROG_TC_LOG, PROG_XDP, PROG_XDP_LOG,
+    SERVICE_PORT_WORDS,
 };
 
 /// The eBPF object, built by `build.rs` through aya-build.
@@ -59,6 +60,9 @@ pub struct LoadOptions {
     pub maglev_capacity: u32,
     /// How TC patches IPv6 L4 checksums.
     pub l4_csum: L4Csum,
+    /// The bench's per-step breakdown only (`lb_common::GLOBAL_BENCH_STOP`):
+    /// 0, a normal data plane, everywhere else.
+    pub bench_stop: u32,
 }
 
 impl LoadOptions {
@@ -69,6 +73,7 @@ impl LoadOptions {
             unanswered_capacity: lb_common::DEFAULT_UNANSWERED_CAPACITY,
             maglev_capacity: lb_common::DEFAULT_MAGLEV_CAPACITY,
             l4_csum: L4Csum::Probe,
+            bench_stop: 0,
         }
     }
 }
@@ -111,6 +116,12 @@ pub struct DataPlane {
     pin_dir: PathBuf,
     config: Array<MapData, Config>,
     services: HashMap<MapData, ServiceKey, Service>,
+    /// `SERVICE_PORTS`: kept equal to the ports in `services`.
+    service_ports: Array<MapData, u32>,
+    /// The keys in `services` (this process is their only writer), to tell
+    /// whether a removed service's port is still someone's without
+    /// iterating the map.
+    service_keys: std::collections::HashSet<ServiceKey>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
     conns: HashMap<MapData, FlowKey, Conn>,
@@ -272,6 +283,7 @@ impl DataPlane {
             .map_max_entries(MAP_UNANSWERED, opts.unanswered_capacity)
             .map_max_entries(MAP_MAGLEV, opts.maglev_capacity)
             .override_global(lb_common::GLOBAL_L4_CSUM, &l4_csum, true)
+            .override_global(lb_common::GLOBAL_BENCH_STOP, &opts.bench_stop, true)
             .load(EBPF_OBJECT)
             .context("loading the xdplb eBPF object (are you root, is bpffs mounted?)")?;
         for name in [PROG_XDP, PROG_TC, PROG_XDP_LOG, PROG_TC_LOG] {
@@ -313,6 +325,8 @@ impl DataPlane {
             maglev_mem,
             config: take(&mut ebpf, MAP_CONFIG)?,
             services: take(&mut ebpf, MAP_SERVICES)?,
+            service_ports: take(&mut ebpf, MAP_SERVICE_PORTS)?,
+            service_keys: Default::default(),
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             maglev: take(&mut ebpf, MAP_MAGLEV)?,
             conns: take(&mut ebpf, MAP_CONNS)?,
@@ -339,6 +353,11 @@ impl DataPlane {
                 cfg.abi_version,
                 lb_common::ABI_VERSION
             );
+        }
+        // A new SERVICE_PORTS for the services already pinned (a restart).
+        for key in dp.services()?.into_iter().map(|(k, _)| k) {
+            dp.set_service_port(&key, true)?;
+            dp.service_keys.insert(key);
         }
         Ok(dp)
     }
@@ -381,10 +400,32 @@ impl DataPlane {
         self.config.set(0, cfg, 0).context("writing CONFIG")
     }
 
+    /// Adds or replaces a service. Its port's `SERVICE_PORTS` bit is set
+    /// first, so a packet that can see the service also passes the filter.
     pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<()> {
+        self.set_service_port(key, true)?;
         self.services
             .insert(key, svc, 0)
-            .context("writing SERVICES")
+            .context("writing SERVICES")?;
+        self.service_keys.insert(*key);
+        Ok(())
+    }
+
+    /// Sets or clears the `SERVICE_PORTS` bit of `key`'s protocol and port.
+    fn set_service_port(&mut self, key: &ServiceKey, on: bool) -> Result<()> {
+        let (word, bit) = lb_common::service_port_bit(key.proto, u16::from_be(key.port_be));
+        debug_assert!(word < SERVICE_PORT_WORDS);
+        let old = self
+            .service_ports
+            .get(&word, 0)
+            .context("reading SERVICE_PORTS")?;
+        let new = if on { old | bit } else { old & !bit };
+        if new != old {
+            self.service_ports
+                .set(word, new, 0)
+                .context("writing SERVICE_PORTS")?;
+        }
+        Ok(())
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
@@ -395,8 +436,33 @@ impl DataPlane {
         }
     }
 
+    /// Removes a service; its port's `SERVICE_PORTS` bit is cleared after,
+    /// unless another service (another address, the same port) keeps it.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        self.services.remove(key).context("removing from SERVICES")
+        self.services
+            .remove(key)
+            .context("removing from SERVICES")?;
+        self.service_keys.remove(key);
+        let port = u16::from_be(key.port_be);
+        let bit = lb_common::service_port_bit(key.proto, port);
+        let shared = self
+            .service_keys
+            .iter()
+            .any(|k| lb_common::service_port_bit(k.proto, u16::from_be(k.port_be)) == bit);
+        if !shared {
+            self.set_service_port(key, false)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `SERVICE_PORTS` has the bit of this protocol and port.
+    pub fn service_port_listed(&self, proto: u8, port: u16) -> Result<bool> {
+        let (word, bit) = lb_common::service_port_bit(proto, port);
+        let w = self
+            .service_ports
+            .get(&word, 0)
+            .context("reading SERVICE_PORTS")?;
+        Ok(w & bit != 0)
     }
 
     pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {

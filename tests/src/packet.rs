@@ -987,7 +987,7 @@ impl PacketLab {
     /// Like [`Self::new`] with a custom connection-table capacity.
     pub fn with_conns_capacity(tag: &str, conns_capacity: u32) -> Self {
         require_root();
-        Self::try_new_with(tag, conns_capacity, L4Csum::Probe)
+        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, 0)
             .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
     }
 
@@ -995,15 +995,26 @@ impl PacketLab {
     /// fallback for kernels without `BPF_F_IPV6`, or fault injection).
     pub fn with_l4_csum(tag: &str, l4_csum: L4Csum) -> Self {
         require_root();
-        Self::try_new_with(tag, 65536, l4_csum)
+        Self::try_new_with(tag, 65536, l4_csum, 0)
             .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
     }
 
-    pub fn try_new(tag: &str) -> Result<Self> {
-        Self::try_new_with(tag, 65536, L4Csum::Probe)
+    /// For the bench's per-step breakdown: forwarded packets end their run
+    /// after stage `stop` (`lb_common::BENCH_STOP_*`).
+    pub fn with_bench_stop(tag: &str, conns_capacity: u32, stop: u32) -> Result<Self> {
+        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, stop)
     }
 
-    fn try_new_with(tag: &str, conns_capacity: u32, l4_csum: L4Csum) -> Result<Self> {
+    pub fn try_new(tag: &str) -> Result<Self> {
+        Self::try_new_with(tag, 65536, L4Csum::Probe, 0)
+    }
+
+    fn try_new_with(
+        tag: &str,
+        conns_capacity: u32,
+        l4_csum: L4Csum,
+        bench_stop: u32,
+    ) -> Result<Self> {
         netns::sweep_leftovers(netns::PREFIX);
         ensure_bpffs()?;
         netns::sweep_stale_dirs(Path::new(PIN_ROOT), PIN_PREFIX);
@@ -1026,6 +1037,7 @@ impl PacketLab {
             unanswered_capacity: conns_capacity.min(1 << 18),
             maglev_capacity: MAX_TEST_SERVICES * 2 * MAGLEV_SIZE,
             l4_csum,
+            bench_stop,
         };
         let dp = match DataPlane::load(&opts) {
             Ok(dp) => dp,

@@ -45,6 +45,7 @@ both_hooks!(
     icmp_errors_about_snat_side_are_translated,
     icmp_errors_about_client_side_are_translated,
     unknown_service_passes_unchanged,
+    service_ports_follow_the_services,
     wildcard_service,
     truncated_frames_pass_unchanged,
     unparsed_packets_pass_with_their_reason,
@@ -743,6 +744,54 @@ fn icmp_too_big(src: IpAddr, dst: IpAddr, quote: &[u8]) -> Pkt {
 }
 
 // ---- 6. not ours ----------------------------------------------------------------------------
+
+/// `SERVICE_PORTS`, the data plane's first test, lists a port while some
+/// service (any address) listens on it, and no longer: a service removed
+/// leaves its port to the other service on it, and the last one takes it.
+fn service_ports_follow_the_services(hook: Hook) {
+    let mut lab = lab(hook, "ports");
+    let v4 = tcp_v4_service(&mut lab);
+    let v6 = tcp_v6_service(&mut lab);
+    let listed = |lab: &PacketLab, proto, port| {
+        lab.dp()
+            .service_port_listed(proto, port)
+            .expect("reading SERVICE_PORTS")
+    };
+    assert!(listed(&lab, PROTO_TCP, 80), "TCP 80 has two services");
+    assert!(!listed(&lab, PROTO_UDP, 80), "no UDP service on port 80");
+    assert!(!listed(&lab, PROTO_TCP, 81), "no service on TCP 81");
+
+    lab.dp_mut()
+        .remove_service(&v4.key)
+        .expect("removing the IPv4 service");
+    assert!(
+        listed(&lab, PROTO_TCP, 80),
+        "the IPv6 service still listens on TCP 80"
+    );
+    let syn6 = Pkt::tcp(client(CLIENT_V6, 37100), sock(VIP_V6, 80), TCP_SYN);
+    new_flow(&mut lab, hook, &v6, &syn6);
+    let syn4 = Pkt::tcp(client(CLIENT_V4, 37100), sock(VIP_V4, 80), TCP_SYN);
+    expect_pass(
+        &mut lab,
+        hook,
+        "the removed IPv4 service",
+        &syn4.build(),
+        reason::PASS_NO_SERVICE,
+    );
+
+    lab.dp_mut()
+        .remove_service(&v6.key)
+        .expect("removing the IPv6 service");
+    assert!(!listed(&lab, PROTO_TCP, 80), "no service left on TCP 80");
+    let syn6 = Pkt::tcp(client(CLIENT_V6, 37101), sock(VIP_V6, 80), TCP_SYN);
+    expect_pass(
+        &mut lab,
+        hook,
+        "the removed IPv6 service",
+        &syn6.build(),
+        reason::PASS_NO_SERVICE,
+    );
+}
 
 fn unknown_service_passes_unchanged(hook: Hook) {
     let mut lab = lab(hook, "nosvc");

@@ -402,6 +402,76 @@ pub fn per_packet(
     })
 }
 
+/// One stage of §1b.
+pub struct Step {
+    pub name: &'static str,
+    pub stats: Stats,
+    pub empty: Stats,
+}
+
+/// §1b's stages: the established IPv4 TCP packet's run ends after each in
+/// turn (`lb_common::BENCH_STOP_*`; 0 runs the whole path).
+pub const STEPS: [(&str, u32); 6] = [
+    (
+        "parse: service-port filter, scratch, Ethernet, IP, TCP",
+        lb_common::BENCH_STOP_PARSE,
+    ),
+    ("service lookup", lb_common::BENCH_STOP_SERVICE),
+    (
+        "connection table: CONNS, backend state",
+        lb_common::BENCH_STOP_CONNS,
+    ),
+    (
+        "next hop: NEXT_HOPS (FIB on a miss)",
+        lb_common::BENCH_STOP_ROUTE,
+    ),
+    (
+        "rewrite: addresses, ports, checksums, TTL",
+        lb_common::BENCH_STOP_REWRITE,
+    ),
+    ("counters and send (the whole path)", 0),
+];
+
+/// §1b: where the established IPv4 TCP packet's time goes on `hook`. Each
+/// stage runs in a lab of its own, loaded to end the run after it, with the
+/// same service and the same flow (copied from a lab that established it:
+/// the stopped programs could not).
+pub fn breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Result<Vec<Step>> {
+    let vip4 = SocketAddr::new(VIP_V4.into(), 80);
+    let backends: Vec<SocketAddr> = (11..=20)
+        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
+        .collect();
+    let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
+    let entries = {
+        let mut lab = PacketLab::try_new("bench-steps")?;
+        lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
+        let mut out = vec![0u8; 2048];
+        run_once(
+            &mut lab,
+            Hook::Xdp,
+            &eth(Pkt::tcp(c4, vip4, TCP_SYN)),
+            &mut out,
+        )?;
+        let reply = reply_frame(&lab, &Pkt::tcp(c4, vip4, TCP_ACK).flow_key())?;
+        run_once(&mut lab, Hook::Xdp, &reply, &mut out)?;
+        established(&lab)?;
+        lab.dp().conns()?
+    };
+    let ack4 = vec![eth(Pkt::tcp(c4, vip4, TCP_ACK))];
+    let mut steps = Vec::new();
+    for (name, stop) in STEPS {
+        progress(&format!("{name} ({hook:?})"));
+        let mut lab = PacketLab::with_bench_stop("bench-steps", 65_536, stop)?;
+        lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
+        for (k, c) in &entries {
+            lab.dp_mut().insert_conn(k, c)?;
+        }
+        let (stats, empty) = measure(&mut lab, hook, &ack4, runs)?;
+        steps.push(Step { name, stats, empty });
+    }
+    Ok(steps)
+}
+
 /// One point of a scaling series.
 pub struct ScalePoint {
     pub size: usize,

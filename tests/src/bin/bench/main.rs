@@ -194,7 +194,8 @@ impl Plan {
     /// Test runs in the warm loops (measured plus warm-up).
     fn test_runs(&self, runs: usize) -> usize {
         let syn = runs.min(20_000);
-        let loops = 2 + 16 + 2 * (self.conns_sizes.len() + self.backend_counts.len());
+        // Baselines, 16 cost cases, 12 breakdown stages, the scaling points.
+        let loops = 2 + 16 + 12 + 2 * (self.conns_sizes.len() + self.backend_counts.len());
         (loops * runs + 4 * syn) * 11 / 10
     }
 
@@ -257,6 +258,86 @@ fn ns(s: &Stats) -> String {
     format!("{} ns", s.median)
 }
 
+/// A case's cost above the empty program measured beside it (0 when the
+/// noise puts it below).
+fn above(s: &Stats, empty: &Stats) -> u64 {
+    s.median.saturating_sub(empty.median)
+}
+
+/// The per-packet targets (XDP, IPv4, cost above the paired empty program:
+/// Katran's figures on this kind of machine), and TC and IPv6 within 15% of
+/// each.
+fn cost_targets(r: &CostResults) -> Vec<String> {
+    let mut notes = Vec::new();
+    let cost = |name: &str, hook: Hook| r.find(name, hook).map(|c| above(&c.stats, &c.empty));
+    for (v4, v6, target) in [
+        (ESTABLISHED_V4, "established TCP IPv6", 260),
+        ("new-flow SYN IPv4", "new-flow SYN IPv6", 830),
+        ("non-service pass IPv4", "non-service pass IPv6", 40),
+    ] {
+        let Some(xdp) = cost(v4, Hook::Xdp) else {
+            continue;
+        };
+        notes.push(format!(
+            "target: {v4} (XDP) at most {target} ns above the empty program: {xdp} ns, {}",
+            verdict(xdp <= target)
+        ));
+        let limit = (xdp as f64 * 1.15).max(xdp as f64 + 10.0);
+        for (name, hook) in [(v4, Hook::Tc), (v6, Hook::Xdp), (v6, Hook::Tc)] {
+            if let Some(c) = cost(name, hook) {
+                notes.push(format!(
+                    "target: {name} ({hook:?}) within 15% of {v4} (XDP), {xdp} ns: {c} ns, {}",
+                    verdict(c as f64 <= limit)
+                ));
+            }
+        }
+    }
+    notes
+}
+
+/// §1b: the established IPv4 TCP packet's cost stage by stage.
+fn steps_table(runs: usize, by_hook: &[(Hook, Vec<dataplane::Step>)]) -> Table {
+    let mut t = Table::new(
+        "1b. Where an established packet's time goes",
+        format!(
+            "The established IPv4 TCP packet of §1, in labs loaded so that its run ends after \
+             each stage in turn (the object's `BENCH_STOP` constant, which a normal load leaves \
+             at 0 and the verifier then removes). Median of {runs} runs per stage; \
+             \"above empty\" is the cumulative cost above the empty XDP program measured \
+             beside it, \"this stage\" the difference from the stage before."
+        ),
+        &[
+            "hook",
+            "run ends after",
+            "median",
+            "empty XDP (paired)",
+            "above empty",
+            "this stage",
+        ],
+    );
+    for (hook, steps) in by_hook {
+        let mut before = 0i64;
+        for s in steps {
+            let cum = above(&s.stats, &s.empty) as i64;
+            t.row(vec![
+                format!("{hook:?}").to_lowercase(),
+                s.name.to_string(),
+                ns(&s.stats),
+                ns(&s.empty),
+                format!("{cum} ns"),
+                format!("{:+} ns", cum - before),
+            ]);
+            before = cum;
+        }
+    }
+    t.notes.push(
+        "Each stage's figure includes what every run pays at its end (the reason counter), so \
+         the first stage carries it. Differences of 10-20 ns are within the noise."
+            .into(),
+    );
+    t
+}
+
 fn cost_table(r: &CostResults) -> Table {
     let mut t = Table::new(
         "1. Data-plane cost per packet",
@@ -275,6 +356,7 @@ fn cost_table(r: &CostResults) -> Table {
             "median",
             "p90",
             "empty XDP (paired)",
+            "above empty",
             "vs empty XDP",
             "vs MAC-swap XDP",
             "verdict",
@@ -287,6 +369,7 @@ fn cost_table(r: &CostResults) -> Table {
             ns(s),
             format!("{} ns", s.p90),
             ns(empty),
+            format!("{} ns", above(s, empty)),
             ratio(s.median as f64, empty.median as f64),
             ratio(s.median as f64, r.macswap.median as f64),
             hook.action_name(s.verdict),
@@ -302,16 +385,7 @@ fn cost_table(r: &CostResults) -> Table {
     for c in &r.cases {
         add(&c.name, c.hook, &c.stats, &c.empty);
     }
-    for hook in [Hook::Xdp, Hook::Tc] {
-        if let Some(c) = r.find(ESTABLISHED_V4, hook) {
-            let x = c.stats.median as f64 / c.empty.median.max(1) as f64;
-            t.notes.push(format!(
-                "target: established-flow cost within 2.5x the empty program ({hook:?}, IPv4): \
-                 {x:.2}x, {}",
-                verdict(x <= 2.5)
-            ));
-        }
-    }
+    t.notes.extend(cost_targets(r));
     t.notes.push(
         "\"empty XDP (paired)\": the empty program measured in blocks of 500 runs alternating \
          with the case's own, so each ratio compares runs made moments apart. The TC entry \
@@ -403,8 +477,8 @@ fn live_table(l: &LiveResults, repeat: u32, rounds: usize) -> Table {
     add("xdplb (established TCP IPv4)", &l.xdplb);
     let x = l.xdplb.pps_kernel / l.macswap.pps_kernel.max(1.0);
     t.notes.push(format!(
-        "target: forwarding rate at least 0.5x the MAC-swap baseline: {x:.2}x, {}",
-        verdict(x >= 0.5)
+        "target: forwarding rate at least 0.8x the MAC-swap baseline: {x:.2}x, {}",
+        verdict(x >= 0.8)
     ));
     if l.xdplb.forwarded != Some(l.xdplb.frames) {
         t.notes.push(format!(
@@ -741,7 +815,7 @@ fn draw_charts(
                     color: XDPLB,
                 },
             ],
-            &[(0.5 * l.macswap.pps_kernel / 1e6, "target: 0.5x MAC swap")],
+            &[(0.8 * l.macswap.pps_kernel / 1e6, "target: 0.8x MAC swap")],
         )?;
         made.push(("Forwarding rate".into(), "bench-forwarding.png".into()));
     }
@@ -803,6 +877,16 @@ fn dataplane_sections(
         plan.estimate_s(args.runs, per_run)
     );
     tables.push(cost_table(&cost));
+    tables.last().expect("just pushed").print();
+
+    let mut by_hook = Vec::new();
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let steps = dataplane::breakdown(hook, args.runs, |what| {
+            progress.say(&format!("stage by stage: {what}"));
+        })?;
+        by_hook.push((hook, steps));
+    }
+    tables.push(steps_table(args.runs, &by_hook));
     tables.last().expect("just pushed").print();
 
     progress.say("forwarding rate: live frames, MAC swap then xdplb");
