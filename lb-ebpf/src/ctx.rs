@@ -73,8 +73,10 @@ pub trait Packet {
     /// `tot_len` for `bpf_fib_lookup`: what the kernel checks the MTU with.
     fn fib_tot_len(&self, ip_len: u16) -> u16;
     /// Can this hook send the packet on the route `bpf_fib_lookup` returned
-    /// (`rc`)? Called before the rewrite: `Err` leaves the packet untouched.
-    fn can_send(&self, rc: i64, fib: &bpf_fib_lookup) -> Result<(), Out>;
+    /// (`rc`)? `tx_port`: the egress is the ingress or in `TX_PORTS` (what
+    /// XDP can redirect to; `fwd::route` caches it with the next hop).
+    /// Called before the rewrite: `Err` leaves the packet untouched.
+    fn can_send(&self, rc: i64, fib: &bpf_fib_lookup, tx_port: bool) -> Result<(), Out>;
     /// Sends the rewritten packet out of `fib.ifindex`.
     fn send(&mut self, fib: &bpf_fib_lookup) -> Out;
 }
@@ -172,14 +174,14 @@ impl Packet for Xdp {
     /// attached beside it (the daemon always attaches both in XDP mode)
     /// resolves neighbours with `bpf_redirect_neigh` or drops and counts.
     #[inline(always)]
-    fn can_send(&self, rc: i64, fib: &bpf_fib_lookup) -> Result<(), Out> {
+    fn can_send(&self, rc: i64, _fib: &bpf_fib_lookup, tx_port: bool) -> Result<(), Out> {
         if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
             return Err(Out::pass(reason::PASS_XDP_NO_NEIGH));
         }
         if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
             return Err(Out::pass(reason::PASS_XDP_FIB));
         }
-        if fib.ifindex != self.ingress_ifindex() && TX_PORTS.get_ifindex(fib.ifindex).is_none() {
+        if !tx_port {
             return Err(Out::pass(reason::PASS_XDP_NO_TXPORT));
         }
         Ok(())
@@ -199,7 +201,9 @@ impl Packet for Xdp {
         }
         match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_DROP as u64) {
             Ok(action) => Out::redirect(action),
-            // Checked in `can_send`; only a concurrent TX_PORTS removal gets here.
+            // Checked in `can_send` (from the next-hop cache): only an
+            // interface removed from TX_PORTS less than `NEXT_HOP_TTL_NS`
+            // ago gets here.
             Err(_) => Out::drop(reason::DROP_NO_ROUTE),
         }
     }
@@ -306,7 +310,7 @@ impl Packet for Tc {
     }
 
     #[inline(always)]
-    fn can_send(&self, rc: i64, _fib: &bpf_fib_lookup) -> Result<(), Out> {
+    fn can_send(&self, rc: i64, _fib: &bpf_fib_lookup, _tx_port: bool) -> Result<(), Out> {
         if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
             Ok(())
         } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {

@@ -16,7 +16,7 @@ use lb_common::{Conn, NEXT_HOP_TTL_NS};
 use crate::{
     core::Out,
     ctx::Packet,
-    maps::{NextHop, NextHopKey, Scratch, NEXT_HOPS},
+    maps::{Scratch, NEXT_HOPS, NEXT_HOPS_BITS, TX_PORTS},
     parse::L3,
 };
 
@@ -57,60 +57,77 @@ pub fn route<C: Packet>(
     fib: &mut bpf_fib_lookup,
     c: &Conn,
 ) -> Result<(), Out> {
-    let rc = cached_lookup(ctx, l3, fib, c);
-    ctx.can_send(rc, fib)
+    let (rc, tx_port) = cached_lookup(ctx, l3, fib, c);
+    ctx.can_send(rc, fib, tx_port)
 }
 
-/// [`lookup`] through this CPU's `NEXT_HOPS`: a fresh entry for the
-/// destination and ingress interface, made by a lookup for a packet at
+/// [`lookup`] through this CPU's `NEXT_HOPS`: a fresh slot for the
+/// destination and ingress interface, filled by a lookup for a packet at
 /// least this long (the MTU check: XDP passes the length, TC's skb is
-/// checked by the kernel), fills in what `can_send` and `send` read (the egress interface
-/// and both MACs) and returns the cached code. Otherwise the FIB is asked,
-/// and a usable answer (a route, with or without a neighbour) is cached.
+/// checked by the kernel), gives what `can_send` and `send` read (the
+/// egress interface and both MACs) and the cached code. Otherwise the FIB
+/// is asked, and a usable answer (a route, with or without a neighbour)
+/// fills the slot.
 #[inline(always)]
-fn cached_lookup<C: Packet>(ctx: &mut C, l3: &L3, fib: &mut bpf_fib_lookup, c: &Conn) -> i64 {
+fn cached_lookup<C: Packet>(
+    ctx: &mut C,
+    l3: &L3,
+    fib: &mut bpf_fib_lookup,
+    c: &Conn,
+) -> (i64, bool) {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let d = &c.new_dst;
-    let key = NextHopKey {
-        addr: [
-            u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
-            u32::from_ne_bytes([d[4], d[5], d[6], d[7]]),
-            u32::from_ne_bytes([d[8], d[9], d[10], d[11]]),
-            u32::from_ne_bytes([d[12], d[13], d[14], d[15]]),
-        ],
-        ingress: ctx.ingress_ifindex(),
-        family: l3.family as u32,
-    };
-    if let Some(h) = NEXT_HOPS.get_ptr(&key) {
-        // SAFETY: this CPU's value from a successful lookup; only programs
-        // on this CPU write it, never while this one runs.
+    let addr = [
+        u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
+        u32::from_ne_bytes([d[4], d[5], d[6], d[7]]),
+        u32::from_ne_bytes([d[8], d[9], d[10], d[11]]),
+        u32::from_ne_bytes([d[12], d[13], d[14], d[15]]),
+    ];
+    let ingress = ctx.ingress_ifindex();
+    let family = l3.family as u32;
+    let mixed = (addr[0] ^ addr[1] ^ addr[2] ^ addr[3] ^ ingress).wrapping_mul(0x9e37_79b1);
+    let slot = NEXT_HOPS.get_ptr_mut(mixed >> (32 - NEXT_HOPS_BITS));
+    if let Some(h) = slot {
+        // SAFETY: this CPU's slot; only programs on this CPU use it, one
+        // at a time.
         let h = unsafe { &*h };
-        if now.wrapping_sub(h.at_ns) < NEXT_HOP_TTL_NS && l3.ip_len <= h.ok_len {
+        if h.addr == addr
+            && h.ingress == ingress
+            && h.family == family
+            && now.wrapping_sub(h.at_ns) < NEXT_HOP_TTL_NS
+            && l3.ip_len <= h.ok_len
+        {
             fib.ifindex = h.ifindex;
             copy_mac(&mut fib.smac, &h.smac);
             copy_mac(&mut fib.dmac, &h.dmac);
-            return h.rc as i64;
+            return (h.rc as i64, h.tx_port != 0);
         }
     }
     let rc = lookup(ctx, l3, fib, c);
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        let mut h = NextHop {
-            at_ns: now,
-            ifindex: fib.ifindex,
-            rc: rc as u32,
-            smac: [0; 6],
-            dmac: [0; 6],
-            ok_len: l3.ip_len,
-            _pad: 0,
-        };
-        copy_mac(&mut h.smac, &fib.smac);
-        copy_mac(&mut h.dmac, &fib.dmac);
-        // A full map evicts this CPU's least recently used entry; a failed
-        // insert only costs the next packet a lookup.
-        let _ = NEXT_HOPS.insert(&key, &h, 0);
+    let tx_port = fib.ifindex == ingress || TX_PORTS.get_ifindex(fib.ifindex).is_some();
+    if let Some(h) = slot {
+        // SAFETY: as above.
+        let h = unsafe { &mut *h };
+        if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            // A colliding destination takes the slot over: the cost of a
+            // collision is a lookup, never a wrong next hop.
+            h.addr = addr;
+            h.ingress = ingress;
+            h.family = family;
+            h.at_ns = now;
+            h.ifindex = fib.ifindex;
+            h.rc = rc as u32;
+            copy_mac(&mut h.smac, &fib.smac);
+            copy_mac(&mut h.dmac, &fib.dmac);
+            h.ok_len = l3.ip_len;
+            h.tx_port = tx_port as u16;
+        } else if h.addr == addr && h.ingress == ingress && h.family == family {
+            // No usable answer now: the next packet asks again.
+            h.at_ns = 0;
+        }
     }
-    rc
+    (rc, tx_port)
 }
 
 /// Copies a MAC address two bytes at a time (a plain copy becomes a call

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FloodWindow, FlowKey, Service, ServiceKey,
@@ -158,33 +158,29 @@ pub static SYN_SOURCES: Array<u32> = Array::with_max_entries(lb_common::SYN_SOUR
 #[map(name = "SERVICE_PORTS")]
 pub static SERVICE_PORTS: Array<u32> = Array::with_max_entries(lb_common::SERVICE_PORT_WORDS, 0);
 
-/// A next hop as `bpf_fib_lookup` found it (`fwd::route`), cached per CPU
-/// for `NEXT_HOP_TTL_NS`: the lookup is the largest single cost of a
-/// forwarded packet. Keyed by the rewritten destination and the ingress
-/// interface (the lookup's other inputs: the source is one of our own
-/// addresses, the length is checked against `ok_len`). Not pinned: a
-/// restart starts it empty.
+/// Next hops as `bpf_fib_lookup` found them (`fwd::route`), cached per CPU
+/// for `NEXT_HOP_TTL_NS`: the lookup was the largest single cost of a
+/// forwarded packet. Direct-mapped: a destination's slot is picked by a
+/// multiplicative hash of its address and the ingress interface, and holds
+/// both to be checked (the lookup's other inputs: the source is one of our
+/// own addresses, the length is checked against `ok_len`). Two
+/// destinations on one slot take turns, each costing the other a lookup;
+/// an array lookup and a compare are what a hit costs, where a hash map's
+/// lookup cost as much as the FIB's. Not pinned: a restart starts it empty.
 #[map(name = "NEXT_HOPS")]
-pub static NEXT_HOPS: LruPerCpuHashMap<NextHopKey, NextHop> =
-    LruPerCpuHashMap::with_max_entries(NEXT_HOPS_CAPACITY, 0);
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(1 << NEXT_HOPS_BITS, 0);
 
-/// Destinations cached per CPU: backends and client-side neighbours.
-pub const NEXT_HOPS_CAPACITY: u32 = 4096;
+/// `NEXT_HOPS` has 2^this slots per CPU (56 bytes each).
+pub const NEXT_HOPS_BITS: u32 = 12;
 
-/// `NEXT_HOPS` key: all words, so a key built on the stack has no padding
-/// the verifier would see uninitialised.
+/// A `NEXT_HOPS` slot: the destination it is for, and what `fwd::route`
+/// and the hook's `send` read from `bpf_fib_lookup`.
 #[repr(C)]
-pub struct NextHopKey {
+pub struct NextHop {
     pub addr: [u32; 4],
     pub ingress: u32,
     pub family: u32,
-}
-
-/// `NEXT_HOPS` value: what `fwd::route` and the hook's `send` read from
-/// `bpf_fib_lookup`.
-#[repr(C)]
-pub struct NextHop {
-    /// `bpf_ktime_get_coarse_ns` of the lookup.
+    /// `bpf_ktime_get_coarse_ns` of the lookup (0: none).
     pub at_ns: u64,
     pub ifindex: u32,
     /// The lookup's code: `BPF_FIB_LKUP_RET_SUCCESS` or `_NO_NEIGH`.
@@ -195,7 +191,8 @@ pub struct NextHop {
     /// passed for it, so it holds for packets no longer. A GSO packet in
     /// TC (its IP length is the whole super-packet) is always looked up.
     pub ok_len: u16,
-    pub _pad: u16,
+    /// 1: the egress is the ingress or in `TX_PORTS` (XDP can send there).
+    pub tx_port: u16,
 }
 
 /// This CPU's copy of the packet's `SERVICES` value (`core::service`).
