@@ -224,7 +224,7 @@ pub fn forward_establishes(proto: u8, flags: u8, ack_seq: u32, rev: &Conn) -> bo
 pub const REFUSED_HOLD_NS: u64 = 1_000_000_000;
 
 /// Is a refusal recorded at `at` (a `REFUSED` value; 0: none) still inside
-/// [`REFUSED_HOLD_NS`] at `now` (both `bpf_ktime_get_ns`)? One definition for
+/// [`REFUSED_HOLD_NS`] at `now` (both `bpf_ktime_get_coarse_ns`)? One definition for
 /// the data plane and for `xdplb explain`.
 #[inline(always)]
 pub fn refused_within_hold(at: u64, now: u64) -> bool {
@@ -248,7 +248,7 @@ pub struct Config {
     /// ours if its destination port lies inside. 0/0 disables the reply path.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Idle timeouts (CLOCK_MONOTONIC nanoseconds, as `bpf_ktime_get_ns`).
+    /// Idle timeouts (CLOCK_MONOTONIC nanoseconds, as `bpf_ktime_get_coarse_ns`).
     pub tcp_timeout_ns: u64,
     pub closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
@@ -456,9 +456,9 @@ pub struct Conn {
     /// Reverse entry with `CONN_F_SYNACK`: the sequence number of the
     /// backend's SYN-ACK (host order).
     pub seq: u32,
-    /// `bpf_ktime_get_ns` of the last packet in this direction.
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
     pub last_seen_ns: u64,
-    /// `bpf_ktime_get_ns` when the flow was created.
+    /// `bpf_ktime_get_coarse_ns` when the flow was created.
     pub created_ns: u64,
 }
 const _: () = assert!(size_of::<Conn>() == 72);
@@ -491,7 +491,7 @@ impl Conn {
     }
 
     /// Has the entry been idle longer than its timeout at `now_ns`
-    /// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`)?
+    /// (CLOCK_MONOTONIC, as `bpf_ktime_get_coarse_ns`)?
     #[inline(always)]
     pub fn expired(&self, proto: u8, cfg: &Config, now_ns: u64) -> bool {
         now_ns > self.last_seen_ns && now_ns - self.last_seen_ns > self.idle_timeout_ns(proto, cfg)
@@ -514,7 +514,7 @@ pub const SOURCE_VOUCHED_NS: u64 = 60_000_000_000;
 pub const SYN_PENDING_SLOTS: u32 = 1 << 21;
 pub const SYN_SOURCE_SLOTS: u32 = 1 << 16;
 
-/// A challenge slot: when (`bpf_ktime_get_ns` in 2^24 ns ticks, 20 bits:
+/// A challenge slot: when (`bpf_ktime_get_coarse_ns` in 2^24 ns ticks, 20 bits:
 /// wraps after 4.9 h) and a 12-bit tag of the hash that chose the slot
 /// (another flow or source in the same slot is not taken for this one).
 #[inline(always)]
@@ -546,7 +546,7 @@ pub struct FloodWindow {
 }
 
 impl FloodWindow {
-    /// Counts a new flow seen at `now` (`bpf_ktime_get_ns`) against `limit`
+    /// Counts a new flow seen at `now` (`bpf_ktime_get_coarse_ns`) against `limit`
     /// new flows per window (0: the guard is off); returns whether the guard
     /// is on for it. Once over the limit, the guard stays on until a whole
     /// window has passed without another new flow above it, so a sustained

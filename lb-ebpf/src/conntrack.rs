@@ -10,7 +10,9 @@
 //! before any other helper call.
 
 use ::core::ptr::{read_volatile, write_volatile};
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap,
+};
 use lb_common::{
     event, forward_establishes, hash::flow_hash, is_fresh_syn, reason, refused_within_hold,
     reply_establishes, same_addr, syn_stamp, syn_stamp_age, tcp_state_after, Backend, Config, Conn,
@@ -59,10 +61,14 @@ pub unsafe fn copy_conn(dst: &mut Conn, src: *const Conn) {
     }
 }
 
+/// The data plane's clock: CLOCK_MONOTONIC as of the last timer tick (at
+/// most 10 ms behind). Every timeout and hold it measures is 500 ms or
+/// longer, and the coarse clock is a memory read where the precise one
+/// reads the TSC: 20 ns less per packet (bench-ab).
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Writes into `out` the key that packets of the flow of `c` carry when
