@@ -9,11 +9,12 @@ use ::core::{
 };
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
 };
 use lb_common::{Conn, NEXT_HOP_TTL_NS};
 
 use crate::{
+    conntrack::now,
     core::Out,
     ctx::Packet,
     maps::{Scratch, NEXT_HOPS, NEXT_HOPS_BITS, TX_PORTS},
@@ -75,15 +76,8 @@ fn cached_lookup<C: Packet>(
     fib: &mut bpf_fib_lookup,
     c: &Conn,
 ) -> (i64, bool) {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let d = &c.new_dst;
-    let addr = [
-        u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
-        u32::from_ne_bytes([d[4], d[5], d[6], d[7]]),
-        u32::from_ne_bytes([d[8], d[9], d[10], d[11]]),
-        u32::from_ne_bytes([d[12], d[13], d[14], d[15]]),
-    ];
+    let now = now();
+    let addr = words(&c.new_dst);
     let ingress = ctx.ingress_ifindex();
     let family = l3.family as u32;
     let mixed = (addr[0] ^ addr[1] ^ addr[2] ^ addr[3] ^ ingress).wrapping_mul(0x9e37_79b1);
@@ -92,9 +86,7 @@ fn cached_lookup<C: Packet>(
         // SAFETY: this CPU's slot; only programs on this CPU use it, one
         // at a time.
         let h = unsafe { &*h };
-        if h.addr == addr
-            && h.ingress == ingress
-            && h.family == family
+        if h.is_for(&addr, ingress, family)
             && now.wrapping_sub(h.at_ns) < NEXT_HOP_TTL_NS
             && l3.ip_len <= h.ok_len
         {
@@ -122,7 +114,7 @@ fn cached_lookup<C: Packet>(
             copy_mac(&mut h.dmac, &fib.dmac);
             h.ok_len = l3.ip_len;
             h.tx_port = tx_port as u16;
-        } else if h.addr == addr && h.ingress == ingress && h.family == family {
+        } else if h.is_for(&addr, ingress, family) {
             // No usable answer now: the next packet asks again.
             h.at_ns = 0;
         }

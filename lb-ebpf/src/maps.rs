@@ -180,7 +180,7 @@ pub struct NextHop {
     pub addr: [u32; 4],
     pub ingress: u32,
     pub family: u32,
-    /// `bpf_ktime_get_coarse_ns` of the lookup (0: none).
+    /// `conntrack::now` of the lookup (0: none).
     pub at_ns: u64,
     pub ifindex: u32,
     /// The lookup's code: `BPF_FIB_LKUP_RET_SUCCESS` or `_NO_NEIGH`.
@@ -193,6 +193,15 @@ pub struct NextHop {
     pub ok_len: u16,
     /// 1: the egress is the ingress or in `TX_PORTS` (XDP can send there).
     pub tx_port: u16,
+}
+
+impl NextHop {
+    /// Is this slot the one of the destination `addr` (`fwd::words`) seen
+    /// from `ingress`?
+    #[inline(always)]
+    pub fn is_for(&self, addr: &[u32; 4], ingress: u32, family: u32) -> bool {
+        self.addr == *addr && self.ingress == ingress && self.family == family
+    }
 }
 
 /// This CPU's copy of the packet's `SERVICES` value (`core::service`).

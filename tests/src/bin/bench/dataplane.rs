@@ -407,6 +407,29 @@ pub fn per_packet(
     })
 }
 
+/// Adds a TCP service at `vip` and establishes one flow from `client`
+/// through the XDP program (its SYN, then the backend's answer); returns the
+/// flow's next client frame, a bare ACK.
+fn establish(
+    lab: &mut PacketLab,
+    vip: SocketAddr,
+    backends: &[SocketAddr],
+    client: SocketAddr,
+) -> Result<Vec<u8>> {
+    lab.add_service(vip, PROTO_TCP, SNAT_PORTS, backends);
+    let mut out = vec![0u8; 2048];
+    run_once(
+        lab,
+        Hook::Xdp,
+        &eth(Pkt::tcp(client, vip, TCP_SYN)),
+        &mut out,
+    )?;
+    let reply = reply_frame(lab, &Pkt::tcp(client, vip, TCP_ACK).flow_key())?;
+    run_once(lab, Hook::Xdp, &reply, &mut out)?;
+    established(lab)?;
+    Ok(eth(Pkt::tcp(client, vip, TCP_ACK)))
+}
+
 /// One stage of §1b.
 pub struct Step {
     pub name: &'static str,
@@ -447,22 +470,11 @@ pub fn breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Res
         .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
         .collect();
     let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
-    let entries = {
+    let (entries, ack4) = {
         let mut lab = PacketLab::try_new("bench-steps")?;
-        lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
-        let mut out = vec![0u8; 2048];
-        run_once(
-            &mut lab,
-            Hook::Xdp,
-            &eth(Pkt::tcp(c4, vip4, TCP_SYN)),
-            &mut out,
-        )?;
-        let reply = reply_frame(&lab, &Pkt::tcp(c4, vip4, TCP_ACK).flow_key())?;
-        run_once(&mut lab, Hook::Xdp, &reply, &mut out)?;
-        established(&lab)?;
-        lab.dp().conns()?
+        let ack4 = establish(&mut lab, vip4, &backends, c4)?;
+        (lab.dp().conns()?, vec![ack4])
     };
-    let ack4 = vec![eth(Pkt::tcp(c4, vip4, TCP_ACK))];
     let mut steps = Vec::new();
     for (name, stop) in STEPS {
         progress(&format!("{name} ({hook:?})"));
@@ -519,19 +531,8 @@ pub fn conns_scaling(
     let backends: Vec<SocketAddr> = (11..=20)
         .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
         .collect();
-    lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
     let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
-    let mut out = vec![0u8; 2048];
-    run_once(
-        &mut lab,
-        Hook::Xdp,
-        &eth(Pkt::tcp(c4, vip4, TCP_SYN)),
-        &mut out,
-    )?;
-    let reply = reply_frame(&lab, &Pkt::tcp(c4, vip4, TCP_ACK).flow_key())?;
-    run_once(&mut lab, Hook::Xdp, &reply, &mut out)?;
-    established(&lab)?;
-    let ack4 = vec![eth(Pkt::tcp(c4, vip4, TCP_ACK))];
+    let ack4 = vec![establish(&mut lab, vip4, &backends, c4)?];
     // The measured flow's two entries count toward the size.
     let mut filled = 2usize;
     let mut points = Vec::new();
@@ -574,19 +575,8 @@ pub fn backends_scaling(
                 )
             })
             .collect();
-        lab.add_service(vip, PROTO_TCP, SNAT_PORTS, &backends);
         let client = SocketAddr::new(CLIENT_V4.into(), 34000 + k as u16);
-        let mut out = vec![0u8; 2048];
-        run_once(
-            &mut lab,
-            Hook::Xdp,
-            &eth(Pkt::tcp(client, vip, TCP_SYN)),
-            &mut out,
-        )?;
-        let reply = reply_frame(&lab, &Pkt::tcp(client, vip, TCP_ACK).flow_key())?;
-        run_once(&mut lab, Hook::Xdp, &reply, &mut out)?;
-        established(&lab)?;
-        let ack = vec![eth(Pkt::tcp(client, vip, TCP_ACK))];
+        let ack = vec![establish(&mut lab, vip, &backends, client)?];
         let (established, empty) = measure(&mut lab, Hook::Xdp, &ack, runs)?;
         points.push(ScalePoint {
             size: count,
