@@ -86,6 +86,16 @@ pub const BENCH_STOP_CONNS: u32 = 3;
 pub const BENCH_STOP_ROUTE: u32 = 4;
 /// After the rewrite (addresses, ports, checksums, TTL).
 pub const BENCH_STOP_REWRITE: u32 = 5;
+/// A new flow's stages (§1c). After the table misses (`CONNS`,
+/// `UNANSWERED`) and the flood guard.
+pub const BENCH_STOP_MISS: u32 = 6;
+/// A new flow, after choosing its backend (flow hash, Maglev, `BACKENDS`,
+/// `REFUSED`).
+pub const BENCH_STOP_CHOOSE: u32 = 7;
+/// A new flow, after its next hop.
+pub const BENCH_STOP_NEW_ROUTE: u32 = 8;
+/// A new flow, after reserving its SNAT port (the reverse entry).
+pub const BENCH_STOP_RESERVE: u32 = 9;
 
 /// `bpf_l4_csum_replace` with `BPF_F_IPV6` (Linux 6.16; stable 6.1.142,
 /// Debian 6.1.147-1). The object's default.

@@ -23,7 +23,7 @@ use lb_common::{
 };
 
 use crate::{
-    core::Out,
+    core::{stop_after, Out},
     ctx::Packet,
     fwd,
     maps::{
@@ -395,6 +395,7 @@ pub fn forward<C: Packet>(
         return Err(Out::drop(reason::DROP_SYN_CHALLENGE));
     }
     s.guard = guard as u32;
+    stop_after(lb_common::BENCH_STOP_MISS)?;
     new_flow(ctx, s, svc, cfg, now)?;
     Ok(true)
 }
@@ -574,8 +575,8 @@ fn establish_forward(s: &mut Scratch, cfg: &Config, flags: u8, now: u64) {
 /// Creates a new flow for `s.key`: picks its backend, routes the packet
 /// (before any state exists, so a packet this hook cannot send leaves
 /// none: XDP hands it to TC untouched, and TC creates the flow), reserves a
-/// SNAT port and inserts both entries into `UNANSWERED`. Leaves the forward
-/// entry in `s.conn`.
+/// SNAT port (the reverse entry) and inserts the forward entry, both into
+/// `UNANSWERED`. Leaves the forward entry in `s.conn`.
 #[inline(always)]
 fn new_flow<C: Packet>(
     ctx: &mut C,
@@ -588,12 +589,22 @@ fn new_flow<C: Packet>(
     if r != 0 {
         return Err(Out::drop(r));
     }
+    stop_after(lb_common::BENCH_STOP_CHOOSE)?;
     s.conn.ifindex = ctx.ingress_ifindex();
     fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;
-    match reserve(s, svc, cfg, now) {
-        0 => Ok(()),
-        r => Err(Out::drop(r)),
+    stop_after(lb_common::BENCH_STOP_NEW_ROUTE)?;
+    let r = reserve(s, svc, cfg, now);
+    if r != 0 {
+        return Err(Out::drop(r));
     }
+    stop_after(lb_common::BENCH_STOP_RESERVE)?;
+    if UNANSWERED.insert(&s.key, &s.conn, 0).is_err() {
+        // `s.key2` still holds the reverse key just reserved; the only error
+        // (-ENOENT: already evicted) leaves the port free too.
+        let _ = UNANSWERED.remove(&s.key2);
+        return Err(Out::drop(reason::DROP_CONN_INSERT));
+    }
+    Ok(())
 }
 
 /// Picks the backend of a new flow and fills `s.conn` with its forward
@@ -670,9 +681,9 @@ fn pick(svc: &Service, hash: u32, now: u64) -> Option<(u32, &'static Backend)> {
 }
 
 /// Reserves a SNAT port for the new flow in `s.conn` (routed: `s.fib`) by
-/// inserting its reverse entry (`s.key2` -> `s.other`), then inserts its
-/// forward entry (`s.key` -> `s.conn`), both into `UNANSWERED`. Returns 0,
-/// or the drop reason. Out of line, like `choose`.
+/// inserting its reverse entry (`s.key2` -> `s.other`) into `UNANSWERED`,
+/// and sets it in `s.conn`. Returns 0, or the drop reason. Out of line,
+/// like `choose`.
 ///
 /// The first port tried depends only on the flow (a flow whose entries
 /// were lost gets the same port back); double hashing: the stride depends
@@ -762,7 +773,17 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     } else {
         SNAT_PROBES
     };
-    if !probe_port(s, cfg, 0) {
+    // A fresh SYN starts a new connection: no earlier port of its own to
+    // get back, so its first port is probed like the others, and a taken
+    // one costs one failed insert instead of the holder lookups (about a
+    // third of the new flows of a busy range collide there).
+    let syn = s.conn.flags & CONN_F_SYN != 0;
+    let first = if syn {
+        probe_free_port(s, 0)
+    } else {
+        probe_port(s, cfg, 0)
+    };
+    if !first {
         let mut i = 1;
         while i < free_probes && i < range {
             if probe_free_port(s, i) {
@@ -770,7 +791,7 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
             }
             i += 1;
         }
-        let mut i = 1;
+        let mut i = if syn { 0 } else { 1 };
         while s.probe.got == 0 && i < RECLAIM_PROBES && i < range {
             if probe_port(s, cfg, i) {
                 break;
@@ -796,12 +817,6 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
         return reason::DROP_SNAT_EXHAUSTED;
     }
     s.conn.new_sport_be = got;
-    if UNANSWERED.insert(&s.key, &s.conn, 0).is_err() {
-        // `s.key2` still holds the reverse key just reserved; the only error
-        // (-ENOENT: already evicted) leaves the port free too.
-        let _ = UNANSWERED.remove(&s.key2);
-        return reason::DROP_CONN_INSERT;
-    }
     0
 }
 

@@ -154,7 +154,7 @@ static BENCH_STOP: u32 = 0;
 /// Does the bench's breakdown end the run after `stage`? Never in a normal
 /// load: the verifier sees the constant 0 and removes the test.
 #[inline(always)]
-fn stop_after(stage: u32) -> Result<(), Out> {
+pub fn stop_after(stage: u32) -> Result<(), Out> {
     // SAFETY: a plain read of a static; volatile so the compiler cannot
     // fold the default in (see `ctx::l4_csum_mode`).
     if unsafe { read_volatile(&BENCH_STOP) } == stage {

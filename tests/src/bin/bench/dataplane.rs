@@ -489,6 +489,52 @@ pub fn breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Res
     Ok(steps)
 }
 
+/// §1c's stages: a new flow's SYN (IPv4) ends after each in turn.
+pub const SYN_STEPS: [(&str, u32); 8] = [
+    ("parse and service lookup", lb_common::BENCH_STOP_SERVICE),
+    (
+        "table misses: CONNS, UNANSWERED, flood guard",
+        lb_common::BENCH_STOP_MISS,
+    ),
+    (
+        "backend choice: flow hash, Maglev, BACKENDS, REFUSED",
+        lb_common::BENCH_STOP_CHOOSE,
+    ),
+    ("next hop", lb_common::BENCH_STOP_NEW_ROUTE),
+    (
+        "SNAT port: the reverse entry into UNANSWERED",
+        lb_common::BENCH_STOP_RESERVE,
+    ),
+    (
+        "the forward entry into UNANSWERED",
+        lb_common::BENCH_STOP_ROUTE,
+    ),
+    ("rewrite", lb_common::BENCH_STOP_REWRITE),
+    ("counters and send (the whole path)", 0),
+];
+
+/// §1c: where a new flow's SYN (IPv4) spends its time on `hook`: one fresh
+/// lab per stage, loaded to end the run after it, each fed the same
+/// distinct SYNs (so every stage sees the tables fill the same way).
+pub fn syn_breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Result<Vec<Step>> {
+    let vip4 = SocketAddr::new(VIP_V4.into(), 80);
+    let backends: Vec<SocketAddr> = (11..=20)
+        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
+        .collect();
+    let runs = runs.min(20_000);
+    let frames = syns(0, false, runs + warm_runs(runs));
+    let mut steps = Vec::new();
+    for (name, stop) in SYN_STEPS {
+        progress(&format!("{name} ({hook:?})"));
+        let mut lab = PacketLab::with_bench_stop("bench-steps", COST_LAB_CONNS, stop)?;
+        lab.stay_on_one_cpu();
+        lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
+        let (stats, empty) = measure(&mut lab, hook, &frames, runs)?;
+        steps.push(Step { name, stats, empty });
+    }
+    Ok(steps)
+}
+
 /// One point of a scaling series.
 pub struct ScalePoint {
     pub size: usize,

@@ -194,9 +194,10 @@ impl Plan {
     /// Test runs in the warm loops (measured plus warm-up).
     fn test_runs(&self, runs: usize) -> usize {
         let syn = runs.min(20_000);
-        // Baselines, 16 cost cases, 12 breakdown stages, the scaling points.
+        // Baselines, 16 cost cases, 12 breakdown stages, the scaling
+        // points; the SYN cases and 16 new-flow stages.
         let loops = 2 + 16 + 12 + 2 * (self.conns_sizes.len() + self.backend_counts.len());
-        (loops * runs + 4 * syn) * 11 / 10
+        (loops * runs + (4 + 16) * syn) * 11 / 10
     }
 
     /// A rough duration: `per_run` seconds per warm-loop run, about 2 µs per
@@ -296,11 +297,16 @@ fn cost_targets(r: &CostResults) -> Vec<String> {
 }
 
 /// §1b: the established IPv4 TCP packet's cost stage by stage.
-fn steps_table(runs: usize, by_hook: &[(Hook, Vec<dataplane::Step>)]) -> Table {
+fn steps_table(
+    title: &str,
+    what: &str,
+    runs: usize,
+    by_hook: &[(Hook, Vec<dataplane::Step>)],
+) -> Table {
     let mut t = Table::new(
-        "1b. Where an established packet's time goes",
+        title,
         format!(
-            "The established IPv4 TCP packet of §1, in labs loaded so that its run ends after \
+            "{what}, in labs loaded so that its run ends after \
              each stage in turn (the object's `BENCH_STOP` constant, which a normal load leaves \
              at 0 and the verifier then removes). Median of {runs} runs per stage; \
              \"above empty\" is the cumulative cost above the empty XDP program measured \
@@ -886,7 +892,27 @@ fn dataplane_sections(
         })?;
         by_hook.push((hook, steps));
     }
-    tables.push(steps_table(args.runs, &by_hook));
+    tables.push(steps_table(
+        "1b. Where an established packet's time goes",
+        "The established IPv4 TCP packet of §1",
+        args.runs,
+        &by_hook,
+    ));
+    tables.last().expect("just pushed").print();
+
+    let mut by_hook = Vec::new();
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let steps = dataplane::syn_breakdown(hook, args.runs, |what| {
+            progress.say(&format!("new flow stage by stage: {what}"));
+        })?;
+        by_hook.push((hook, steps));
+    }
+    tables.push(steps_table(
+        "1c. Where a new flow's SYN spends its time",
+        "Distinct IPv4 SYNs of new flows (a fresh lab per stage, fed the same SYNs)",
+        args.runs.min(20_000),
+        &by_hook,
+    ));
     tables.last().expect("just pushed").print();
 
     progress.say("forwarding rate: live frames, MAC swap then xdplb");
