@@ -773,17 +773,7 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     } else {
         SNAT_PROBES
     };
-    // A fresh SYN starts a new connection: no earlier port of its own to
-    // get back, so its first port is probed like the others, and a taken
-    // one costs one failed insert instead of the holder lookups (about a
-    // third of the new flows of a busy range collide there).
-    let syn = s.conn.flags & CONN_F_SYN != 0;
-    let first = if syn {
-        probe_free_port(s, 0)
-    } else {
-        probe_port(s, cfg, 0)
-    };
-    if !first {
+    if !probe_port(s, cfg, 0) {
         let mut i = 1;
         while i < free_probes && i < range {
             if probe_free_port(s, i) {
@@ -791,7 +781,7 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
             }
             i += 1;
         }
-        let mut i = if syn { 0 } else { 1 };
+        let mut i = 1;
         while s.probe.got == 0 && i < RECLAIM_PROBES && i < range {
             if probe_port(s, cfg, i) {
                 break;
