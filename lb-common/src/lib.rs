@@ -589,139 +589,147 @@ pub struct Counters {
 }
 const _: () = assert!(size_of::<Counters>() == 24);
 
+/// Defines a set of numbered codes (`pub const NAME: u32`) with their
+/// stable names, in one place: `COUNT`, and `NAMES` indexed by code. The
+/// build fails when the codes are not exactly 0..COUNT (a duplicate leaves a
+/// gap, a gap leaves an empty name) or when two names are the same.
+macro_rules! codes {
+    ($( $(#[$doc:meta])* $code:ident = $value:literal => $name:literal, )*) => {
+        $( $(#[$doc])* pub const $code: u32 = $value; )*
+        pub const COUNT: u32 = [$($value),*].len() as u32;
+
+        /// Stable, machine-friendly names (used by the CLI, JSON and
+        /// metrics), indexed by code.
+        pub const NAMES: [&str; COUNT as usize] = {
+            let mut names = [""; COUNT as usize];
+            $( names[$value as usize] = $name; )*
+            names
+        };
+
+        const _: () = {
+            let mut i = 0;
+            while i < NAMES.len() {
+                assert!(!NAMES[i].is_empty(), "codes must run from 0 to COUNT - 1");
+                let mut j = 0;
+                while j < i {
+                    assert!(!$crate::same_str(NAMES[i], NAMES[j]), "two codes share a name");
+                    j += 1;
+                }
+                i += 1;
+            }
+        };
+    };
+}
+
+/// `a == b`, usable in a constant.
+#[doc(hidden)]
+pub const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Why a packet took the path it took; the index into `REASON_STATS`.
 ///
 /// `PASS_*` packets go to the stack unchanged, `FWD_*` packets were rewritten
 /// and forwarded (or handed to the stack rewritten), `DROP_*` were dropped.
 pub mod reason {
-    pub const PASS_NOT_IP: u32 = 0;
-    pub const PASS_TRUNCATED: u32 = 1;
-    pub const PASS_BAD_HEADER: u32 = 2;
-    pub const PASS_IP_OPTIONS: u32 = 3;
-    pub const PASS_IPV6_EXT: u32 = 4;
-    pub const PASS_FRAGMENT: u32 = 5;
-    pub const PASS_OTHER_PROTO: u32 = 6;
-    pub const PASS_NO_SERVICE: u32 = 7;
-    /// The destination is a SNAT address and port, and no flow holds it.
-    /// Dropped, not passed: the stack would answer with a RST or a port
-    /// unreachable, and a backend whose flow's entries were lost would
-    /// reset a live connection (the SNAT range belongs to the data plane).
-    pub const DROP_REPLY_NO_CONN: u32 = 8;
-    pub const PASS_ICMP_NO_FLOW: u32 = 9;
-    pub const PASS_TTL_EXPIRED: u32 = 10;
-    pub const FWD_TX: u32 = 11;
-    pub const FWD_REDIRECT: u32 = 12;
-    /// XDP: no neighbour entry yet; the packet goes on untouched to the TC
-    /// program attached beside it, whose `bpf_redirect_neigh` resolves it.
-    pub const PASS_XDP_NO_NEIGH: u32 = 13;
-    /// XDP: the FIB gave no direct route (needs fragmentation, unreachable,
-    /// ...); the packet goes on untouched to TC, which decides.
-    pub const PASS_XDP_FIB: u32 = 14;
-    /// The packet does not fit the egress MTU (TC checks GSO packets per
-    /// segment). Dropped: handing a rewritten packet to the stack would be
-    /// dropped there anyway (its source is one of our own addresses).
-    pub const DROP_FRAG_NEEDED: u32 = 15;
-    pub const FWD_ICMP: u32 = 16;
-    pub const DROP_NO_BACKEND: u32 = 17;
-    pub const DROP_SNAT_EXHAUSTED: u32 = 18;
-    pub const DROP_CONN_INSERT: u32 = 19;
-    /// XDP: the egress interface is not in TX_PORTS; untouched, to TC.
-    pub const PASS_XDP_NO_TXPORT: u32 = 20;
-    /// The FIB has no usable route to the rewritten destination.
-    pub const DROP_NO_ROUTE: u32 = 21;
-    /// A checksum helper failed after the headers were rewritten (TC:
-    /// `bpf_l4_csum_replace` or `bpf_csum_update` returned an error, e.g. a
-    /// flag the kernel does not know). Dropped: the packet would leave with
-    /// a stale checksum, and a rewritten packet never goes to the stack.
-    pub const DROP_CSUM_FAILED: u32 = 22;
-    /// A packet to a flow's SNAT address and port that arrived on another
-    /// interface than the one its backend is reached by (`Conn::ifindex`):
-    /// forged, or misrouted. Dropped; the flow is not touched.
-    pub const DROP_REPLY_WRONG_IFACE: u32 = 23;
-    /// An ICMP error about a flow that arrived from the other side than the
-    /// one it quotes, or whose flow has expired. Dropped untranslated.
-    pub const DROP_ICMP_REJECTED: u32 = 24;
-    /// A TCP segment other than a fresh SYN that misses the connection table
-    /// while the flood guard is on: no state, no SNAT port, no backend.
-    pub const DROP_FLOOD_GUARD: u32 = 25;
-    /// A TCP segment with RST that misses the connection table: there is
-    /// nothing to reset, so no flow (and no SNAT port) is made for it.
-    pub const DROP_RST_NO_CONN: u32 = 26;
-    /// Under the flood guard, a fresh SYN from a source that has not shown
-    /// it is real yet: dropped, and remembered; the same SYN sent again
-    /// (a real client retransmits after 1 s) passes and vouches for its
-    /// source (docs/DATAPLANE.md §8).
-    pub const DROP_SYN_CHALLENGE: u32 = 27;
-    pub const COUNT: u32 = 28;
-
-    /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
-    pub const NAMES: [&str; COUNT as usize] = [
-        "pass_not_ip",
-        "pass_truncated",
-        "pass_bad_header",
-        "pass_ip_options",
-        "pass_ipv6_ext_header",
-        "pass_fragment",
-        "pass_other_protocol",
-        "pass_no_service",
-        "drop_reply_no_conn",
-        "pass_icmp_no_flow",
-        "pass_ttl_expired",
-        "fwd_tx",
-        "fwd_redirect",
-        "pass_xdp_no_neigh",
-        "pass_xdp_fib",
-        "drop_frag_needed",
-        "fwd_icmp_translated",
-        "drop_no_backend",
-        "drop_snat_exhausted",
-        "drop_conn_insert",
-        "pass_xdp_no_txport",
-        "drop_no_route",
-        "drop_csum_failed",
-        "drop_reply_wrong_iface",
-        "drop_icmp_rejected",
-        "drop_flood_guard",
-        "drop_rst_no_conn",
-        "drop_syn_challenge",
-    ];
+    codes! {
+        PASS_NOT_IP = 0 => "pass_not_ip",
+        PASS_TRUNCATED = 1 => "pass_truncated",
+        PASS_BAD_HEADER = 2 => "pass_bad_header",
+        PASS_IP_OPTIONS = 3 => "pass_ip_options",
+        PASS_IPV6_EXT = 4 => "pass_ipv6_ext_header",
+        PASS_FRAGMENT = 5 => "pass_fragment",
+        PASS_OTHER_PROTO = 6 => "pass_other_protocol",
+        PASS_NO_SERVICE = 7 => "pass_no_service",
+        /// The destination is a SNAT address and port, and no flow holds it.
+        /// Dropped, not passed: the stack would answer with a RST or a port
+        /// unreachable, and a backend whose flow's entries were lost would
+        /// reset a live connection (the SNAT range belongs to the data plane).
+        DROP_REPLY_NO_CONN = 8 => "drop_reply_no_conn",
+        PASS_ICMP_NO_FLOW = 9 => "pass_icmp_no_flow",
+        PASS_TTL_EXPIRED = 10 => "pass_ttl_expired",
+        FWD_TX = 11 => "fwd_tx",
+        FWD_REDIRECT = 12 => "fwd_redirect",
+        /// XDP: no neighbour entry yet; the packet goes on untouched to the TC
+        /// program attached beside it, whose `bpf_redirect_neigh` resolves it.
+        PASS_XDP_NO_NEIGH = 13 => "pass_xdp_no_neigh",
+        /// XDP: the FIB gave no direct route (needs fragmentation, unreachable,
+        /// ...); the packet goes on untouched to TC, which decides.
+        PASS_XDP_FIB = 14 => "pass_xdp_fib",
+        /// The packet does not fit the egress MTU (TC checks GSO packets per
+        /// segment). Dropped: handing a rewritten packet to the stack would be
+        /// dropped there anyway (its source is one of our own addresses).
+        DROP_FRAG_NEEDED = 15 => "drop_frag_needed",
+        FWD_ICMP = 16 => "fwd_icmp_translated",
+        DROP_NO_BACKEND = 17 => "drop_no_backend",
+        DROP_SNAT_EXHAUSTED = 18 => "drop_snat_exhausted",
+        DROP_CONN_INSERT = 19 => "drop_conn_insert",
+        /// XDP: the egress interface is not in TX_PORTS; untouched, to TC.
+        PASS_XDP_NO_TXPORT = 20 => "pass_xdp_no_txport",
+        /// The FIB has no usable route to the rewritten destination.
+        DROP_NO_ROUTE = 21 => "drop_no_route",
+        /// A checksum helper failed after the headers were rewritten (TC:
+        /// `bpf_l4_csum_replace` or `bpf_csum_update` returned an error, e.g. a
+        /// flag the kernel does not know). Dropped: the packet would leave with
+        /// a stale checksum, and a rewritten packet never goes to the stack.
+        DROP_CSUM_FAILED = 22 => "drop_csum_failed",
+        /// A packet to a flow's SNAT address and port that arrived on another
+        /// interface than the one its backend is reached by (`Conn::ifindex`):
+        /// forged, or misrouted. Dropped; the flow is not touched.
+        DROP_REPLY_WRONG_IFACE = 23 => "drop_reply_wrong_iface",
+        /// An ICMP error about a flow that arrived from the other side than the
+        /// one it quotes, or whose flow has expired. Dropped untranslated.
+        DROP_ICMP_REJECTED = 24 => "drop_icmp_rejected",
+        /// A TCP segment other than a fresh SYN that misses the connection table
+        /// while the flood guard is on: no state, no SNAT port, no backend.
+        DROP_FLOOD_GUARD = 25 => "drop_flood_guard",
+        /// A TCP segment with RST that misses the connection table: there is
+        /// nothing to reset, so no flow (and no SNAT port) is made for it.
+        DROP_RST_NO_CONN = 26 => "drop_rst_no_conn",
+        /// Under the flood guard, a fresh SYN from a source that has not shown
+        /// it is real yet: dropped, and remembered; the same SYN sent again
+        /// (a real client retransmits after 1 s) passes and vouches for its
+        /// source (docs/DATAPLANE.md §8).
+        DROP_SYN_CHALLENGE = 27 => "drop_syn_challenge",
+    }
 }
 
 /// Things the data plane counts beside a packet's fate: `REASON_STATS`
 /// counts every packet once, under one reason; these count events, any
 /// number per packet. The index into `EVENT_STATS`.
 pub mod event {
-    /// A flow became established (moved from `UNANSWERED` to `CONNS`).
-    pub const ESTABLISHED: u32 = 0;
-    /// A TCP segment other than a fresh SYN missed the connection table: a
-    /// flow whose entries were lost (it starts an unanswered flow again), or
-    /// a forged packet. Under the flood guard it is dropped.
-    pub const NON_SYN_MISS: u32 = 1;
-    /// An unanswered flow was found expired or half gone: its client came
-    /// back after `unanswered_timeout`, or a new flow took its SNAT port.
-    pub const UNANSWERED_EXPIRED: u32 = 2;
-    /// A RST ended an unanswered flow and freed its SNAT port at once.
-    pub const RST_FREED: u32 = 3;
-    /// A table miss (a would-be new flow) while the flood guard was on.
-    pub const FLOOD_GUARD_ACTIVE: u32 = 4;
-    /// Under the flood guard a new flow found every probed SNAT port held
-    /// and took the one of the longest-idle unanswered flow.
-    pub const FLOOD_PORT_TAKEN: u32 = 5;
-    /// Under the flood guard a SYN came again in time: its source is
-    /// vouched for (its SYNs pass at once for `SOURCE_VOUCHED_NS`).
-    pub const SOURCE_VOUCHED: u32 = 6;
-    pub const COUNT: u32 = 7;
-
-    /// Stable, machine-friendly names (used by the CLI, JSON and metrics).
-    pub const NAMES: [&str; COUNT as usize] = [
-        "established",
-        "non_syn_miss",
-        "unanswered_expired",
-        "rst_freed",
-        "flood_guard_active",
-        "flood_port_taken",
-        "source_vouched",
-    ];
+    codes! {
+        /// A flow became established (moved from `UNANSWERED` to `CONNS`).
+        ESTABLISHED = 0 => "established",
+        /// A TCP segment other than a fresh SYN missed the connection table: a
+        /// flow whose entries were lost (it starts an unanswered flow again), or
+        /// a forged packet. Under the flood guard it is dropped.
+        NON_SYN_MISS = 1 => "non_syn_miss",
+        /// An unanswered flow was found expired or half gone: its client came
+        /// back after `unanswered_timeout`, or a new flow took its SNAT port.
+        UNANSWERED_EXPIRED = 2 => "unanswered_expired",
+        /// A RST ended an unanswered flow and freed its SNAT port at once.
+        RST_FREED = 3 => "rst_freed",
+        /// A table miss (a would-be new flow) while the flood guard was on.
+        FLOOD_GUARD_ACTIVE = 4 => "flood_guard_active",
+        /// Under the flood guard a new flow found every probed SNAT port held
+        /// and took the one of the longest-idle unanswered flow.
+        FLOOD_PORT_TAKEN = 5 => "flood_port_taken",
+        /// Under the flood guard a SYN came again in time: its source is
+        /// vouched for (its SYNs pass at once for `SOURCE_VOUCHED_NS`).
+        SOURCE_VOUCHED = 6 => "source_vouched",
+    }
 }
 
 #[cfg(feature = "user")]

@@ -266,7 +266,9 @@ pub struct ExplainArgs {
     #[arg(long, value_name = "IP:PORT")]
     pub dst: std::net::SocketAddr,
 
-    /// Explain a fresh SYN (SYN without ACK): it does not reuse a closing entry.
+    /// Explain a fresh SYN (SYN without ACK): it does not reuse a closing
+    /// entry, nor one whose backend is draining or refused a connection
+    /// lately. TCP only (a UDP datagram has no such flag).
     #[arg(long)]
     pub syn: bool,
 

@@ -256,6 +256,15 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
             q.dst
         );
     }
+    if q.syn && q.proto != PROTO_TCP {
+        // The kernel reads the flag from a TCP header only
+        // (conntrack.rs `forward`: `proto == PROTO_TCP && is_fresh_syn`).
+        bail!(
+            "--syn applies to TCP only: a {} packet has no SYN flag, and the data plane \
+             never treats one as the start of a connection",
+            proto_name(q.proto)
+        );
+    }
     let key = flow_key(q.proto, q.src, q.dst);
     let cfg = t.config();
     let mut e = Explanation {
@@ -1049,6 +1058,20 @@ mod tests {
         assert_eq!(e.verdict, "forward");
         assert_eq!(e.backend.as_ref().unwrap().index, first, "{e:#?}");
         assert!(e.maglev.unwrap().probes[0].chosen);
+    }
+
+    #[test]
+    fn syn_is_refused_for_udp_as_the_kernel_never_sees_one() {
+        let f = fake();
+        let mut q = query("10.0.0.2:40007");
+        q.proto = PROTO_UDP;
+        q.syn = true;
+        let err = explain(&f, &q, 100 * SECOND, &Names::default())
+            .expect_err("a UDP packet with --syn")
+            .to_string();
+        assert!(err.contains("--syn applies to TCP only"), "{err}");
+        q.syn = false;
+        assert_eq!(run(&f, &q).proto, "udp");
     }
 
     #[test]

@@ -339,11 +339,14 @@ async fn http_check_times_out_on_a_slow_response() {
     let start = Instant::now();
     let result = check_once(&http_client(), server.addr, &http("/slow", 200, 200)).await;
     let took = start.elapsed();
+    // The server answers after 3 s: a Timeout result is the check ending at
+    // its own timeout. Only the lower bound is timed (a timer never fires
+    // early; a busy machine can make anything late).
     assert_eq!(result.failure, Some(FailureKind::Timeout), "{result:?}");
     assert_eq!(result.detail, "HTTP timeout after 200ms");
     assert!(
-        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
-        "the check should end at its 200ms timeout, took {took:?}"
+        took >= Duration::from_millis(200),
+        "the check ended before its 200ms timeout, took {took:?}"
     );
     server.stop().await;
 }
@@ -401,7 +404,6 @@ async fn checker_rises_after_rise_passes_and_falls_when_the_server_stops() {
         "reason {:?}",
         events[1].reason
     );
-    assert!(events[1].result.latency < Duration::from_millis(500));
 
     server.stop().await;
     let events = until_transition(&mut checker.rx, false).await;
@@ -475,14 +477,18 @@ async fn checker_tcp_goes_down_when_the_listener_closes() {
 async fn checker_checks_at_once_then_every_interval() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let target = listener.local_addr().expect("local_addr");
+    // At once: with an interval far longer than DEADLINE, the first event
+    // can only come from a check made at start.
+    let mut slow = spawn_checker(target, tcp(500), 3_600_000, 2, 2);
+    next_event(&mut slow.rx, "the first check, before any interval").await;
+    slow.shutdown.send(true).expect("checker is listening");
+    expect_finished(slow.task, "shutdown").await;
+
+    // Then every interval: never sooner (a timer never fires early; only
+    // lower bounds are timed, as a busy machine can make anything late).
     let start = Instant::now();
     let mut checker = spawn_checker(target, tcp(500), 300, 2, 2);
     next_event(&mut checker.rx, "the first check").await;
-    let first = start.elapsed();
-    assert!(
-        first < Duration::from_millis(250),
-        "first check after {first:?}, want at once"
-    );
     next_event(&mut checker.rx, "the second check").await;
     let second = start.elapsed();
     assert!(
