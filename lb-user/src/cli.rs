@@ -233,28 +233,11 @@ pub struct TopArgs {
     pub pin_dir: PathBuf,
 }
 
-/// `--proto` of `xdplb explain`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProtoArg {
-    Tcp,
-    Udp,
-}
-
-impl ProtoArg {
-    /// The IP protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            ProtoArg::Tcp => lb_common::PROTO_TCP,
-            ProtoArg::Udp => lb_common::PROTO_UDP,
-        }
-    }
-}
-
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
     /// Transport protocol of the packet.
     #[arg(long, value_enum)]
-    pub proto: ProtoArg,
+    pub proto: crate::config::Proto,
 
     /// Source address and port as the balancer receives the packet (the
     /// client). IPv6 in brackets. Example: 10.0.0.2:51234

@@ -31,7 +31,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
@@ -54,17 +54,12 @@ use crate::maglev::is_prime;
 /// Where maps and program links are pinned unless `pin_dir` says otherwise
 /// (`/sys/fs/bpf/xdplb`; the same constant as the map loader's).
 pub const DEFAULT_PIN_DIR: &str = crate::maps::DEFAULT_PIN_DIR;
-/// Docker's embedded DNS server, reachable inside every container that is
-/// attached to a user-defined network.
-pub const DEFAULT_NAMESERVER: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11)), 53);
-/// How often the backends' DNS name is resolved. Docker answers with a TTL of
-/// 600 s, which would be far too slow to notice a task that went away.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// How many consecutive NXDOMAIN/empty answers it takes before a service is
-/// considered to have no tasks (Docker briefly answers NXDOMAIN while a
-/// service is updated).
-pub const DEFAULT_EMPTY_POLLS: u32 = 3;
+/// Discovery's defaults, defined once there: Docker's embedded DNS server,
+/// and how many consecutive NXDOMAIN/empty answers make a service empty.
+pub use crate::discovery::{DEFAULT_EMPTY_POLLS, DEFAULT_NAMESERVER};
+/// How often the backends' DNS name is resolved (discovery's
+/// `DEFAULT_INTERVAL`).
+pub const DEFAULT_POLL_INTERVAL: Duration = crate::discovery::DEFAULT_INTERVAL;
 /// Time between two health checks of one backend.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one health check may take before it counts as failed.
@@ -303,13 +298,14 @@ pub struct Listen {
     pub proto: Proto,
 }
 
-/// Transport protocol of a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// Transport protocol of a listener (TCP unless the config says otherwise),
+/// and of `xdplb explain --proto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Proto {
-    /// TCP (the default).
+    /// TCP: flows are established by the backend's answer.
     #[default]
     Tcp,
-    /// UDP. Flows are tracked by 5-tuple and expire after `udp_timeout`.
+    /// UDP: flows are tracked by 5-tuple and expire after `udp_timeout`.
     Udp,
 }
 
@@ -2255,7 +2251,7 @@ impl Converter<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 

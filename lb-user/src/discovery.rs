@@ -61,12 +61,16 @@ use hickory_resolver::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-/// Docker's embedded DNS server, reachable from every container.
+/// Docker's embedded DNS server, reachable inside every container that is
+/// attached to a user-defined network.
 pub const DEFAULT_NAMESERVER: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
-/// Delay between two lookups of a healthy, non-empty service.
+/// Delay between two lookups of a healthy, non-empty service. Docker
+/// answers with a TTL of 600 s, far too slow to notice a task that went
+/// away.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
-/// Consecutive NXDOMAIN/empty answers before a service counts as empty.
+/// Consecutive NXDOMAIN/empty answers before a service counts as empty
+/// (Docker briefly answers NXDOMAIN while a service is updated).
 pub const DEFAULT_EMPTY_POLLS: u32 = 3;
 /// Longest delay between two lookups after failures or at zero tasks.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);

@@ -759,10 +759,8 @@ fn drop_resized_reason_stats(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Summed over CPUs, wrapping like the counters themselves (one rule with
+/// the CLI's readers: `pinned::sum_counters`).
 fn sum(v: &PerCpuValues<Counters>) -> Result<Counters> {
-    Ok(v.iter().fold(Counters::default(), |a, c| Counters {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-        new_flows: a.new_flows + c.new_flows,
-    }))
+    Ok(crate::pinned::sum_counters(v.iter()))
 }

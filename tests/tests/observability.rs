@@ -23,20 +23,9 @@ use tests::packet::*;
 
 // ---- the binary ---------------------------------------------------------------
 
-/// `target/<profile>/xdplb`, next to this test's own `deps/` directory.
+/// The binary under test (`XDPLB_BIN`, or `target/<profile>/xdplb`).
 fn xdplb_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("xdplb"))
-        .expect("test binary lives in target/<profile>/deps");
-    assert!(
-        bin.exists(),
-        "{} is not built: run `cargo build -p lb-user` before these tests",
-        bin.display()
-    );
-    bin
+    tests::testbed::xdplb_bin().expect("the xdplb binary")
 }
 
 fn xdplb(args: &[&str]) -> Output {
