@@ -464,7 +464,7 @@ pub const STEPS: [(&str, u32); 6] = [
 /// stage runs in a lab of its own, loaded to end the run after it, with the
 /// same service and the same flow (copied from a lab that established it:
 /// the stopped programs could not).
-pub fn breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Result<Vec<Step>> {
+pub fn breakdown(hook: Hook, runs: usize, progress: impl FnMut(&str)) -> Result<Vec<Step>> {
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
     let backends: Vec<SocketAddr> = (11..=20)
         .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
@@ -475,15 +475,34 @@ pub fn breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Res
         let ack4 = establish(&mut lab, vip4, &backends, c4)?;
         (lab.dp().conns()?, vec![ack4])
     };
-    let mut steps = Vec::new();
-    for (name, stop) in STEPS {
-        progress(&format!("{name} ({hook:?})"));
-        let mut lab = PacketLab::with_bench_stop("bench-steps", 65_536, stop)?;
+    let setup = |lab: &mut PacketLab| -> Result<()> {
         lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
         for (k, c) in &entries {
             lab.dp_mut().insert_conn(k, c)?;
         }
-        let (stats, empty) = measure(&mut lab, hook, &ack4, runs)?;
+        Ok(())
+    };
+    staged(&STEPS, hook, runs, 65_536, &ack4, setup, progress)
+}
+
+/// One lab per stage, loaded to end each run after it, set up by `setup`
+/// and fed `frames`: the rows of §1b and §1c.
+fn staged(
+    stages: &[(&'static str, u32)],
+    hook: Hook,
+    runs: usize,
+    conns_capacity: u32,
+    frames: &[Vec<u8>],
+    mut setup: impl FnMut(&mut PacketLab) -> Result<()>,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    for &(name, stop) in stages {
+        progress(&format!("{name} ({hook:?})"));
+        let mut lab = PacketLab::with_bench_stop("bench-steps", conns_capacity, stop)?;
+        lab.stay_on_one_cpu();
+        setup(&mut lab)?;
+        let (stats, empty) = measure(&mut lab, hook, frames, runs)?;
         steps.push(Step { name, stats, empty });
     }
     Ok(steps)
@@ -516,23 +535,26 @@ pub const SYN_STEPS: [(&str, u32); 8] = [
 /// §1c: where a new flow's SYN (IPv4) spends its time on `hook`: one fresh
 /// lab per stage, loaded to end the run after it, each fed the same
 /// distinct SYNs (so every stage sees the tables fill the same way).
-pub fn syn_breakdown(hook: Hook, runs: usize, mut progress: impl FnMut(&str)) -> Result<Vec<Step>> {
+pub fn syn_breakdown(hook: Hook, runs: usize, progress: impl FnMut(&str)) -> Result<Vec<Step>> {
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
     let backends: Vec<SocketAddr> = (11..=20)
         .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
         .collect();
     let runs = runs.min(20_000);
     let frames = syns(0, false, runs + warm_runs(runs));
-    let mut steps = Vec::new();
-    for (name, stop) in SYN_STEPS {
-        progress(&format!("{name} ({hook:?})"));
-        let mut lab = PacketLab::with_bench_stop("bench-steps", COST_LAB_CONNS, stop)?;
-        lab.stay_on_one_cpu();
+    let setup = |lab: &mut PacketLab| -> Result<()> {
         lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
-        let (stats, empty) = measure(&mut lab, hook, &frames, runs)?;
-        steps.push(Step { name, stats, empty });
-    }
-    Ok(steps)
+        Ok(())
+    };
+    staged(
+        &SYN_STEPS,
+        hook,
+        runs,
+        COST_LAB_CONNS,
+        &frames,
+        setup,
+        progress,
+    )
 }
 
 /// One point of a scaling series.

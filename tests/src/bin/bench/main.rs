@@ -296,7 +296,21 @@ fn cost_targets(r: &CostResults) -> Vec<String> {
     notes
 }
 
-/// §1b: the established IPv4 TCP packet's cost stage by stage.
+/// §1b or §1c on both hooks: `measure` gives one hook's stages.
+fn stage_table(
+    title: &str,
+    what: &str,
+    runs: usize,
+    mut measure: impl FnMut(Hook) -> Result<Vec<dataplane::Step>>,
+) -> Result<Table> {
+    let mut by_hook = Vec::new();
+    for hook in [Hook::Xdp, Hook::Tc] {
+        by_hook.push((hook, measure(hook)?));
+    }
+    Ok(steps_table(title, what, runs, &by_hook))
+}
+
+/// §1b and §1c: a packet's cost stage by stage.
 fn steps_table(
     title: &str,
     what: &str,
@@ -885,34 +899,27 @@ fn dataplane_sections(
     tables.push(cost_table(&cost));
     tables.last().expect("just pushed").print();
 
-    let mut by_hook = Vec::new();
-    for hook in [Hook::Xdp, Hook::Tc] {
-        let steps = dataplane::breakdown(hook, args.runs, |what| {
-            progress.say(&format!("stage by stage: {what}"));
-        })?;
-        by_hook.push((hook, steps));
-    }
-    tables.push(steps_table(
+    tables.push(stage_table(
         "1b. Where an established packet's time goes",
         "The established IPv4 TCP packet of §1",
         args.runs,
-        &by_hook,
-    ));
+        |hook| {
+            dataplane::breakdown(hook, args.runs, |what| {
+                progress.say(&format!("stage by stage: {what}"));
+            })
+        },
+    )?);
     tables.last().expect("just pushed").print();
-
-    let mut by_hook = Vec::new();
-    for hook in [Hook::Xdp, Hook::Tc] {
-        let steps = dataplane::syn_breakdown(hook, args.runs, |what| {
-            progress.say(&format!("new flow stage by stage: {what}"));
-        })?;
-        by_hook.push((hook, steps));
-    }
-    tables.push(steps_table(
+    tables.push(stage_table(
         "1c. Where a new flow's SYN spends its time",
         "Distinct IPv4 SYNs of new flows (a fresh lab per stage, fed the same SYNs)",
         args.runs.min(20_000),
-        &by_hook,
-    ));
+        |hook| {
+            dataplane::syn_breakdown(hook, args.runs, |what| {
+                progress.say(&format!("new flow stage by stage: {what}"));
+            })
+        },
+    )?);
     tables.last().expect("just pushed").print();
 
     progress.say("forwarding rate: live frames, MAC swap then xdplb");
