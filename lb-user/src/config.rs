@@ -55,11 +55,11 @@ use crate::maglev::is_prime;
 /// (`/sys/fs/bpf/xdplb`; the same constant as the map loader's).
 pub const DEFAULT_PIN_DIR: &str = crate::maps::DEFAULT_PIN_DIR;
 /// Discovery's defaults, defined once there: Docker's embedded DNS server,
-/// and how many consecutive NXDOMAIN/empty answers make a service empty.
-pub use crate::discovery::{DEFAULT_EMPTY_POLLS, DEFAULT_NAMESERVER};
-/// How often the backends' DNS name is resolved (discovery's
-/// `DEFAULT_INTERVAL`).
-pub const DEFAULT_POLL_INTERVAL: Duration = crate::discovery::DEFAULT_INTERVAL;
+/// how often the backends' name is resolved, and how many consecutive
+/// NXDOMAIN/empty answers make a service empty.
+pub use crate::discovery::{
+    DEFAULT_EMPTY_POLLS, DEFAULT_INTERVAL as DEFAULT_POLL_INTERVAL, DEFAULT_NAMESERVER,
+};
 /// Time between two health checks of one backend.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one health check may take before it counts as failed.

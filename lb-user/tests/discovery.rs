@@ -577,9 +577,9 @@ async fn query_rate_at_zero_replicas_is_bounded() {
     let start = Instant::now();
     lp.wait("scale-up from zero", |s| *s == tasks_v4(2)).await;
     let seen = start.elapsed();
-    // How soon is the paused-clock unit test's to bound
-    // (`scale_up_from_zero_is_seen_within_the_cap`): a busy machine can
-    // make any wall-clock figure late.
+    // How soon is bounded by the paused-clock unit test
+    // (`scale_up_from_zero_is_seen_within_the_cap`); a wall-clock bound here
+    // would fail on a busy machine.
     eprintln!("scale-up from zero seen after {seen:?}");
     lp.stop().await;
 }

@@ -298,24 +298,26 @@ pub const ESTABLISHED_V4: &str = "established TCP IPv4";
 /// (two entries each) without LRU evictions.
 pub const COST_LAB_CONNS: u32 = 1 << 20;
 
+/// The ten backends (:8080) of every service the data-plane sections add.
+fn ten_backends(v6: bool) -> Vec<SocketAddr> {
+    (11..=20)
+        .map(|n| {
+            let ip: IpAddr = if v6 {
+                backend_v6(n).into()
+            } else {
+                backend_v4(n).into()
+            };
+            SocketAddr::new(ip, 8080)
+        })
+        .collect()
+}
+
 /// §1: every case on both hooks, IPv4 and IPv6, beside the baselines.
 pub fn per_packet(
     lab: &mut PacketLab,
     runs: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<CostResults> {
-    let backends = |v6: bool| -> Vec<SocketAddr> {
-        (11..=20)
-            .map(|n| {
-                let ip: IpAddr = if v6 {
-                    backend_v6(n).into()
-                } else {
-                    backend_v4(n).into()
-                };
-                SocketAddr::new(ip, 8080)
-            })
-            .collect()
-    };
     // One CPU for every run, as a NIC's receive queue keeps a flow on one:
     // a thread the scheduler moves between runs makes each run on a new
     // CPU refill that CPU's share of the LRU maps' free lists, and the
@@ -325,10 +327,10 @@ pub fn per_packet(
     let vip6 = SocketAddr::new(VIP_V6.into(), 80);
     let vip4_udp = SocketAddr::new(VIP_V4.into(), 53);
     let vip6_udp = SocketAddr::new(VIP_V6.into(), 53);
-    lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends(false));
-    lab.add_service(vip6, PROTO_TCP, SNAT_PORTS, &backends(true));
-    lab.add_service(vip4_udp, PROTO_UDP, SNAT_PORTS, &backends(false));
-    lab.add_service(vip6_udp, PROTO_UDP, SNAT_PORTS, &backends(true));
+    lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &ten_backends(false));
+    lab.add_service(vip6, PROTO_TCP, SNAT_PORTS, &ten_backends(true));
+    lab.add_service(vip4_udp, PROTO_UDP, SNAT_PORTS, &ten_backends(false));
+    lab.add_service(vip6_udp, PROTO_UDP, SNAT_PORTS, &ten_backends(true));
 
     let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
     let c6 = SocketAddr::new(CLIENT_V6.into(), 33000);
@@ -466,9 +468,7 @@ pub const STEPS: [(&str, u32); 6] = [
 /// the stopped programs could not).
 pub fn breakdown(hook: Hook, runs: usize, progress: impl FnMut(&str)) -> Result<Vec<Step>> {
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
-    let backends: Vec<SocketAddr> = (11..=20)
-        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
-        .collect();
+    let backends = ten_backends(false);
     let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
     let (entries, ack4) = {
         let mut lab = PacketLab::try_new("bench-steps")?;
@@ -537,9 +537,7 @@ pub const SYN_STEPS: [(&str, u32); 8] = [
 /// distinct SYNs (so every stage sees the tables fill the same way).
 pub fn syn_breakdown(hook: Hook, runs: usize, progress: impl FnMut(&str)) -> Result<Vec<Step>> {
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
-    let backends: Vec<SocketAddr> = (11..=20)
-        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
-        .collect();
+    let backends = ten_backends(false);
     let runs = runs.min(20_000);
     let frames = syns(0, false, runs + warm_runs(runs));
     let setup = |lab: &mut PacketLab| -> Result<()> {
@@ -596,9 +594,7 @@ pub fn conns_scaling(
     let capacity = (2 * largest).next_power_of_two().max(65_536) as u32;
     let mut lab = PacketLab::with_conns_capacity("bench-conns", capacity);
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
-    let backends: Vec<SocketAddr> = (11..=20)
-        .map(|n| SocketAddr::new(backend_v4(n).into(), 8080))
-        .collect();
+    let backends = ten_backends(false);
     let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
     let ack4 = vec![establish(&mut lab, vip4, &backends, c4)?];
     // The measured flow's two entries count toward the size.
