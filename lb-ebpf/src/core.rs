@@ -103,7 +103,9 @@ pub fn run<C: Packet>(ctx: &mut C) -> (Out, bool) {
         return (Out::pass(reason::PASS_NO_SERVICE), false);
     }
     let mut log = false;
-    let out = match (pulled, maps::scratch()) {
+    // SAFETY: the run's only reference to the scratch; it ends with `run`,
+    // before `note::hand_over` takes its own.
+    let out = match (pulled, unsafe { maps::scratch() }) {
         // The headers could not be made readable (TC: `bpf_skb_pull_data`
         // failed, which changes nothing): untouched, like any truncated packet.
         (None, _) => Out::pass(reason::PASS_TRUNCATED),

@@ -211,9 +211,18 @@ pub static SVC_COPY: PerCpuArray<Service> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// This CPU's scratch.
+///
+/// # Safety
+///
+/// No other reference from an earlier call may be live: each is a `&mut` to
+/// the same slot. A program run takes it once (`core::run`, then
+/// `note::hand_over` after `run` has returned; the log program's
+/// `note::write`); the slot is used by one program run at a time on this
+/// CPU (see `Scratch`).
 #[inline(always)]
-pub fn scratch() -> Option<&'static mut Scratch> {
-    // SAFETY: per-CPU slot from a successful lookup, used by one program run
-    // at a time on this CPU (see `Scratch`).
+pub unsafe fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: per-CPU slot from a successful lookup; exclusive by the
+    // caller's promise.
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }

@@ -124,7 +124,9 @@ pub fn flood(s: &mut Scratch, guard: bool, limit: u32, now: u64) {
 /// loader gone) the line is lost and the packet goes on unchanged.
 #[inline(always)]
 pub fn hand_over<C: EbpfContext>(ctx: &C, action: u32, progs: &ProgramArray) {
-    let Some(s) = scratch() else {
+    // SAFETY: called after `core::run` returned: no other reference to the
+    // scratch is live.
+    let Some(s) = (unsafe { scratch() }) else {
         return;
     };
     if s.log.pending == 0 {
@@ -140,7 +142,9 @@ pub fn hand_over<C: EbpfContext>(ctx: &C, action: u32, progs: &ProgramArray) {
 /// action (`None`: the scratch slot is missing, which cannot happen).
 #[inline(always)]
 pub fn write() -> Option<u32> {
-    let s = scratch()?;
+    // SAFETY: the log program's only reference to the scratch (a tail
+    // call: the hook's program never returns to use its own).
+    let s = unsafe { scratch() }?;
     let pending = s.log.pending;
     s.log.pending = 0;
     if pending & (LINE_SNAT | LINE_ROUTE) != 0 {

@@ -152,16 +152,22 @@ fn driver_info(iface: &str) -> Option<(String, String)> {
         *d = *s as libc::c_char;
     }
     req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
-    // SAFETY: a datagram socket only used for the ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    nix::ioctl_readwrite_bad!(ethtool, libc::SIOCETHTOOL, libc::ifreq);
+    // A datagram socket only for the ioctl, closed when dropped.
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
     // SAFETY: SIOCETHTOOL with an ifreq whose data points at a live DrvInfo.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
-    // SAFETY: closing the socket opened above.
-    unsafe { libc::close(fd) };
-    (rc == 0).then(|| (text(&info.driver), text(&info.bus_info)))
+    let rc = unsafe { ethtool(sock.as_raw_fd(), &mut req) };
+    rc.is_ok()
+        .then(|| (text(&info.driver), text(&info.bus_info)))
 }
 
 /// bpffs refuses names with a dot (reserved for its own files), so a dot in
@@ -183,13 +189,8 @@ fn pin_path(pin_dir: &Path, iface: &str, suffix: &str) -> PathBuf {
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
-    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if idx == 0 {
-        bail!("interface {iface} does not exist");
-    }
-    Ok(idx)
+    nix::net::if_::if_nametoindex(iface)
+        .map_err(|_| anyhow::anyhow!("interface {iface} does not exist"))
 }
 
 /// Attaches (or re-attaches, adopting pinned links) the data plane on

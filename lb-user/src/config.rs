@@ -310,15 +310,8 @@ pub enum Proto {
 }
 
 /// Address family: which DNS records are asked for, and which packets a
-/// service sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Family {
-    /// IPv4: A records (`family = "ipv4"`).
-    #[default]
-    V4,
-    /// IPv6: AAAA records (`family = "ipv6"`).
-    V6,
-}
+/// service sees (`family = "ipv4"` or `"ipv6"`; see [`parse_family`]).
+pub use crate::discovery::Family;
 
 /// Where the backends of a service come from: a DNS name resolved over and
 /// over (Swarm's `tasks.<service>` for an `--endpoint-mode dnsrr` service).
@@ -807,7 +800,7 @@ impl ServiceConfig {
                 at: at("family"),
                 service: service(),
                 key: "family",
-                value: self.backends.family.to_string(),
+                value: self.backends.family.config_name().to_string(),
                 listen: self.listen,
             });
         }
@@ -997,16 +990,6 @@ impl Proto {
     }
 }
 
-impl Family {
-    /// The family of an address.
-    pub fn of(addr: IpAddr) -> Self {
-        match addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-}
-
 impl HostFacts {
     /// Reads the interface names from `/sys/class/net` and the ephemeral port
     /// range from `/proc/sys/net/ipv4/ip_local_port_range`. Both are per
@@ -1036,28 +1019,11 @@ impl HostFacts {
 
 /// Names of this network namespace's interfaces.
 fn interface_names() -> std::io::Result<Vec<String>> {
-    // SAFETY: if_nameindex returns a heap array terminated by a zero entry,
-    // or null on error; it is freed with if_freenameindex below.
-    let list = unsafe { libc::if_nameindex() };
-    if list.is_null() {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut names = Vec::new();
-    let mut p = list;
-    // SAFETY: walking the array up to its terminating zero entry; each
-    // if_name is a valid NUL-terminated string until if_freenameindex.
-    unsafe {
-        while (*p).if_index != 0 {
-            names.push(
-                std::ffi::CStr::from_ptr((*p).if_name)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-            p = p.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    Ok(names)
+    let list = nix::net::if_::if_nameindex()?;
+    Ok(list
+        .iter()
+        .map(|i| i.name().to_string_lossy().into_owned())
+        .collect())
 }
 
 /// Parses the contents of `ip_local_port_range` ("32768\t60999\n").
@@ -1216,36 +1182,12 @@ impl fmt::Display for Proto {
     }
 }
 
-impl From<Family> for crate::discovery::Family {
-    fn from(f: Family) -> Self {
-        match f {
-            Family::V4 => Self::V4,
-            Family::V6 => Self::V6,
-        }
-    }
-}
-
-impl FromStr for Family {
-    type Err = ValueError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "ipv4" => Ok(Family::V4),
-            "ipv6" => Ok(Family::V6),
-            _ => Err(ValueError::new(format!(
-                "family {s:?} is neither ipv4 nor ipv6"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        })
-    }
+/// A `family` value as the config file spells it (`Family::config_name`).
+pub fn parse_family(s: &str) -> Result<Family, ValueError> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .find(|f| f.config_name() == s)
+        .ok_or_else(|| ValueError::new(format!("family {s:?} is neither ipv4 nor ipv6")))
 }
 
 impl FromStr for AttachMode {
@@ -2199,7 +2141,7 @@ impl Converter<'_> {
             s.backends.nameserver = self.parse(&origin, &label, "nameserver", v, parse_socket)?;
         }
         if let Some(v) = &raw.family {
-            s.backends.family = self.parse(&origin, &label, "family", v, str::parse)?;
+            s.backends.family = self.parse(&origin, &label, "family", v, parse_family)?;
         }
         if let Some(v) = raw.empty_polls {
             s.backends.empty_polls = v.into_inner();
@@ -2658,13 +2600,15 @@ check = "http:/ready"
             assert_eq!(m.to_string().parse::<AttachMode>(), Ok(m));
         }
         for f in [Family::V4, Family::V6] {
-            assert_eq!(f.to_string().parse::<Family>(), Ok(f));
+            assert_eq!(parse_family(f.config_name()), Ok(f));
         }
         for p in [Proto::Tcp, Proto::Udp] {
             assert_eq!(p.to_string().parse::<Proto>(), Ok(p));
         }
         assert_eq!(AttachMode::Xdp.to_string(), "xdp");
-        assert_eq!(Family::V6.to_string(), "ipv6");
+        assert_eq!(Family::V6.config_name(), "ipv6");
+        assert_eq!(Family::V6.to_string(), "IPv6");
+        assert!(parse_family("IPv6").is_err());
         assert!("XDP".parse::<AttachMode>().is_err());
         assert_eq!((Proto::Tcp.number(), Proto::Udp.number()), (6, 17));
     }

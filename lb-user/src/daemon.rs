@@ -972,7 +972,7 @@ fn spawn_discovery(
     // Log lines carry the configured service name (two services may ask
     // for the same DNS name); the DNS name is the `dns` field.
     tasks.push(tokio::spawn(
-        discovery::Poller::new(resolver, b.name.clone(), b.family.into())
+        discovery::Poller::new(resolver, b.name.clone(), b.family)
             .interval(b.interval)
             .empty_polls(b.empty_polls)
             .with_stats(std::sync::Arc::clone(&s.dns))

@@ -117,6 +117,23 @@ impl Family {
         )
     }
 
+    /// The family of an address.
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// As the config file spells it (`family = "ipv4"`); `Display` is the
+    /// human spelling, for logs (`IPv4`).
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
     /// The DNS record type asked for: `A` or `AAAA`.
     pub fn record_type(self) -> &'static str {
         match self {

@@ -7,7 +7,6 @@
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -153,18 +152,15 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 struct MaglevMem {
     fd: std::os::fd::OwnedFd,
     entries: u32,
-    page: usize,
 }
 
 /// Bytes between two `MAGLEV` elements in the mapping.
 const MAGLEV_STRIDE: usize = 8;
 
-/// Slots `first..first + len` of `MAGLEV`, mapped.
+/// Slots `first..first + len` of `MAGLEV`, mapped (shared, read-write);
+/// unmapped when dropped.
 struct MaglevWindow {
-    ptr: NonNull<u8>,
-    map_len: usize,
-    /// Byte offset of slot `first` from `ptr`.
-    skew: usize,
+    map: memmap2::MmapRaw,
     len: u32,
 }
 
@@ -174,11 +170,6 @@ impl MaglevMem {
         if info.map_flags() & BPF_F_MMAPABLE == 0 {
             bail!("MAGLEV was created without BPF_F_MMAPABLE (pinned by an older xdplb)");
         }
-        if info.value_size() != 4 {
-            bail!("MAGLEV values are {} bytes, not 4", info.value_size());
-        }
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let fd = data
             .fd()
             .as_fd()
@@ -187,7 +178,6 @@ impl MaglevMem {
         let mem = Self {
             fd,
             entries: info.max_entries(),
-            page,
         };
         drop(mem.window(0, 1)?);
         Ok(mem)
@@ -196,63 +186,39 @@ impl MaglevMem {
     fn window(&self, first: u32, len: u32) -> Result<MaglevWindow> {
         let end = first
             .checked_add(len)
-            .filter(|&e| e <= self.entries)
+            .filter(|&e| e <= self.entries && len > 0)
             .with_context(|| {
                 format!(
-                    "MAGLEV[{first}..{}] is past the map's {} entries",
+                    "MAGLEV[{first}..{}] is empty or past the map's {} entries",
                     u64::from(first) + u64::from(len),
                     self.entries
                 )
             })?;
-        let start_byte = first as usize * MAGLEV_STRIDE;
-        let offset = start_byte / self.page * self.page;
-        let map_len = (end as usize * MAGLEV_STRIDE).div_ceil(self.page) * self.page - offset;
-        // SAFETY: a fresh shared mapping of the map's fd, inside the map
-        // (checked above; the kernel checks it again).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len.max(self.page),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.fd.as_raw_fd(),
-                libc::off_t::try_from(offset).context("MAGLEV offset")?,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mmap of MAGLEV[{first}..{end}]"));
-        }
-        Ok(MaglevWindow {
-            ptr: NonNull::new(ptr.cast()).context("mmap of MAGLEV returned null")?,
-            map_len: map_len.max(self.page),
-            skew: start_byte - offset,
-            len,
-        })
+        // memmap2 maps from the page holding slot `first` and points past
+        // the skew; the kernel checks the range against the map again.
+        let map = memmap2::MmapOptions::new()
+            .offset((first as usize * MAGLEV_STRIDE) as u64)
+            .len(len as usize * MAGLEV_STRIDE)
+            .map_raw(self.fd.as_raw_fd())
+            .with_context(|| format!("mmap of MAGLEV[{first}..{end}]"))?;
+        Ok(MaglevWindow { map, len })
     }
 }
 
 impl MaglevWindow {
     fn slot(&self, i: u32) -> &AtomicU32 {
         assert!(i < self.len, "slot {i} outside a window of {}", self.len);
-        // SAFETY: inside the mapping (i < len), 8-byte aligned (page-aligned
-        // base, skew and stride multiples of 8), and only ever accessed
-        // atomically from here.
+        // SAFETY: inside the mapping (i < len), 8-byte aligned (a page-
+        // aligned mapping, offsets multiples of the stride), and only ever
+        // accessed atomically from here, for as long as `self` keeps the
+        // mapping.
         unsafe {
             &*self
-                .ptr
-                .as_ptr()
-                .add(self.skew + i as usize * MAGLEV_STRIDE)
+                .map
+                .as_mut_ptr()
+                .add(i as usize * MAGLEV_STRIDE)
                 .cast::<AtomicU32>()
         }
-    }
-}
-
-impl Drop for MaglevWindow {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `window` mapped; no reference to it
-        // outlives self.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
 
@@ -500,6 +466,14 @@ impl DataPlane {
         Ok(self.refused.get(&index, 0)?)
     }
 
+    /// Sets when the backend last refused a connection (the data plane
+    /// writes it; tests and the differential check set it directly).
+    pub fn set_refused_at(&mut self, index: u32, at_ns: u64) -> Result<()> {
+        self.refused
+            .set(index, at_ns, 0)
+            .with_context(|| format!("writing REFUSED[{index}]"))
+    }
+
     pub fn backend(&self, index: u32) -> Result<Backend> {
         Ok(self.backends.get(&index, 0)?)
     }
@@ -640,6 +614,30 @@ impl DataPlane {
         self.unanswered
             .insert(key, c, 0)
             .context("writing UNANSWERED")
+    }
+
+    /// Removes every flow from `CONNS` and `UNANSWERED`; returns how many
+    /// entries went. For tests: the daemon never empties the tables (flows
+    /// outlive it by design).
+    pub fn clear_flows(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for (table, name) in [
+            (&mut self.conns, "CONNS"),
+            (&mut self.unanswered, "UNANSWERED"),
+        ] {
+            let keys: Vec<FlowKey> = table
+                .keys()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("listing {name}"))?;
+            for k in keys {
+                match table.remove(&k) {
+                    Ok(()) => n += 1,
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing from {name}")),
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Every event's count, indexed like `lb_common::event::NAMES`.

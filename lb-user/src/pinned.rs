@@ -178,16 +178,12 @@ pub fn sum_counters<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>) -> Coun
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, which
 /// stamps `Conn::last_seen_ns` and `created_ns`.
 pub fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC
-    // always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
+    use nix::time::{clock_gettime, ClockId};
+    // CLOCK_MONOTONIC always exists on Linux.
+    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    (ts.tv_sec() as u64)
         .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
+        .wrapping_add(ts.tv_nsec() as u64)
 }
 
 impl PinnedMaps {

@@ -62,15 +62,15 @@ pub enum Daemon {
 
 /// Does process `pid` exist? (signal 0 checks without sending anything)
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    use nix::{errno::Errno, sys::signal::kill, unistd::Pid};
+    let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
     if pid <= 0 {
         return false;
     }
-    // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    // No signal: only whether the pid exists (EPERM: it does, not ours).
+    matches!(kill(Pid::from_raw(pid), None), Ok(()) | Err(Errno::EPERM))
 }
 
 impl Daemon {

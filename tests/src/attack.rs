@@ -119,8 +119,8 @@ impl Hping {
     pub fn stop(mut self) -> Result<Sent> {
         let secs = self.started.elapsed().as_secs_f64();
         let mut child = self.child.take().context("already stopped")?;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        // Our own child, not reaped yet.
+        let _ = crate::testbed::signal(child.id(), crate::testbed::Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(5);
         while child.try_wait()?.is_none() {
             if Instant::now() > deadline {

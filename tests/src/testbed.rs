@@ -89,6 +89,7 @@ pub use client::{Client, Load, LoadHandle, LoadReport, Outcome, SlowRequest};
 pub use dns::{Dns, DnsMode, DnsStats};
 pub use keepalive::{KeepAlive, KeepAliveReport, KeptRequest};
 pub use many::{many_task_addr, ManyTasks, MAX_MANY_TASKS};
+pub use nix::sys::signal::Signal;
 
 use crate::netns::{self, NetNs};
 
@@ -966,12 +967,18 @@ impl Testbed {
     }
 }
 
+/// Sends `sig` to process `pid` (one of ours: a daemon, a flood, a load).
+pub fn signal(pid: u32, sig: Signal) -> nix::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| nix::errno::Errno::ESRCH)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         for pid in std::mem::take(&mut *self.live.lock().expect("live lock")) {
             // A daemon handle that outlived us (it should not): kill it.
-            // SAFETY: kill(2) with a pid we spawned and have not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // A pid we spawned and have not reaped.
+            let _ = signal(pid, Signal::SIGKILL);
         }
         // Removing the pins detaches the programs (what `xdplb down` does).
         if self.pin_dir.exists() {
@@ -1388,8 +1395,8 @@ impl Daemon {
     /// Sends SIGTERM and waits (up to 10 s) for the exit.
     pub fn sigterm(&mut self) -> Result<ExitStatus> {
         if self.status.is_none() {
-            // SAFETY: kill(2) on our own child, which has not been reaped.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            // Our own child, which has not been reaped.
+            let _ = signal(self.child.id(), Signal::SIGTERM);
         }
         let status = self.wait_exit(Duration::from_secs(10))?;
         progress!("{}: SIGTERM -> {status}", self.label);

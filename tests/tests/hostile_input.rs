@@ -29,8 +29,8 @@ use std::{
 
 use serde_json::Value;
 use tests::testbed::{
-    backend_addr, wait_for, wait_until, Daemon, DaemonConfig, Mode, Testbed, Topology, HTTP_PORT,
-    LB_OVERLAY_ADDR, SERVICE, UDP_PORT, VIP,
+    backend_addr, signal, wait_for, wait_until, Daemon, DaemonConfig, Mode, Signal, Testbed,
+    Topology, HTTP_PORT, LB_OVERLAY_ADDR, SERVICE, UDP_PORT, VIP,
 };
 
 tests::both_modes!(poisoned_dns, map_write_failure);
@@ -45,16 +45,15 @@ fn common_signals_do_not_end_the_daemon() {
     let mut d = start(&tb, &cfg);
     d.wait_table("web", 2, ACTIVE_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let pid = d.pid() as libc::pid_t;
-    for (sig, name) in [
-        (libc::SIGHUP, "SIGHUP"),
-        (libc::SIGUSR1, "SIGUSR1"),
-        (libc::SIGUSR2, "SIGUSR2"),
-        (libc::SIGPIPE, "SIGPIPE"),
+    let pid = d.pid();
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGPIPE,
     ] {
-        // SAFETY: kill(2) on the pid of a child this test started.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "sending {name}");
+        let name = sig.as_str();
+        signal(pid, sig).unwrap_or_else(|e| panic!("sending {name}: {e}"));
         std::thread::sleep(Duration::from_millis(200));
         assert!(d.is_running(), "{name} ended the daemon\n{}", d.log());
     }

@@ -73,8 +73,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!(
             "demo: needs root (it creates network namespaces and loads BPF programs); \
              run `sudo cargo xtask demo`"
@@ -103,25 +102,16 @@ fn main() -> ExitCode {
 /// no other thread exists yet) and takes them with `sigwait` on a thread of
 /// their own, so Ctrl-C ends the demo through the normal cleanup path.
 fn catch_signals() -> Result<()> {
-    // SAFETY: plain libc calls on a local, initialised sigset_t.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            bail!("blocking SIGINT/SIGTERM: error {rc}");
-        }
-        set
-    };
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("blocking SIGINT/SIGTERM")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` is a valid sigset_t owned by this closure.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                SIGNAL.store(sig, Ordering::SeqCst);
+            if let Ok(sig) = set.wait() {
+                SIGNAL.store(sig as i32, Ordering::SeqCst);
                 INTERRUPTED.store(true, Ordering::SeqCst);
             }
         })

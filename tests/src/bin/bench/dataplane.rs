@@ -94,20 +94,54 @@ fn summarize(mut d: Vec<u64>, verdict: u32) -> Stats {
     }
 }
 
+/// What happens after each measured new-flow SYN (not timed).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Nothing: the flow waits for its backend for the rest of the run, as
+    /// a flood's flows do.
+    Nothing,
+    /// The backend answers it (a bare ACK from its address to the SNAT pair
+    /// the SYN left with), which establishes the flow as a real handshake
+    /// does: `UNANSWERED` then holds only flows in their handshake, as it
+    /// does in service, and `CONNS` the rest.
+    Answer,
+}
+
+/// The backend's answer to the forwarded packet `out` (its own address to
+/// the SNAT pair the packet left with), or None if `out` was not forwarded
+/// to a backend.
+fn answer_to(out: &[u8]) -> Option<Vec<u8>> {
+    let v = view(out)?;
+    let (sport, dport) = v.ports?;
+    if !is_back_side(v.ip.dst) {
+        return None;
+    }
+    let backend = SocketAddr::new(v.ip.dst, dport);
+    let snat = SocketAddr::new(v.ip.src, sport);
+    Some(
+        Pkt::tcp(backend, snat, TCP_ACK)
+            .with_eth(BACK_MAC, BACK_MAC)
+            .build(),
+    )
+}
+
 /// Runs `frames` in order, in blocks that alternate with blocks of the empty
 /// XDP program on the first frame, so both see the same machine: these
 /// machines are shared, and their speed moves by tens of percent within
 /// seconds. The first `warm` runs of the case warm the caches and are not
-/// counted; a single frame is reused for every run. Returns the case's
-/// statistics and the empty program's, measured in between.
+/// counted; a single frame is reused for every run. `after` says what
+/// follows each run, untimed. Returns the case's statistics and the empty
+/// program's, measured in between.
 fn measure(
     lab: &mut PacketLab,
     hook: Hook,
     frames: &[Vec<u8>],
     runs: usize,
+    after: After,
 ) -> Result<(Stats, Stats)> {
     const BLOCK: usize = 500;
     let mut out = vec![0u8; 2048];
+    let mut answer_out = vec![0u8; 2048];
     let warm = warm_runs(runs);
     let mut durations = Vec::with_capacity(runs);
     let mut empty = Vec::with_capacity(runs);
@@ -117,6 +151,15 @@ fn measure(
     for i in 0..warm + runs {
         let frame = &frames[i % frames.len()];
         let (v, ns) = run_on_side(lab, hook, frame, sides[i % frames.len()], &mut out)?;
+        if after == After::Answer {
+            let answer = answer_to(&out).with_context(|| {
+                format!(
+                    "a measured SYN was not forwarded (verdict {})",
+                    hook.action_name(v)
+                )
+            })?;
+            run_on_side(lab, hook, &answer, true, &mut answer_out)?;
+        }
         if i >= warm {
             durations.push(ns);
             verdict = v;
@@ -245,9 +288,10 @@ fn reply_frame(lab: &PacketLab, key: &FlowKey) -> Result<Vec<u8>> {
         .build())
 }
 
-/// Distinct new-flow SYNs: `n` client (address, port) pairs that no other
-/// case uses, `lane` keeping the sets of different cases apart.
-fn syns(lane: u8, v6: bool, n: usize) -> Vec<Vec<u8>> {
+/// Distinct new-flow SYNs to the VIP's `vip_port`: `n` client (address,
+/// port) pairs that no other case uses, `lane` keeping the sets of
+/// different cases apart.
+fn syns(lane: u8, v6: bool, vip_port: u16, n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let port = 1024 + (i % 60_000) as u16;
@@ -255,12 +299,12 @@ fn syns(lane: u8, v6: bool, n: usize) -> Vec<Vec<u8>> {
             let (client, vip) = if v6 {
                 (
                     IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, lane as u16 + 1, hi, 2)),
-                    SocketAddr::new(VIP_V6.into(), 80),
+                    SocketAddr::new(VIP_V6.into(), vip_port),
                 )
             } else {
                 (
                     IpAddr::V4(Ipv4Addr::new(10, 2 + lane, hi as u8, 2)),
-                    SocketAddr::new(VIP_V4.into(), 80),
+                    SocketAddr::new(VIP_V4.into(), vip_port),
                 )
             };
             eth(Pkt::tcp(SocketAddr::new(client, port), vip, TCP_SYN))
@@ -293,6 +337,7 @@ impl CostResults {
 }
 
 pub const ESTABLISHED_V4: &str = "established TCP IPv4";
+pub const NEW_FLOW_V4: &str = "new-flow SYN IPv4";
 
 /// Connection-table capacity of the §1 lab: room for every SYN case's flows
 /// (two entries each) without LRU evictions.
@@ -300,6 +345,12 @@ pub const COST_LAB_CONNS: u32 = 1 << 20;
 
 /// The ten backends (:8080) of every service the data-plane sections add.
 fn ten_backends(v6: bool) -> Vec<SocketAddr> {
+    ten_backends_on(v6, 8080)
+}
+
+/// The same ten backend addresses on `port`: a service whose flows hold
+/// SNAT ports of their own (a reverse entry's key holds the backend port).
+fn ten_backends_on(v6: bool, port: u16) -> Vec<SocketAddr> {
     (11..=20)
         .map(|n| {
             let ip: IpAddr = if v6 {
@@ -307,7 +358,7 @@ fn ten_backends(v6: bool) -> Vec<SocketAddr> {
             } else {
                 backend_v4(n).into()
             };
-            SocketAddr::new(ip, 8080)
+            SocketAddr::new(ip, port)
         })
         .collect()
 }
@@ -331,6 +382,13 @@ pub fn per_packet(
     lab.add_service(vip6, PROTO_TCP, SNAT_PORTS, &ten_backends(true));
     lab.add_service(vip4_udp, PROTO_UDP, SNAT_PORTS, &ten_backends(false));
     lab.add_service(vip6_udp, PROTO_UDP, SNAT_PORTS, &ten_backends(true));
+    // The never-answered SYN cases: a service of their own, so the flows
+    // they leave waiting take no SNAT port from the answered cases'.
+    let waiting = 443;
+    for (vip, v6) in [(VIP_V4.into(), false), (VIP_V6.into(), true)] {
+        let vip = SocketAddr::new(vip, waiting);
+        lab.add_service(vip, PROTO_TCP, SNAT_PORTS, &ten_backends_on(v6, 8081));
+    }
 
     let c4 = SocketAddr::new(CLIENT_V4.into(), 33000);
     let c6 = SocketAddr::new(CLIENT_V6.into(), 33000);
@@ -365,7 +423,8 @@ pub fn per_packet(
     established(lab)?;
 
     // New flows use SNAT ports from a 10,000-port range per backend; keep
-    // the four SYN cases together well under that (10 backends x 10,000).
+    // the SYN cases of one service together well under that (10 backends
+    // x 10,000).
     let syn_runs = runs.min(20_000);
     let syn_frames = syn_runs + warm_runs(syn_runs);
 
@@ -375,22 +434,51 @@ pub fn per_packet(
 
     let mut cases = Vec::new();
     for (h, hook) in [Hook::Xdp, Hook::Tc].into_iter().enumerate() {
-        let list: [(&str, Vec<Vec<u8>>); 10] = [
-            (ESTABLISHED_V4, vec![ack4.clone()]),
-            ("established TCP IPv6", vec![ack6.clone()]),
-            ("new-flow SYN IPv4", syns(h as u8, false, syn_frames)),
-            ("new-flow SYN IPv6", syns(h as u8, true, syn_frames)),
-            ("reply path TCP IPv4", vec![reply4.clone()]),
-            ("reply path TCP IPv6", vec![reply6.clone()]),
-            ("established UDP IPv4", vec![udp4.clone()]),
-            ("established UDP IPv6", vec![udp6.clone()]),
-            ("non-service pass IPv4", vec![other4.clone()]),
-            ("non-service pass IPv6", vec![other6.clone()]),
+        let lane = h as u8;
+        let (one, answer) = (After::Nothing, After::Answer);
+        let list: [(&str, Vec<Vec<u8>>, After); 12] = [
+            (ESTABLISHED_V4, vec![ack4.clone()], one),
+            ("established TCP IPv6", vec![ack6.clone()], one),
+            (NEW_FLOW_V4, syns(lane, false, 80, syn_frames), answer),
+            (
+                "new-flow SYN IPv6",
+                syns(lane, true, 80, syn_frames),
+                answer,
+            ),
+            (
+                "unanswered SYN IPv4",
+                syns(2 + lane, false, waiting, syn_frames),
+                one,
+            ),
+            (
+                "unanswered SYN IPv6",
+                syns(2 + lane, true, waiting, syn_frames),
+                one,
+            ),
+            ("reply path TCP IPv4", vec![reply4.clone()], one),
+            ("reply path TCP IPv6", vec![reply6.clone()], one),
+            ("established UDP IPv4", vec![udp4.clone()], one),
+            ("established UDP IPv6", vec![udp6.clone()], one),
+            ("non-service pass IPv4", vec![other4.clone()], one),
+            ("non-service pass IPv6", vec![other6.clone()], one),
         ];
-        for (name, frames) in list {
+        for (name, frames, after) in list {
             progress(&format!("{name} ({hook:?})"));
             let n = if frames.len() > 1 { syn_runs } else { runs };
-            let (stats, empty) = measure(lab, hook, &frames, n)?;
+            // Every answered flow must have left UNANSWERED (counted only
+            // around those cases: reading a table walks all of it).
+            let waiting_before = (after == answer).then(|| lab.entries().1);
+            let (stats, empty) = measure(lab, hook, &frames, n, after)?;
+            if let Some(before) = waiting_before {
+                let now_waiting = lab.entries().1;
+                if now_waiting != before {
+                    anyhow::bail!(
+                        "{name} ({hook:?}): {} flows still unanswered after their backends' \
+                         answers",
+                        now_waiting.saturating_sub(before) / 2
+                    );
+                }
+            }
             cases.push(CaseResult {
                 name: name.to_string(),
                 hook,
@@ -502,7 +590,7 @@ fn staged(
         let mut lab = PacketLab::with_bench_stop("bench-steps", conns_capacity, stop)?;
         lab.stay_on_one_cpu();
         setup(&mut lab)?;
-        let (stats, empty) = measure(&mut lab, hook, frames, runs)?;
+        let (stats, empty) = measure(&mut lab, hook, frames, runs, After::Nothing)?;
         steps.push(Step { name, stats, empty });
     }
     Ok(steps)
@@ -539,7 +627,7 @@ pub fn syn_breakdown(hook: Hook, runs: usize, progress: impl FnMut(&str)) -> Res
     let vip4 = SocketAddr::new(VIP_V4.into(), 80);
     let backends = ten_backends(false);
     let runs = runs.min(20_000);
-    let frames = syns(0, false, runs + warm_runs(runs));
+    let frames = syns(0, false, 80, runs + warm_runs(runs));
     let setup = |lab: &mut PacketLab| -> Result<()> {
         lab.add_service(vip4, PROTO_TCP, SNAT_PORTS, &backends);
         Ok(())
@@ -608,7 +696,7 @@ pub fn conns_scaling(
             filled += 1;
         }
         progress(&format!("established TCP IPv4 with {size} CONNS entries"));
-        let (established, empty) = measure(&mut lab, Hook::Xdp, &ack4, runs)?;
+        let (established, empty) = measure(&mut lab, Hook::Xdp, &ack4, runs, After::Nothing)?;
         points.push(ScalePoint {
             size,
             established,
@@ -641,7 +729,7 @@ pub fn backends_scaling(
             .collect();
         let client = SocketAddr::new(CLIENT_V4.into(), 34000 + k as u16);
         let ack = vec![establish(&mut lab, vip, &backends, client)?];
-        let (established, empty) = measure(&mut lab, Hook::Xdp, &ack, runs)?;
+        let (established, empty) = measure(&mut lab, Hook::Xdp, &ack, runs, After::Nothing)?;
         points.push(ScalePoint {
             size: count,
             established,
