@@ -11,6 +11,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod decide;
 pub mod hash;
 
 use core::mem::size_of;

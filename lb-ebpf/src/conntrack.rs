@@ -9,17 +9,22 @@
 //! outlives the next helper call. Writes go through the lookup's pointer
 //! before any other helper call.
 
-use ::core::ptr::{read_volatile, write_volatile};
+use ::core::{
+    convert::Infallible,
+    ptr::{read_volatile, write_volatile},
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap,
 };
 use lb_common::{
-    event, forward_establishes, hash::flow_hash, is_fresh_syn, reason, refused_within_hold,
-    reply_establishes, same_addr, syn_stamp, syn_stamp_age, tcp_state_after, Backend, Config, Conn,
-    FlowKey, Service, BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN,
-    CONN_F_SYNACK, CONN_F_UNANSWERED, FLOOD_WINDOW_NS, MAGLEV_PROBES, PROTO_TCP, SNAT_PROBES,
-    SOURCE_VOUCHED_NS, SYN_PENDING_SLOTS, SYN_RETRY_MAX_NS, SYN_RETRY_MIN_NS, SYN_SOURCE_SLOTS,
-    TCP_STATE_OPEN, TCP_STATE_RESET,
+    decide::{self, infallible, Lookups},
+    event, forward_establishes,
+    hash::flow_hash,
+    is_fresh_syn, reason, reply_establishes, same_addr, syn_stamp, syn_stamp_age, tcp_state_after,
+    Backend, Config, Conn, FlowKey, Service, CONN_F_REPLIED, CONN_F_REVERSE, CONN_F_SYN,
+    CONN_F_SYNACK, CONN_F_UNANSWERED, FLOOD_WINDOW_NS, PROTO_TCP, SNAT_PROBES, SOURCE_VOUCHED_NS,
+    SYN_PENDING_SLOTS, SYN_RETRY_MAX_NS, SYN_RETRY_MIN_NS, SYN_SOURCE_SLOTS, TCP_STATE_OPEN,
+    TCP_STATE_RESET,
 };
 
 use crate::{
@@ -270,45 +275,31 @@ fn promote(s: &mut Scratch) {
     stats::event(event::ESTABLISHED);
 }
 
-/// Is the backend of an existing flow still usable for it? A `draining`
-/// backend keeps its flows but takes no new connection: a SYN without ACK
-/// (`fresh_syn`) is always the start of one, since a client never sends it
-/// on an established connection. Re-picking a retransmitted SYN is harmless:
-/// the client has no connection yet.
-#[inline(always)]
-fn keeps_flow(c: &Conn, svc: &Service, fresh_syn: bool, now: u64) -> bool {
-    match BACKENDS.get(c.backend) {
-        Some(b) => {
-            (b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !fresh_syn))
-                && b.service == svc.id
-                && same_addr(&b.addr, &c.new_dst)
-                && b.port_be == c.new_dport_be
-                && !(fresh_syn && refused_recently(c.backend, now))
-        }
-        None => false,
+/// The data plane's maps, as the shared rules (`lb_common::decide`) read
+/// them.
+struct Maps;
+
+impl Lookups for Maps {
+    type Error = Infallible;
+    type Backend = &'static Backend;
+    #[inline(always)]
+    fn maglev(&self, index: u32) -> Result<Option<u32>, Infallible> {
+        Ok(MAGLEV.get(index).copied())
+    }
+    #[inline(always)]
+    fn backend(&self, index: u32) -> Result<Option<&'static Backend>, Infallible> {
+        Ok(BACKENDS.get(index))
+    }
+    #[inline(always)]
+    fn refused_at(&self, index: u32) -> Result<u64, Infallible> {
+        Ok(REFUSED.get(index).copied().unwrap_or(0))
     }
 }
 
-/// Did the backend refuse a connection less than `REFUSED_HOLD_NS` ago?
-#[inline(always)]
-fn refused_recently(index: u32, now: u64) -> bool {
-    match REFUSED.get(index) {
-        Some(&at) => refused_within_hold(at, now),
-        None => false,
-    }
-}
-
-/// Can the forward entry `c` carry this packet on? Not when it is a reverse
-/// entry, belongs to another service, has expired, or the packet is a fresh
-/// SYN on a closed one (the client reuses its port: a new connection), and
-/// not when its backend may not keep it (`keeps_flow`).
+/// Can the forward entry `c` carry this packet on (`decide::usable`)?
 #[inline(always)]
 fn usable(c: &Conn, svc: &Service, cfg: &Config, proto: u8, fresh_syn: bool, now: u64) -> bool {
-    c.flags & CONN_F_REVERSE == 0
-        && c.service == svc.id
-        && !c.expired(proto, cfg, now)
-        && !(fresh_syn && c.tcp_state != TCP_STATE_OPEN)
-        && keeps_flow(c, svc, fresh_syn, now)
+    infallible(decide::usable(&Maps, c, svc, cfg, proto, fresh_syn, now)).is_ok()
 }
 
 /// Forward path: copies the entry for `s.key` into `s.conn`, creating the
@@ -642,42 +633,10 @@ fn choose(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     0
 }
 
-/// Maglev: the backend in the active half at `hash % size`, or one of the
-/// next `MAGLEV_PROBES - 1` slots if that one is not `active` any more. A
-/// backend that refused a connection lately is passed over too, unless no
-/// probed slot offers anything better.
+/// Maglev (`decide::pick`): the backend of a new flow.
 #[inline(always)]
 fn pick(svc: &Service, hash: u32, now: u64) -> Option<(u32, &'static Backend)> {
-    let size = svc.maglev_size;
-    if size == 0 {
-        return None;
-    }
-    let base = svc.maglev_base + (svc.active_half & 1) * size;
-    let first = hash % size;
-    let mut fallback = None;
-    let mut i = 0;
-    while i < MAGLEV_PROBES {
-        let mut slot = first + i;
-        if slot >= size {
-            slot -= size;
-        }
-        if let Some(&index) = MAGLEV.get(base + slot) {
-            if index != 0 {
-                if let Some(b) = BACKENDS.get(index) {
-                    if b.state == BACKEND_ACTIVE && b.service == svc.id {
-                        if !refused_recently(index, now) {
-                            return Some((index, b));
-                        }
-                        if fallback.is_none() {
-                            fallback = Some((index, b));
-                        }
-                    }
-                }
-            }
-        }
-        i += 1;
-    }
-    fallback
+    infallible(decide::pick(&Maps, svc, hash, now, |_, _| {}))
 }
 
 /// Reserves a SNAT port for the new flow in `s.conn` (routed: `s.fib`) by

@@ -1,22 +1,25 @@
 //! `xdplb explain`: which backend a flow goes to and why, computed from the
-//! pinned maps with the data plane's own rules. Each step mirrors
-//! lb-ebpf/src/core.rs (`process`: reply path, then service lookup) and
-//! lb-ebpf/src/conntrack.rs (`reply`, `forward`, `usable`, `keeps_flow`,
-//! `expired`, `pick`); the hash is `lb_common::hash::flow_hash`, the very
-//! function the kernel runs, with the key pinned in CONFIG. What explain
-//! cannot know (the interface a packet arrives on, whether the per-CPU
-//! flood guard is on) it states as a condition. A change to either file must be made here too: the root test
-//! `tests/tests/observability.rs` sends the explained packet and checks
-//! that the data plane agrees.
+//! pinned maps with the data plane's own rules. Whether a flow's entry
+//! carries the packet on and which backend a new flow gets are
+//! `lb_common::decide`'s `usable` and `pick`, the very code the kernel runs
+//! (lb-ebpf/src/conntrack.rs), as is the hash (`lb_common::hash::flow_hash`,
+//! keyed from CONFIG); this file narrates what they report. The order of
+//! the steps follows lb-ebpf/src/core.rs (`process`: reply path, then
+//! service lookup, then the tables). What explain cannot know (the
+//! interface a packet arrives on, whether the per-CPU flood guard is on) it
+//! states as a condition. The root test tests/tests/differential.rs checks
+//! on 100,000 random tables and packets that the kernel does what explain
+//! says.
 
 use std::{fmt::Write as _, net::SocketAddr};
 
 use anyhow::{bail, Result};
 use lb_common::{
-    hash::flow_hash, reason, refused_within_hold, AddrKey, Backend, Config, Conn, FlowKey, Service,
-    ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE,
-    CONN_F_UNANSWERED, MAGLEV_PROBES, PROTO_TCP, PROTO_UDP, TCP_STATE_CLOSING, TCP_STATE_OPEN,
-    TCP_STATE_RESET,
+    decide::{self, Lookups, Owned, Unusable},
+    hash::flow_hash,
+    reason, AddrKey, Backend, Config, Conn, FlowKey, Service, ServiceKey, BACKEND_ACTIVE,
+    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE, CONN_F_UNANSWERED, PROTO_TCP,
+    PROTO_UDP, TCP_STATE_CLOSING, TCP_STATE_RESET,
 };
 use serde::Serialize;
 
@@ -360,23 +363,10 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
     // Connection tables (conntrack.rs `forward`, `usable`).
     let entry = lookup(t, &key)?;
     if let Some(c) = entry {
-        let why_not = if c.flags & CONN_F_REVERSE != 0 {
-            Some("it is a reverse entry".to_string())
-        } else if c.service != svc.id {
-            Some(format!(
-                "it belongs to service {}, the packet matches service {}",
-                c.service, svc.id
-            ))
-        } else if c.expired(key.proto, &cfg, now_ns) {
-            Some("it has expired".to_string())
-        } else if q.syn && c.tcp_state != TCP_STATE_OPEN {
-            Some(format!(
-                "a fresh SYN on a {} connection starts a new one",
-                tcp_state_name(c.tcp_state)
-            ))
-        } else {
-            keeps_flow(t, &c, &svc, q.syn, now_ns)?
-        };
+        let why_not = decide::usable(&Read(t), &c, &svc, &cfg, key.proto, q.syn, now_ns)?
+            .err()
+            .map(|u| unusable(u, &c, &svc, t, now_ns))
+            .transpose()?;
         let used = why_not.is_none();
         e.connection = Some(conn_info(&c, &key, &cfg, now_ns, used, why_not));
         if used {
@@ -421,145 +411,120 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
     Ok(e)
 }
 
-/// conntrack.rs `refused_recently`: how long ago the backend refused a
-/// connection, if that was less than `REFUSED_HOLD_NS` ago.
-fn refused_recently(t: &impl Tables, index: u32, now_ns: u64) -> Result<Option<u64>> {
-    let at = t.refused_at(index)?;
-    Ok(refused_within_hold(at, now_ns).then(|| now_ns - at))
+/// `explain`'s tables as the shared rules read them.
+struct Read<'a, T>(&'a T);
+
+impl<T: Tables> Lookups for Read<'_, T> {
+    type Error = anyhow::Error;
+    type Backend = Owned<Backend>;
+    fn maglev(&self, index: u32) -> Result<Option<u32>> {
+        self.0.maglev(index)
+    }
+    fn backend(&self, index: u32) -> Result<Option<Owned<Backend>>> {
+        Ok(self.0.backend(index)?.map(Owned))
+    }
+    fn refused_at(&self, index: u32) -> Result<u64> {
+        self.0.refused_at(index)
+    }
 }
 
-/// conntrack.rs `keeps_flow`: `None` when the flow keeps its backend,
-/// otherwise why it is picked again.
-fn keeps_flow(
-    t: &impl Tables,
-    c: &Conn,
-    svc: &Service,
-    syn: bool,
-    now_ns: u64,
-) -> Result<Option<String>> {
-    if syn {
-        if let Some(ago) = refused_recently(t, c.backend, now_ns)? {
-            return Ok(Some(format!(
-                "its backend #{} refused a connection {} ms ago: a fresh SYN goes elsewhere",
-                c.backend,
-                ns_to_ms(ago)
-            )));
+/// Why the flow's entry `c` is given up, in words.
+fn unusable(u: Unusable, c: &Conn, svc: &Service, t: &impl Tables, now_ns: u64) -> Result<String> {
+    let b = c.backend;
+    Ok(match u {
+        Unusable::Reverse => "it is a reverse entry".into(),
+        Unusable::OtherService { service } => format!(
+            "it belongs to service {service}, the packet matches service {}",
+            svc.id
+        ),
+        Unusable::Expired => "it has expired".into(),
+        Unusable::SynOnClosed { state } => format!(
+            "a fresh SYN on a {} connection starts a new one",
+            tcp_state_name(state)
+        ),
+        Unusable::PastBackends => format!("backend index {b} is past BACKENDS"),
+        Unusable::Draining => {
+            format!("its backend #{b} is draining: a fresh SYN starts a new connection")
         }
-    }
-    Ok(match t.backend(c.backend)? {
-        Some(b) if syn && b.state == BACKEND_DRAINING => Some(format!(
-            "its backend #{} is draining: a fresh SYN starts a new connection",
-            c.backend
-        )),
-        None => Some(format!("backend index {} is past BACKENDS", c.backend)),
-        Some(b) if b.state != BACKEND_ACTIVE && b.state != BACKEND_DRAINING => Some(format!(
-            "its backend #{} is {}",
-            c.backend,
-            backend_state_name(b.state)
-        )),
-        Some(b) if b.service != svc.id => Some(format!(
-            "its backend #{} now belongs to service {}",
-            c.backend, b.service
-        )),
-        Some(b) if b.addr != c.new_dst || b.port_be != c.new_dport_be => Some(format!(
-            "backend #{} is now {}, not the flow's",
-            c.backend,
-            backend_sock(&b)
-        )),
-        Some(_) => None,
+        Unusable::NotActive { state } => {
+            format!("its backend #{b} is {}", backend_state_name(state))
+        }
+        Unusable::BackendMoved { service } => {
+            format!("its backend #{b} now belongs to service {service}")
+        }
+        Unusable::BackendChanged => match t.backend(b)? {
+            Some(now) => format!("backend #{b} is now {}, not the flow's", backend_sock(&now)),
+            None => format!("backend index {b} is past BACKENDS"),
+        },
+        Unusable::Refused { at } => format!(
+            "its backend #{b} refused a connection {} ms ago: a fresh SYN goes elsewhere",
+            ns_to_ms(now_ns.saturating_sub(at))
+        ),
     })
 }
 
-/// conntrack.rs `pick`, step by step: the active half's slot `hash % size`
-/// and up to `MAGLEV_PROBES - 1` more, wrapping inside the half, until one
-/// holds an `active` backend of this service that has not refused a
-/// connection lately; failing that, the first active one that has.
+/// `decide::pick`, step by step: the active half's slot `hash % size` and
+/// up to `MAGLEV_PROBES - 1` more, wrapping inside the half, until one holds
+/// an `active` backend of this service that has not refused a connection
+/// lately; failing that, the first active one that has.
 pub fn pick(
     t: &impl Tables,
     svc: &Service,
     hash: u32,
     now_ns: u64,
 ) -> Result<(MaglevInfo, Option<(u32, Backend)>)> {
-    let size = svc.maglev_size;
-    let half = svc.active_half & 1;
+    let (base, first) = decide::maglev_start(svc, hash);
     let mut info = MaglevInfo {
         hash,
-        size,
-        half,
-        base: 0,
-        first_slot: 0,
+        size: svc.maglev_size,
+        half: svc.active_half & 1,
+        base: if svc.maglev_size == 0 { 0 } else { base },
+        first_slot: first,
         probes: Vec::new(),
     };
-    if size == 0 {
-        return Ok((info, None));
-    }
-    // u32 arithmetic wraps in BPF; so it does here.
-    let base = svc.maglev_base.wrapping_add(half.wrapping_mul(size));
-    let first = hash % size;
-    info.base = base;
-    info.first_slot = first;
-    // The first active candidate that refused lately: (probe, index, backend).
-    let mut fallback: Option<(usize, u32, Backend)> = None;
-    for i in 0..MAGLEV_PROBES {
-        let mut slot = first.wrapping_add(i);
-        if slot >= size {
-            slot -= size;
-        }
-        let map_index = base.wrapping_add(slot);
-        let mut p = Probe {
-            slot,
-            map_index,
-            backend_index: None,
-            backend: None,
-            state: None,
-            chosen: false,
-            why_not: None,
+    let chosen = decide::pick(&Read(t), svc, hash, now_ns, |p, b| {
+        let why_not = match p.found {
+            decide::Probe::PastEnd => Some("past the end of MAGLEV".into()),
+            decide::Probe::Empty => Some("empty slot".into()),
+            decide::Probe::PastBackends => Some("index past BACKENDS".into()),
+            decide::Probe::NotActive { state } => {
+                Some(format!("{}, not active", backend_state_name(state)))
+            }
+            decide::Probe::OtherService { service } => {
+                Some(format!("belongs to service {service}"))
+            }
+            decide::Probe::Refused { at } => Some(format!(
+                "refused a connection {} ms ago",
+                ns_to_ms(now_ns.saturating_sub(at))
+            )),
+            decide::Probe::Taken => None,
         };
-        let mut chosen = None;
-        match t.maglev(map_index)? {
-            None => p.why_not = Some("past the end of MAGLEV".into()),
-            Some(0) => {
-                p.backend_index = Some(0);
-                p.why_not = Some("empty slot".into());
-            }
-            Some(index) => {
-                p.backend_index = Some(index);
-                match t.backend(index)? {
-                    None => p.why_not = Some("index past BACKENDS".into()),
-                    Some(b) => {
-                        p.backend = Some(backend_sock(&b));
-                        p.state = Some(backend_state_name(b.state));
-                        if b.state != BACKEND_ACTIVE {
-                            p.why_not =
-                                Some(format!("{}, not active", backend_state_name(b.state)));
-                        } else if b.service != svc.id {
-                            p.why_not = Some(format!("belongs to service {}", b.service));
-                        } else if let Some(ago) = refused_recently(t, index, now_ns)? {
-                            p.why_not =
-                                Some(format!("refused a connection {} ms ago", ns_to_ms(ago)));
-                            if fallback.is_none() {
-                                fallback = Some((info.probes.len(), index, b));
-                            }
-                        } else {
-                            p.chosen = true;
-                            chosen = Some((index, b));
-                        }
-                    }
-                }
+        info.probes.push(Probe {
+            slot: p.slot,
+            map_index: p.map_index,
+            backend_index: (p.found != decide::Probe::PastEnd).then_some(p.backend),
+            backend: b.map(backend_sock),
+            state: b.map(|b| backend_state_name(b.state)),
+            chosen: p.found == decide::Probe::Taken,
+            why_not,
+        });
+    })?
+    .map(|(index, b)| (index, b.0));
+    // A fallback (every probe failed, one refused lately): that probe is
+    // the one taken.
+    if let Some((index, _)) = chosen {
+        if !info.probes.iter().any(|p| p.chosen) {
+            if let Some(p) = info
+                .probes
+                .iter_mut()
+                .find(|p| p.backend_index == Some(index))
+            {
+                p.chosen = true;
+                p.why_not = None;
             }
         }
-        info.probes.push(p);
-        if chosen.is_some() {
-            return Ok((info, chosen));
-        }
     }
-    if let Some((probe, index, b)) = fallback {
-        let p = &mut info.probes[probe];
-        p.chosen = true;
-        p.why_not = None;
-        return Ok((info, Some((index, b))));
-    }
-    Ok((info, None))
+    Ok((info, chosen))
 }
 
 fn sock(addr: &[u8; 16], port_be: u16, family: u8) -> SocketAddr {
@@ -837,7 +802,7 @@ pub fn run(args: &crate::cli::ExplainArgs) -> Result<()> {
 mod tests {
     use std::collections::HashMap;
 
-    use lb_common::{FAMILY_V4, TCP_STATE_OPEN};
+    use lb_common::{FAMILY_V4, MAGLEV_PROBES, TCP_STATE_OPEN};
 
     use super::*;
 
