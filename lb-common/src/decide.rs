@@ -267,3 +267,225 @@ pub fn infallible<T>(r: Result<T, core::convert::Infallible>) -> T {
         Err(e) => match e {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::{BACKEND_DOWN, CONN_F_UNANSWERED, PROTO_TCP, TCP_STATE_CLOSING};
+
+    /// Tables as plain arrays: `maglev[i]`, `backends[i]`, `refused[i]`.
+    struct Fake {
+        maglev: Vec<u32>,
+        backends: Vec<Backend>,
+        refused: Vec<u64>,
+    }
+
+    impl Lookups for Fake {
+        type Error = core::convert::Infallible;
+        type Backend = Owned<Backend>;
+        fn maglev(&self, i: u32) -> Result<Option<u32>, Self::Error> {
+            Ok(self.maglev.get(i as usize).copied())
+        }
+        fn backend(&self, i: u32) -> Result<Option<Owned<Backend>>, Self::Error> {
+            Ok(self.backends.get(i as usize).copied().map(Owned))
+        }
+        fn refused_at(&self, i: u32) -> Result<u64, Self::Error> {
+            Ok(self.refused.get(i as usize).copied().unwrap_or(0))
+        }
+    }
+
+    const NOW: u64 = 100 * 1_000_000_000;
+
+    fn backend(n: u8, state: u8, service: u32) -> Backend {
+        let mut addr = [0; 16];
+        addr[..4].copy_from_slice(&[10, 1, 0, n]);
+        Backend {
+            addr,
+            port_be: 8080u16.to_be(),
+            family: crate::FAMILY_V4,
+            state,
+            service,
+        }
+    }
+
+    /// Service 1 over a 5-slot table in half 1 (half 0 all empty); backends
+    /// 1-4 of service 1, 5 of service 2.
+    fn world(half1: [u32; 5]) -> (Fake, Service) {
+        let mut maglev = std::vec![0; 5];
+        maglev.extend_from_slice(&half1);
+        let backends = std::vec![
+            backend(0, BACKEND_ACTIVE, 0),
+            backend(11, BACKEND_ACTIVE, 1),
+            backend(12, BACKEND_ACTIVE, 1),
+            backend(13, BACKEND_ACTIVE, 1),
+            backend(14, BACKEND_ACTIVE, 1),
+            backend(15, BACKEND_ACTIVE, 2),
+        ];
+        let svc = Service {
+            id: 1,
+            maglev_base: 0,
+            maglev_size: 5,
+            active_half: 1,
+            ..Default::default()
+        };
+        let refused = std::vec![0; backends.len()];
+        (
+            Fake {
+                maglev,
+                backends,
+                refused,
+            },
+            svc,
+        )
+    }
+
+    fn probes(t: &Fake, svc: &Service, hash: u32) -> (Option<u32>, Vec<Probe>) {
+        let mut seen = Vec::new();
+        let r = infallible(pick(t, svc, hash, NOW, |p, _| seen.push(p.found)));
+        (r.map(|(i, _)| i), seen)
+    }
+
+    #[test]
+    fn pick_probes_inside_the_active_half_past_what_cannot_take_the_flow() {
+        let (mut t, svc) = world([5, 0, 1, 2, 3]);
+        t.backends[1].state = BACKEND_DOWN;
+        // hash 8: slot 3 of 5 (backend 2), taken at once.
+        assert_eq!(probes(&t, &svc, 8), (Some(2), std::vec![Probe::Taken]));
+        // hash 5: slot 0, another service's backend; slot 1, empty; slot 2,
+        // backend 1, down; slot 3, backend 2.
+        let (got, seen) = probes(&t, &svc, 5);
+        assert_eq!(got, Some(2));
+        assert_eq!(
+            seen,
+            std::vec![
+                Probe::OtherService { service: 2 },
+                Probe::Empty,
+                Probe::NotActive {
+                    state: BACKEND_DOWN
+                },
+                Probe::Taken
+            ]
+        );
+        // hash 4: slot 4 (backend 3), taken. Once it refused: slot 4
+        // refused, then wrapping inside the half: slot 0 (other service),
+        // 1 (empty), 2 (down), 3 (backend 2).
+        assert_eq!(probes(&t, &svc, 4).0, Some(3));
+        t.refused[3] = NOW - 1;
+        let (got, seen) = probes(&t, &svc, 4);
+        assert_eq!(got, Some(2));
+        assert_eq!(seen[0], Probe::Refused { at: NOW - 1 });
+        assert_eq!(seen.len(), 5);
+    }
+
+    #[test]
+    fn pick_takes_the_first_refusing_backend_when_nothing_better_is_probed() {
+        let (mut t, svc) = world([1, 2, 1, 2, 1]);
+        t.refused[1] = NOW - 10;
+        t.refused[2] = NOW - 20;
+        let (got, seen) = probes(&t, &svc, 1);
+        // Every probe refused: the first (slot 1, backend 2) is taken.
+        assert_eq!(got, Some(2));
+        assert_eq!(seen.len(), MAGLEV_PROBES as usize);
+        // A refusal older than the hold no longer counts.
+        t.refused[2] = NOW - crate::REFUSED_HOLD_NS - 1;
+        assert_eq!(probes(&t, &svc, 1), (Some(2), std::vec![Probe::Taken]));
+        // No table at all.
+        let empty = Service {
+            maglev_size: 0,
+            ..svc
+        };
+        assert_eq!(probes(&t, &empty, 1), (None, Vec::new()));
+    }
+
+    fn flow(backend: u32, t: &Fake) -> Conn {
+        let b = t.backends[backend as usize];
+        Conn {
+            new_dst: b.addr,
+            new_dport_be: b.port_be,
+            backend,
+            service: 1,
+            last_seen_ns: NOW - 1_000_000_000,
+            created_ns: NOW - 2_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn check(t: &Fake, c: &Conn, svc: &Service, syn: bool) -> Result<(), Unusable> {
+        infallible(usable(
+            t,
+            c,
+            svc,
+            &Config::with_defaults(),
+            PROTO_TCP,
+            syn,
+            NOW,
+        ))
+    }
+
+    #[test]
+    fn usable_keeps_a_flow_on_its_backend_until_a_rule_gives_it_up() {
+        let (mut t, svc) = world([1, 2, 3, 4, 1]);
+        let c = flow(2, &t);
+        assert_eq!(check(&t, &c, &svc, false), Ok(()));
+        assert_eq!(check(&t, &c, &svc, true), Ok(()));
+        // Draining: the flow stays, a fresh SYN does not.
+        t.backends[2].state = BACKEND_DRAINING;
+        assert_eq!(check(&t, &c, &svc, false), Ok(()));
+        assert_eq!(check(&t, &c, &svc, true), Err(Unusable::Draining));
+        t.backends[2].state = BACKEND_DOWN;
+        assert_eq!(
+            check(&t, &c, &svc, false),
+            Err(Unusable::NotActive {
+                state: BACKEND_DOWN
+            })
+        );
+        t.backends[2].state = BACKEND_ACTIVE;
+        // A refusal turns fresh SYNs away only.
+        t.refused[2] = NOW - 5;
+        assert_eq!(check(&t, &c, &svc, false), Ok(()));
+        assert_eq!(
+            check(&t, &c, &svc, true),
+            Err(Unusable::Refused { at: NOW - 5 })
+        );
+        t.refused[2] = 0;
+        // The slot reused for another address, or another service.
+        t.backends[2].addr[3] = 99;
+        assert_eq!(check(&t, &c, &svc, false), Err(Unusable::BackendChanged));
+        t.backends[2].addr[3] = 12;
+        t.backends[2].service = 2;
+        assert_eq!(
+            check(&t, &c, &svc, false),
+            Err(Unusable::BackendMoved { service: 2 })
+        );
+        t.backends[2].service = 1;
+        // The entry itself.
+        let mut closing = c;
+        closing.tcp_state = TCP_STATE_CLOSING;
+        assert_eq!(check(&t, &closing, &svc, false), Ok(()));
+        assert_eq!(
+            check(&t, &closing, &svc, true),
+            Err(Unusable::SynOnClosed {
+                state: TCP_STATE_CLOSING
+            })
+        );
+        let mut old = c;
+        old.flags = CONN_F_UNANSWERED;
+        old.last_seen_ns = NOW - crate::DEFAULT_UNANSWERED_TIMEOUT_NS - 1;
+        assert_eq!(check(&t, &old, &svc, false), Err(Unusable::Expired));
+        let mut reverse = c;
+        reverse.flags = CONN_F_REVERSE;
+        assert_eq!(check(&t, &reverse, &svc, false), Err(Unusable::Reverse));
+        let mut other = c;
+        other.service = 2;
+        assert_eq!(
+            check(&t, &other, &svc, false),
+            Err(Unusable::OtherService { service: 2 })
+        );
+        let mut gone = c;
+        gone.backend = 40;
+        assert_eq!(check(&t, &gone, &svc, false), Err(Unusable::PastBackends));
+    }
+}
