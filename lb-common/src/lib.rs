@@ -290,6 +290,14 @@ pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 pub const DEFAULT_UNANSWERED_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
 
 impl Config {
+    /// Is `port` (host order) in the SNAT range, so that a packet to a SNAT
+    /// address on it may be a backend's reply? The reply test of the data
+    /// plane and of `xdplb explain`; an unset range (0) holds no port.
+    #[inline(always)]
+    pub fn in_snat_range(&self, port: u16) -> bool {
+        self.snat_port_min != 0 && port >= self.snat_port_min && port <= self.snat_port_max
+    }
+
     pub const fn with_defaults() -> Self {
         Self {
             abi_version: ABI_VERSION,

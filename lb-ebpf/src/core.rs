@@ -141,7 +141,7 @@ fn maybe_ours<C: Packet>(ctx: &C) -> bool {
     let Some(cfg) = CONFIG.get(0) else {
         return true;
     };
-    if cfg.snat_port_min != 0 && port >= cfg.snat_port_min && port <= cfg.snat_port_max {
+    if cfg.in_snat_range(port) {
         return true;
     }
     let (word, bit) = lb_common::service_port_bit(proto, port);
@@ -226,7 +226,7 @@ fn rewritten(code: u32) -> Result<(), Out> {
 #[inline(always)]
 fn is_reply(s: &mut Scratch, cfg: &Config) -> bool {
     let dport = u16::from_be(s.key.dport_be);
-    if cfg.snat_port_min == 0 || dport < cfg.snat_port_min || dport > cfg.snat_port_max {
+    if !cfg.in_snat_range(dport) {
         return false;
     }
     // Field by field (a struct literal becomes calls to byte-by-byte

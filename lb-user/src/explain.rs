@@ -290,8 +290,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
 
     // Reply path first (core.rs `is_reply`, conntrack.rs `reply`).
     let dport = q.dst.port();
-    let in_range =
-        cfg.snat_port_min != 0 && dport >= cfg.snat_port_min && dport <= cfg.snat_port_max;
+    let in_range = cfg.in_snat_range(dport);
     if in_range
         && t.is_snat_addr(&AddrKey {
             addr: key.dst,
