@@ -384,6 +384,14 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
             reason::NAMES[reason::DROP_FLOOD_GUARD as usize],
             reason::NAMES[reason::DROP_RST_NO_CONN as usize]
         ));
+    } else if q.syn && entry.is_none() && cfg.flood_new_flows_per_cpu != 0 {
+        e.note = Some(format!(
+            "while the flood guard is on (over {} new flows a second on one CPU), a fresh SYN \
+             from a source that has not completed a handshake lately is dropped once ({}) and \
+             passes when the client sends it again",
+            cfg.flood_new_flows_per_cpu,
+            reason::NAMES[reason::DROP_SYN_CHALLENGE as usize]
+        ));
     }
     let hash = flow_hash(&key, &cfg.hash_key);
     let (maglev, chosen) = pick(t, &svc, hash, now_ns)?;
@@ -1220,6 +1228,19 @@ mod tests {
             },
         );
         assert!(e.note.is_none());
+        // With the flood guard configured, a fresh SYN's note names the
+        // challenge.
+        f.cfg.flood_new_flows_per_cpu = 5_000;
+        let syn = Query {
+            syn: true,
+            ..query("10.0.0.2:40008")
+        };
+        let note = run(&f, &syn).note.unwrap();
+        assert!(
+            note.contains("drop_syn_challenge") && note.contains("5000"),
+            "{note}"
+        );
+        assert!(render(&run(&f, &syn)).contains("drop_syn_challenge"));
     }
 
     #[test]
