@@ -1,6 +1,6 @@
-//! Discovery against a real DNS server: hickory-server on 127.0.0.1, UDP and
-//! TCP on the same ephemeral port, with a handler that behaves like Docker's
-//! embedded DNS where it matters here:
+//! Discovery against a real DNS server: testkit's `FakeDns` (hickory-server)
+//! on 127.0.0.1, UDP and TCP on the same ephemeral port, answering like
+//! Docker's embedded DNS where it matters here:
 //! - `tasks.web.` answers with the current task addresses, TTL 600;
 //! - UDP answers are truncated at 512 bytes (or the client's EDNS size) with
 //!   the TC bit set, TCP answers are complete;
@@ -10,269 +10,38 @@
 //! TCP fallback and measure the query rate.
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use hickory_server::{
-    authority::MessageResponseBuilder,
-    proto::{
-        op::{Header, MessageType, OpCode, ResponseCode},
-        rr::{
-            rdata::{A, AAAA, CNAME},
-            Name, RData, Record, RecordType,
-        },
-        serialize::binary::BinEncoder,
-        xfer::Protocol,
-    },
-    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    ServerFuture,
-};
 use lb_user::discovery::{Family, HickoryResolve, LookupError, Poller, QueryStats, Resolve};
-use tokio::{
-    net::{TcpListener, UdpSocket},
-    sync::watch,
-};
+use testkit::dns::{DnsMode as Mode, FakeDns};
+use tokio::sync::watch;
 
-/// What the server does with the next queries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// Answer with the current records (NOERROR/NODATA when there are none).
-    Answer,
-    ServFail,
-    NxDomain,
-    /// Swallow the query: the client times out.
-    Drop,
-}
+const TASKS: &str = "tasks.web";
 
-#[derive(Debug)]
-struct Zone {
-    mode: Mode,
-    /// Addresses of `tasks.web.` (or of the CNAME target), duplicates allowed.
-    v4: Vec<Ipv4Addr>,
-    v6: Vec<Ipv6Addr>,
-    /// Answer both families whatever was asked.
-    mixed: bool,
-    /// `tasks.web.` is a CNAME to this name, which holds the addresses. The
-    /// CNAME answer does not include the target's records, so the client has
-    /// to ask again.
-    cname: Option<Name>,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    udp: AtomicU64,
-    tcp: AtomicU64,
-    /// UDP answers sent with TC set.
-    truncated: AtomicU64,
-    /// Biggest UDP answer, in bytes.
-    max_udp_len: AtomicUsize,
-}
-
-struct Handler {
-    zone: Arc<Mutex<Zone>>,
-    counters: Arc<Counters>,
-}
-
-fn tasks_web() -> Name {
-    Name::from_ascii("tasks.web.").unwrap()
-}
-
-impl Handler {
-    /// The answer records for `name`/`qtype`, or `None` for NXDOMAIN.
-    fn records(&self, name: &Name, qtype: RecordType) -> Option<Vec<Record>> {
-        const TTL: u32 = 600; // Docker's TTL, which the client must ignore.
-        let zone = self.zone.lock().unwrap();
-        let holds_addresses = match &zone.cname {
-            Some(target) if name == &tasks_web() => {
-                let cname = RData::CNAME(CNAME(target.clone()));
-                return Some(vec![Record::from_rdata(name.clone(), TTL, cname)]);
-            }
-            Some(target) => name == target,
-            None => name == &tasks_web(),
-        };
-        if !holds_addresses {
-            return None;
-        }
-        let mut records = Vec::new();
-        if qtype == RecordType::A || zone.mixed {
-            for ip in &zone.v4 {
-                records.push(Record::from_rdata(name.clone(), TTL, RData::A(A(*ip))));
-            }
-        }
-        if qtype == RecordType::AAAA || zone.mixed {
-            for ip in &zone.v6 {
-                records.push(Record::from_rdata(
-                    name.clone(),
-                    TTL,
-                    RData::AAAA(AAAA(*ip)),
-                ));
-            }
-        }
-        Some(records)
-    }
-}
-
-/// How many of `answers` fit in a UDP answer of `max_size` bytes, and
-/// whether that is all of them. Measured with hickory-server's own encoder
-/// (the one that truncates answers to EDNS clients), so the answer sent
-/// afterwards has exactly that size: keep what fits, set TC, as Docker does.
-fn fit(request: &Request, header: Header, answers: &[Record], max_size: u16) -> (usize, bool) {
-    let mut buffer = Vec::new();
-    let mut encoder = BinEncoder::new(&mut buffer);
-    encoder.set_max_size(max_size);
-    let info = MessageResponseBuilder::from_message_request(request)
-        .build(
-            header,
-            answers.iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-            std::iter::empty(),
-        )
-        .destructive_emit(&mut encoder)
-        .expect("encoding a truncated answer");
-    (usize::from(info.answer_count()), info.truncated())
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let protocol = request.protocol();
-        match protocol {
-            Protocol::Udp => self.counters.udp.fetch_add(1, Ordering::SeqCst),
-            _ => self.counters.tcp.fetch_add(1, Ordering::SeqCst),
-        };
-        let mode = self.zone.lock().unwrap().mode;
-        let mut header = Header::response_from_request(request.header());
-        header
-            .set_message_type(MessageType::Response)
-            .set_op_code(OpCode::Query)
-            .set_authoritative(true)
-            .set_recursion_available(true);
-        let builder = MessageResponseBuilder::from_message_request(request);
-        let code = match mode {
-            Mode::Drop => return ResponseInfo::from(header),
-            Mode::ServFail => Some(ResponseCode::ServFail),
-            Mode::NxDomain => Some(ResponseCode::NXDomain),
-            Mode::Answer => None,
-        };
-        let query = request.queries()[0].original().clone();
-        let records = match code {
-            Some(_) => None,
-            None => self.records(query.name(), query.query_type()),
-        };
-        let result = match (code, records) {
-            (Some(code), _) => {
-                let response = builder.error_msg(request.header(), code);
-                response_handle.send_response(response).await
-            }
-            (None, None) => {
-                let response = builder.error_msg(request.header(), ResponseCode::NXDomain);
-                response_handle.send_response(response).await
-            }
-            (None, Some(records)) => {
-                let mut keep = records.len();
-                if protocol == Protocol::Udp {
-                    // No EDNS: RFC 1035's 512 bytes, which Docker enforces.
-                    let (fits, truncated) = fit(request, header, &records, request.max_payload());
-                    if truncated {
-                        header.set_truncated(true);
-                        self.counters.truncated.fetch_add(1, Ordering::SeqCst);
-                    }
-                    keep = fits;
-                    let mut buffer = Vec::new();
-                    let mut encoder = BinEncoder::new(&mut buffer);
-                    MessageResponseBuilder::from_message_request(request)
-                        .build(
-                            header,
-                            records[..keep].iter(),
-                            std::iter::empty(),
-                            std::iter::empty(),
-                            std::iter::empty(),
-                        )
-                        .destructive_emit(&mut encoder)
-                        .unwrap();
-                    let len = buffer.len();
-                    self.counters.max_udp_len.fetch_max(len, Ordering::SeqCst);
-                }
-                let response = builder.build(
-                    header,
-                    records[..keep].iter(),
-                    std::iter::empty(),
-                    std::iter::empty(),
-                    std::iter::empty(),
-                );
-                response_handle.send_response(response).await
-            }
-        };
-        result.unwrap_or_else(|e| panic!("test DNS server failed to send: {e}"))
-    }
-}
-
-/// A running test server; dropping it stops it.
-struct Dns {
-    addr: SocketAddr,
-    zone: Arc<Mutex<Zone>>,
-    counters: Arc<Counters>,
-    _server: ServerFuture<Handler>,
-}
+/// The test server, `tasks.web` set (no addresses yet: NODATA).
+struct Dns(FakeDns);
 
 impl Dns {
     async fn start() -> Dns {
-        let zone = Arc::new(Mutex::new(Zone {
-            mode: Mode::Answer,
-            v4: Vec::new(),
-            v6: Vec::new(),
-            mixed: false,
-            cname: None,
-        }));
-        let counters = Arc::new(Counters::default());
-        // UDP on an ephemeral port, then TCP on the same port (retry if that
-        // TCP port happens to be taken).
-        let (udp, tcp) = loop {
-            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
-                break (udp, tcp);
-            }
-        };
-        let addr = udp.local_addr().unwrap();
-        let mut server = ServerFuture::new(Handler {
-            zone: Arc::clone(&zone),
-            counters: Arc::clone(&counters),
-        });
-        server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(5));
-        Dns {
-            addr,
-            zone,
-            counters,
-            _server: server,
-        }
+        let dns = FakeDns::ephemeral().expect("starting the test DNS server");
+        dns.set(TASKS, []);
+        Dns(dns)
     }
 
     fn set_tasks(&self, n: u16) {
-        let mut zone = self.zone.lock().unwrap();
-        zone.v4 = (0..n).map(task_v4).collect();
-        zone.mode = Mode::Answer;
+        self.0.set(TASKS, (0..n).map(task_v4));
     }
 
     fn set_mode(&self, mode: Mode) {
-        self.zone.lock().unwrap().mode = mode;
+        self.0.set_mode(mode);
     }
 
     fn queries(&self) -> (u64, u64) {
-        (
-            self.counters.udp.load(Ordering::SeqCst),
-            self.counters.tcp.load(Ordering::SeqCst),
-        )
+        let s = self.0.stats();
+        (s.udp, s.tcp)
     }
 
     fn total_queries(&self) -> u64 {
@@ -281,7 +50,7 @@ impl Dns {
     }
 
     fn resolver(&self, timeout: Duration) -> HickoryResolve {
-        HickoryResolve::new(self.addr, timeout)
+        HickoryResolve::new(self.0.addr(), timeout)
     }
 }
 
@@ -386,8 +155,8 @@ async fn two_hundred_tasks_arrive_over_tcp_after_truncation() {
     dns.set_tasks(200);
     lp.wait("200 tasks", |s| *s == tasks_v4(200)).await;
     let (udp, tcp) = dns.queries();
-    let truncated = dns.counters.truncated.load(Ordering::SeqCst);
-    let max_udp = dns.counters.max_udp_len.load(Ordering::SeqCst);
+    let truncated = dns.0.stats().truncated;
+    let max_udp = dns.0.stats().max_udp_len;
     eprintln!("200 tasks: {udp} UDP queries, {tcp} TCP, {truncated} truncated, biggest UDP answer {max_udp} B");
     assert!(
         truncated >= 1,
@@ -612,12 +381,9 @@ async fn aaaa_for_v6_and_other_family_ignored() {
     let v6: Vec<Ipv6Addr> = (1..=3)
         .map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))
         .collect();
-    {
-        let mut zone = dns.zone.lock().unwrap();
-        zone.v4 = vec![task_v4(0), task_v4(1)];
-        zone.v6 = v6.clone();
-        zone.mixed = true; // A and AAAA in every answer
-    }
+    dns.0.set(TASKS, [task_v4(0), task_v4(1)]);
+    dns.0.set_v6(TASKS, v6.iter().copied());
+    dns.0.set_mixed(true); // A and AAAA in every answer
     let expected: BTreeSet<IpAddr> = v6.iter().copied().map(IpAddr::V6).collect();
     let poller = Poller::new(dns.resolver(TIMEOUT), "tasks.web", Family::V6).interval(INTERVAL);
     let mut lp = Loop::start(poller);
@@ -641,7 +407,8 @@ async fn aaaa_lookup_of_a_v4_only_service_is_nodata() {
 #[tokio::test]
 async fn duplicates_are_collapsed() {
     let dns = Dns::start().await;
-    dns.zone.lock().unwrap().v4 = vec![task_v4(0), task_v4(1), task_v4(0), task_v4(1)];
+    dns.0
+        .set(TASKS, [task_v4(0), task_v4(1), task_v4(0), task_v4(1)]);
     let mut lp = Loop::start(poller(&dns));
     lp.wait("2 distinct tasks", |s| *s == tasks_v4(2)).await;
     lp.stop().await;
@@ -650,11 +417,8 @@ async fn duplicates_are_collapsed() {
 #[tokio::test]
 async fn cname_chain_is_followed() {
     let dns = Dns::start().await;
-    {
-        let mut zone = dns.zone.lock().unwrap();
-        zone.v4 = vec![task_v4(0), task_v4(1), task_v4(2)];
-        zone.cname = Some(Name::from_ascii("real.web.").unwrap());
-    }
+    dns.0.set("real.web", [task_v4(0), task_v4(1), task_v4(2)]);
+    dns.0.set_cname(TASKS, Some("real.web"));
     let resolver = dns.resolver(TIMEOUT);
     let ips = resolver.lookup("tasks.web.", Family::V4).await.unwrap();
     assert_eq!(ips.into_iter().collect::<BTreeSet<_>>(), tasks_v4(3));

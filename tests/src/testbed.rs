@@ -426,7 +426,7 @@ impl Testbed {
             .enable_all()
             .build()
             .context("starting the testbed runtime")?;
-        let dns = Dns::start(&lb, rt.handle())?;
+        let dns = dns::start(&lb, rt.handle())?;
         dns.set(SERVICE, (0..backends).map(backend_addr));
         let backends = backend_ns
             .into_iter()
