@@ -14,9 +14,33 @@
 use core::ops::Deref;
 
 use crate::{
-    refused_within_hold, same_addr, Backend, Config, Conn, Service, BACKEND_ACTIVE,
+    refused_within_hold, same_addr, Backend, Config, Conn, Service, ServiceKey, BACKEND_ACTIVE,
     BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES, TCP_STATE_OPEN,
 };
+
+/// How a packet's destination matched its service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matched {
+    /// The service's own address.
+    Exact,
+    /// The wildcard (all-zero address) of the port, protocol and family.
+    Wildcard,
+}
+
+/// The service of a packet to `key` (its destination address and port,
+/// protocol and family): the exact address first, then the wildcard, which
+/// `key` then holds. `lookup` is `SERVICES[key]`.
+#[inline(always)]
+pub fn find_service<S, E>(
+    key: &mut ServiceKey,
+    mut lookup: impl FnMut(&ServiceKey) -> Result<Option<S>, E>,
+) -> Result<Option<(S, Matched)>, E> {
+    if let Some(s) = lookup(key)? {
+        return Ok(Some((s, Matched::Exact)));
+    }
+    key.clear_addr();
+    Ok(lookup(key)?.map(|s| (s, Matched::Wildcard)))
+}
 
 /// The map lookups the rules make.
 pub trait Lookups {

@@ -327,6 +327,23 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 
+impl ServiceKey {
+    /// Makes this the wildcard key of its port, protocol and family: the
+    /// address all zero, a word at a time (a plain `= [0; 16]` becomes a
+    /// byte-by-byte `memset` call on BPF; volatile keeps LLVM from turning
+    /// the loop back into one).
+    #[inline(always)]
+    pub fn clear_addr(&mut self) {
+        let p = self.addr.as_mut_ptr() as *mut u32;
+        let mut i = 0;
+        while i < 4 {
+            // SAFETY: inside `addr`, at offset 0 of a 4-byte aligned struct.
+            unsafe { core::ptr::write_volatile(p.add(i), 0) };
+            i += 1;
+        }
+    }
+}
+
 /// `SERVICES` value. Replacing the whole value is atomic for readers, which is
 /// how a Maglev table flip (`active_half`) becomes visible in one step.
 #[repr(C)]

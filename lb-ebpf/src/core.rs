@@ -2,11 +2,15 @@
 //! connection table, rewrite, forward. docs/DATAPLANE.md walks through it.
 
 use ::core::{
+    convert::Infallible,
     mem::size_of,
     ptr::{read_volatile, write_volatile},
 };
 use aya_ebpf::bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT};
-use lb_common::{reason, Config, Service};
+use lb_common::{
+    decide::{self, infallible},
+    reason, Config, Service, ServiceKey,
+};
 
 use crate::{
     conntrack,
@@ -14,7 +18,7 @@ use crate::{
     fwd, icmp,
     maps::{self, Scratch, CONFIG, SERVICES, SNAT_ADDRS},
     nat, note, parse,
-    parse::{copy_addr, zero_addr},
+    parse::copy_addr,
     stats,
 };
 
@@ -245,7 +249,7 @@ fn is_reply(s: &mut Scratch, cfg: &Config) -> bool {
 }
 
 /// The service for the packet's destination: exact address first, then the
-/// wildcard (all-zero address).
+/// wildcard (all-zero address): `decide::find_service`, as explain reads it.
 #[inline(always)]
 fn service(s: &mut Scratch) -> Option<&'static Service> {
     // Field by field: see `is_reply`.
@@ -254,14 +258,8 @@ fn service(s: &mut Scratch) -> Option<&'static Service> {
     s.svc_key.port_be = s.key.dport_be;
     s.svc_key.proto = s.key.proto;
     s.svc_key.family = s.key.family;
-    let p = match SERVICES.get_ptr(&s.svc_key) {
-        Some(p) => p,
-        None => {
-            // SAFETY: `ServiceKey` is 4-byte aligned, its address at 0.
-            unsafe { zero_addr(&mut s.svc_key.addr) };
-            SERVICES.get_ptr(&s.svc_key)?
-        }
-    };
+    let lookup = |k: &ServiceKey| Ok::<_, Infallible>(SERVICES.get_ptr(k));
+    let (p, _) = infallible(decide::find_service(&mut s.svc_key, lookup))?;
     // Copied, not kept: an update swaps in a new element, but the kernel's
     // BPF allocator may hand the old one to the next update before this run
     // ends (no RCU grace period on reuse since 6.1), and a Service read

@@ -330,24 +330,19 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
         return Ok(e);
     }
 
-    // Service: exact address, then the wildcard (core.rs `service`).
+    // Service: exact address, then the wildcard (`decide::find_service`).
     let mut skey = ServiceKey {
         addr: key.dst,
         port_be: key.dport_be,
         proto: key.proto,
         family: key.family,
     };
-    let (svc, matched) = match t.service(&skey)? {
-        Some(s) => (s, "exact"),
+    let (svc, matched) = match decide::find_service(&mut skey, |k| t.service(k))? {
+        Some((s, decide::Matched::Exact)) => (s, "exact"),
+        Some((s, decide::Matched::Wildcard)) => (s, "wildcard"),
         None => {
-            skey.addr = [0; 16];
-            match t.service(&skey)? {
-                Some(s) => (s, "wildcard"),
-                None => {
-                    e.reason = Some(reason::NAMES[reason::PASS_NO_SERVICE as usize]);
-                    return Ok(e);
-                }
-            }
+            e.reason = Some(reason::NAMES[reason::PASS_NO_SERVICE as usize]);
+            return Ok(e);
         }
     };
     e.service = Some(ServiceMatch {
