@@ -424,6 +424,33 @@ mod tests {
         assert_eq!(probes(&t, &empty, 1), (None, Vec::new()));
     }
 
+    #[test]
+    fn the_exact_address_goes_before_the_wildcard() {
+        let mut key = ServiceKey {
+            addr: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: crate::FAMILY_V4,
+        };
+        let wildcard = ServiceKey {
+            addr: [0; 16],
+            ..key
+        };
+        let both = |k: &ServiceKey| Ok::<_, ()>(Some(if k.addr == [0; 16] { 2 } else { 1 }));
+        assert_eq!(find_service(&mut key, both), Ok(Some((1, Matched::Exact))));
+        let only_wildcard = |k: &ServiceKey| Ok::<_, ()>((k.addr == [0; 16]).then_some(2));
+        let mut k = key;
+        assert_eq!(
+            find_service(&mut k, only_wildcard),
+            Ok(Some((2, Matched::Wildcard)))
+        );
+        assert_eq!(k, wildcard, "the key names the wildcard it matched");
+        let none = |_: &ServiceKey| Ok::<Option<u32>, ()>(None);
+        assert_eq!(find_service(&mut key, none), Ok(None));
+        let failing = |_: &ServiceKey| Err::<Option<u32>, _>("EPERM");
+        assert_eq!(find_service(&mut key, failing), Err("EPERM"));
+    }
+
     fn flow(backend: u32, t: &Fake) -> Conn {
         let b = t.backends[backend as usize];
         Conn {
