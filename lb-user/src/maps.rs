@@ -170,6 +170,9 @@ impl MaglevMem {
         if info.map_flags() & BPF_F_MMAPABLE == 0 {
             bail!("MAGLEV was created without BPF_F_MMAPABLE (pinned by an older xdplb)");
         }
+        if info.value_size() != 4 {
+            bail!("MAGLEV values are {} bytes, not 4", info.value_size());
+        }
         let fd = data
             .fd()
             .as_fd()
@@ -183,17 +186,25 @@ impl MaglevMem {
         Ok(mem)
     }
 
-    fn window(&self, first: u32, len: u32) -> Result<MaglevWindow> {
-        let end = first
+    /// The end of slots `first..first + len`, if they lie inside the map.
+    fn end(&self, first: u32, len: u32) -> Result<u32> {
+        first
             .checked_add(len)
-            .filter(|&e| e <= self.entries && len > 0)
+            .filter(|&e| e <= self.entries)
             .with_context(|| {
                 format!(
-                    "MAGLEV[{first}..{}] is empty or past the map's {} entries",
+                    "MAGLEV[{first}..{}] is past the map's {} entries",
                     u64::from(first) + u64::from(len),
                     self.entries
                 )
-            })?;
+            })
+    }
+
+    /// Maps slots `first..first + len`; `len` is at least 1 (a mapping
+    /// cannot be empty: callers with nothing to touch check the range with
+    /// [`Self::end`] and return before).
+    fn window(&self, first: u32, len: u32) -> Result<MaglevWindow> {
+        let end = self.end(first, len)?;
         // memmap2 maps from the page holding slot `first` and points past
         // the skew; the kernel checks the range against the map again.
         let map = memmap2::MmapOptions::new()
@@ -515,6 +526,10 @@ impl DataPlane {
     /// `MAGLEV[base..base + len]`.
     pub fn maglev_range(&self, base: u32, len: u32) -> Result<Vec<u32>> {
         if let Some(m) = &self.maglev_mem {
+            if len == 0 {
+                m.end(base, 0)?;
+                return Ok(Vec::new());
+            }
             let w = m.window(base, len)?;
             return Ok((0..len)
                 .map(|i| w.slot(i).load(Ordering::Relaxed))
@@ -529,6 +544,10 @@ impl DataPlane {
         let len = u32::try_from(table.len()).context("Maglev table length")?;
         let mut n = 0;
         if let Some(m) = &self.maglev_mem {
+            if len == 0 {
+                m.end(base, 0)?;
+                return Ok(0);
+            }
             let w = m.window(base, len)?;
             for (i, &new) in table.iter().enumerate() {
                 let slot = w.slot(i as u32);

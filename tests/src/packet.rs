@@ -954,10 +954,9 @@ impl log::Log for LogCapture {
 
 /// Fails loudly when not root: these tests cannot mean anything otherwise.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid();
     assert!(
-        euid == 0,
+        euid.is_root(),
         "the packet tests load eBPF programs and create network namespaces: run them as root \
          (euid is {euid}), e.g. `sudo -E cargo test -p tests --test packet -- --test-threads=1`"
     );

@@ -435,10 +435,10 @@ pub fn per_packet(
     let mut cases = Vec::new();
     for (h, hook) in [Hook::Xdp, Hook::Tc].into_iter().enumerate() {
         let lane = h as u8;
-        let (one, answer) = (After::Nothing, After::Answer);
+        let (plain, answer) = (After::Nothing, After::Answer);
         let list: [(&str, Vec<Vec<u8>>, After); 12] = [
-            (ESTABLISHED_V4, vec![ack4.clone()], one),
-            ("established TCP IPv6", vec![ack6.clone()], one),
+            (ESTABLISHED_V4, vec![ack4.clone()], plain),
+            ("established TCP IPv6", vec![ack6.clone()], plain),
             (NEW_FLOW_V4, syns(lane, false, 80, syn_frames), answer),
             (
                 "new-flow SYN IPv6",
@@ -448,19 +448,19 @@ pub fn per_packet(
             (
                 "unanswered SYN IPv4",
                 syns(2 + lane, false, waiting, syn_frames),
-                one,
+                plain,
             ),
             (
                 "unanswered SYN IPv6",
                 syns(2 + lane, true, waiting, syn_frames),
-                one,
+                plain,
             ),
-            ("reply path TCP IPv4", vec![reply4.clone()], one),
-            ("reply path TCP IPv6", vec![reply6.clone()], one),
-            ("established UDP IPv4", vec![udp4.clone()], one),
-            ("established UDP IPv6", vec![udp6.clone()], one),
-            ("non-service pass IPv4", vec![other4.clone()], one),
-            ("non-service pass IPv6", vec![other6.clone()], one),
+            ("reply path TCP IPv4", vec![reply4.clone()], plain),
+            ("reply path TCP IPv6", vec![reply6.clone()], plain),
+            ("established UDP IPv4", vec![udp4.clone()], plain),
+            ("established UDP IPv6", vec![udp6.clone()], plain),
+            ("non-service pass IPv4", vec![other4.clone()], plain),
+            ("non-service pass IPv6", vec![other6.clone()], plain),
         ];
         for (name, frames, after) in list {
             progress(&format!("{name} ({hook:?})"));
