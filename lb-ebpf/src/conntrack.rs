@@ -13,9 +13,7 @@ use ::core::{
     convert::Infallible,
     ptr::{read_volatile, write_volatile},
 };
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use lb_common::{
     decide::{self, infallible, Lookups},
     event, forward_establishes,
@@ -28,15 +26,14 @@ use lb_common::{
 };
 
 use crate::{
-    core::{stop_after, Out},
+    clock::now,
     ctx::Packet,
     fwd,
-    maps::{
-        Probe, Scratch, BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, SYN_PENDING, SYN_SOURCES,
-        UNANSWERED,
-    },
+    maps::{BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, SYN_PENDING, SYN_SOURCES, UNANSWERED},
     note,
+    out::{stop_after, Out},
     parse::{TCP_ACK, TCP_RST, TCP_SYN},
+    scratch::{Probe, Scratch},
     stats,
 };
 
@@ -64,16 +61,6 @@ pub unsafe fn copy_conn(dst: &mut Conn, src: *const Conn) {
         unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
         i += 1;
     }
-}
-
-/// The data plane's clock: CLOCK_MONOTONIC as of the last timer tick (at
-/// most 10 ms behind). Every timeout and hold it measures is 500 ms or
-/// longer, and the coarse clock is a memory read where the precise one
-/// reads the TSC: 20 ns less per packet (bench-ab).
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Writes into `out` the key that packets of the flow of `c` carry when

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use lb_common::{csum, reason, L4_CSUM_COMPENSATE, L4_CSUM_FAULT};
 
-use crate::{core::Out, maps::TX_PORTS};
+use crate::{maps::TX_PORTS, out::Out};
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace`: the pseudo-header is IPv6, so a
 /// CHECKSUM_COMPLETE skb->csum must not be adjusted. Kernel 6.16, commit

@@ -14,11 +14,12 @@ use aya_ebpf::{
 use lb_common::{Conn, NEXT_HOP_TTL_NS};
 
 use crate::{
-    conntrack::now,
-    core::Out,
+    clock::now,
     ctx::Packet,
-    maps::{Scratch, NEXT_HOPS, NEXT_HOPS_BITS, TX_PORTS},
+    maps::{NEXT_HOPS, NEXT_HOPS_BITS, TX_PORTS},
+    out::Out,
     parse::L3,
+    scratch::Scratch,
 };
 
 const AF_INET: u8 = 2;

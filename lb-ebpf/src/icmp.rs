@@ -13,13 +13,15 @@ use network_types::{
 };
 
 use crate::{
-    conntrack::{copy_conn, now},
-    core::{Out, Verdict},
+    clock::now,
+    conntrack::copy_conn,
     ctx::{ptr_at, ptr_at_mut, read16, write16, Packet},
     fwd,
-    maps::{Scratch, CONFIG, CONNS, UNANSWERED},
+    maps::{CONFIG, CONNS, UNANSWERED},
     nat,
+    out::{Out, Verdict},
     parse::{copy_addr, l4_csum_off, L3_OFF},
+    scratch::Scratch,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;

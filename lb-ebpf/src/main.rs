@@ -11,15 +11,22 @@
               onto the 512-byte BPF stack, so keys in the per-CPU scratch map go by reference"
 )]
 
+// The modules form layers, each using only those below it (no cycles):
+// clock, gate, maps, out (leaves); ctx, stats; parse; scratch, nat; note,
+// fwd; conntrack; icmp; core, which runs them all.
+mod clock;
 mod conntrack;
 mod core;
 mod ctx;
 mod fwd;
+mod gate;
 mod icmp;
 mod maps;
 mod nat;
 mod note;
+mod out;
 mod parse;
+mod scratch;
 mod stats;
 
 use aya_ebpf::{

@@ -3,17 +3,15 @@
 //! or a program upgrade keeps the connection table.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Config, Conn, Counters, FloodWindow, FlowKey, Service, ServiceKey,
-    DEFAULT_CONNS_CAPACITY, DEFAULT_MAGLEV_CAPACITY, DEFAULT_UNANSWERED_CAPACITY, MAX_BACKENDS,
-    MAX_SERVICES, MAX_SNAT_ADDRS, MAX_TX_PORTS,
+    AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, DEFAULT_CONNS_CAPACITY,
+    DEFAULT_MAGLEV_CAPACITY, DEFAULT_UNANSWERED_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SNAT_ADDRS, MAX_TX_PORTS,
 };
-
-use crate::parse::{Seg, L3};
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -77,62 +75,6 @@ pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(lb_common::
 #[map(name = "EVENT_STATS")]
 pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(lb_common::event::COUNT, 0);
 
-/// Per-CPU scratch space for structs too big for the 512-byte BPF stack once
-/// everything is inlined. A program runs to completion on its CPU (softirq,
-/// no preemption), so one slot per CPU is never shared.
-#[repr(C)]
-pub struct Scratch {
-    /// The packet's network layer.
-    pub l3: L3,
-    /// The packet's 5-tuple (for ICMP errors: the quoted packet's).
-    pub key: FlowKey,
-    /// A derived key (reverse key, or the reversed quoted tuple).
-    pub key2: FlowKey,
-    /// A second derived key (stale-reservation check).
-    pub key3: FlowKey,
-    pub svc_key: ServiceKey,
-    pub addr_key: AddrKey,
-    pub fib: bpf_fib_lookup,
-    /// TCP sequence and acknowledgment numbers (TCP only).
-    pub seg: Seg,
-    /// A copy of the connection entry the packet uses (for a new flow: its
-    /// forward entry). Copied, never referenced: see `CONNS`.
-    pub conn: Conn,
-    /// A copy of the flow's other entry (for a new flow: its reverse entry).
-    pub other: Conn,
-    /// A copy of an entry looked at while probing SNAT ports.
-    pub peek: Conn,
-    /// A new flow's `flow_hash`.
-    pub hash: u32,
-    /// 1 while the flood guard is on for the new flow being created.
-    pub guard: u32,
-    /// The packet's TCP flags (for the new-flow code).
-    pub flags: u8,
-    /// SNAT port probing (`conntrack::reserve`).
-    pub probe: Probe,
-    /// The flood guard's count on this CPU; kept from packet to packet.
-    pub flood: FloodWindow,
-    /// Rate limits of the data plane's log lines; kept like `flood`.
-    pub log: crate::note::LogGate,
-}
-
-/// The state of a new flow's SNAT port probes.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Probe {
-    pub lo: u32,
-    pub range: u32,
-    pub first: u32,
-    pub stride: u32,
-    pub now: u64,
-    /// The taken port whose unanswered holder was seen the longest ago, and
-    /// when (the flood guard's candidate).
-    pub oldest_seen: u64,
-    pub oldest_port_be: u16,
-    /// The port reserved; 0 while none is.
-    pub got: u16,
-}
-
 /// Until when (`bpf_ktime_get_ns`) some CPU's flood guard is on: the
 /// guard then holds on every CPU (`conntrack::forward`). A flood arriving
 /// on one receive queue is counted by one CPU, while the SNAT ports it
@@ -180,7 +122,7 @@ pub struct NextHop {
     pub addr: [u32; 4],
     pub ingress: u32,
     pub family: u32,
-    /// `conntrack::now` of the lookup (0: none).
+    /// `clock::now` of the lookup (0: none).
     pub at_ns: u64,
     pub ifindex: u32,
     /// The lookup's code: `BPF_FIB_LKUP_RET_SUCCESS` or `_NO_NEIGH`.
@@ -207,22 +149,3 @@ impl NextHop {
 /// This CPU's copy of the packet's `SERVICES` value (`core::service`).
 #[map(name = "SVC_COPY")]
 pub static SVC_COPY: PerCpuArray<Service> = PerCpuArray::with_max_entries(1, 0);
-
-#[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// This CPU's scratch.
-///
-/// # Safety
-///
-/// No other reference from an earlier call may be live: each is a `&mut` to
-/// the same slot. A program run takes it once (`core::run`, then
-/// `note::hand_over` after `run` has returned; the log program's
-/// `note::write`); the slot is used by one program run at a time on this
-/// CPU (see `Scratch`).
-#[inline(always)]
-pub unsafe fn scratch() -> Option<&'static mut Scratch> {
-    // SAFETY: per-CPU slot from a successful lookup; exclusive by the
-    // caller's promise.
-    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
-}
