@@ -170,7 +170,7 @@ pub struct RunArgs {
 #[derive(Args, Debug)]
 pub struct ReloadArgs {
     /// The pin directory of the daemon to reload (bpffs).
-    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// How long to wait for the daemon's verdict, in seconds.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_interval)]
@@ -180,7 +180,7 @@ pub struct ReloadArgs {
 #[derive(Args, Debug)]
 pub struct DownArgs {
     /// Where maps and links are pinned (bpffs).
-    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
@@ -207,7 +207,7 @@ pub struct StatsArgs {
     pub watch: Option<f64>,
 
     /// Where the maps are pinned (bpffs).
-    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
@@ -218,7 +218,7 @@ pub struct BackendsArgs {
     pub json: bool,
 
     /// The daemon's pin directory (its status file is named after it).
-    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
@@ -229,7 +229,7 @@ pub struct TopArgs {
     pub interval: f64,
 
     /// Where the maps are pinned (bpffs).
-    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
@@ -260,6 +260,6 @@ pub struct ExplainArgs {
     pub json: bool,
 
     /// Where the maps are pinned (bpffs).
-    #[arg(long, value_name = "DIR", default_value = crate::maps::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }

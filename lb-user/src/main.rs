@@ -19,10 +19,10 @@ fn main() -> ExitCode {
             &args.pin_dir,
             std::time::Duration::from_secs_f64(args.timeout),
         ),
-        Command::Stats(args) => lb_user::stats::run_stats(&args),
-        Command::Backends(args) => lb_user::stats::run_backends(&args),
-        Command::Top(args) => lb_user::top::run(&args),
-        Command::Explain(args) => lb_user::explain::run(&args),
+        Command::Stats(args) => lb_user::report::stats::run_stats(&args),
+        Command::Backends(args) => lb_user::report::backends::run_backends(&args),
+        Command::Top(args) => lb_user::report::top::run(&args),
+        Command::Explain(args) => lb_user::report::explain::run(&args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

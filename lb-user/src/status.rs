@@ -11,7 +11,6 @@ use std::{
     net::SocketAddr,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
@@ -114,7 +113,7 @@ pub struct DnsStatus {
 
 impl DnsStatus {
     /// From the poll loop's counters and the size of the current task set.
-    pub fn new(c: &crate::discovery::QueryCounts, tasks: Option<usize>) -> Self {
+    pub fn new(c: &crate::backends::discovery::QueryCounts, tasks: Option<usize>) -> Self {
         Self {
             polls: c.queries,
             answers: c.answers,
@@ -237,21 +236,8 @@ pub struct CheckStatus {
 
 /// Where the status of the daemon owning `pin_dir` lives.
 pub fn status_path(pin_dir: &Path) -> PathBuf {
-    let lock = crate::attach::InstanceLock::lock_path(pin_dir);
+    let lock = crate::dataplane::attach::InstanceLock::lock_path(pin_dir);
     lock.with_extension("status.json")
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Converts a monotonic instant to Unix milliseconds (for display).
-pub fn instant_to_ms(at: std::time::Instant) -> u64 {
-    let age = std::time::Instant::now().saturating_duration_since(at);
-    now_ms().saturating_sub(age.as_millis() as u64)
 }
 
 impl Status {

@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_user::discovery::{Family, HickoryResolve, LookupError, Poller, QueryStats, Resolve};
+use lb_user::{
+    backends::discovery::{HickoryResolve, LookupError, Poller, QueryStats, Resolve},
+    config::Family,
+};
 use testkit::dns::{DnsMode as Mode, FakeDns};
 use tokio::sync::watch;
 

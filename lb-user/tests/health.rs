@@ -19,7 +19,7 @@ use hyper::{
     Request, Response,
 };
 use hyper_util::rt::TokioIo;
-use lb_user::health::{
+use lb_user::backends::health::{
     check_once, http_client, run_checker, CheckSpec, FailureKind, HealthEvent, SpecKind,
 };
 use tokio::{

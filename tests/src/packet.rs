@@ -42,7 +42,7 @@ use lb_common::{
     ServiceKey, BACKEND_ACTIVE, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
     PROTO_UDP,
 };
-use lb_user::maps::{DataPlane, L4Csum, LoadOptions};
+use lb_user::dataplane::maps::{DataPlane, L4Csum, LoadOptions};
 
 use crate::netns::{self, NetNs, NsGuard};
 

@@ -988,7 +988,7 @@ impl Drop for Testbed {
         }
         // The daemon's files in /run/xdplb (lock, status) that a killed
         // daemon leaves: `<tag>.lock`, `<tag>.status.json`, ...
-        let lock = lb_user::attach::InstanceLock::lock_path(&self.pin_dir);
+        let lock = lb_user::dataplane::attach::InstanceLock::lock_path(&self.pin_dir);
         if let (Some(dir), Some(stem)) = (lock.parent(), lock.file_stem()) {
             let prefix = format!("{}.", stem.to_string_lossy());
             for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -1125,7 +1125,7 @@ fn sweep() {
     netns::sweep_stale_dirs(&std::env::temp_dir(), PREFIX);
     // InstanceLock::lock_path turns /sys/fs/bpf/xdplb-tb-PID-N into
     // /run/xdplb/_sys_fs_bpf_xdplb_tb_PID_N.lock; the status file is next to it.
-    let lock_dir = lb_user::attach::InstanceLock::lock_path(Path::new("/x"));
+    let lock_dir = lb_user::dataplane::attach::InstanceLock::lock_path(Path::new("/x"));
     let Some(lock_dir) = lock_dir.parent() else {
         return;
     };

@@ -21,7 +21,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{reason, PROTO_TCP, PROTO_UDP};
-use lb_user::{
+use lb_user::dataplane::{
     maps::L4Csum,
     probe::{self, Feature},
 };

@@ -32,8 +32,8 @@ use lb_common::{
     TCP_STATE_RESET,
 };
 use lb_user::{
-    explain::{self, flow_key, Explanation, Names, Query},
-    pinned::{monotonic_now_ns, PinnedMaps},
+    dataplane::pinned::PinnedMaps,
+    report::explain::{self, flow_key, Explanation, Names, Query},
 };
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use tests::packet::{
@@ -433,7 +433,7 @@ fn explain_predicts_what_the_kernel_does() {
     for n in 0..cases {
         let hook = if n % 2 == 0 { Hook::Xdp } else { Hook::Tc };
         lab.dp_mut().clear_flows().expect("emptying the tables");
-        let now = monotonic_now_ns();
+        let now = lb_user::clock::monotonic_now_ns();
         stir(&mut lab, &mut w, &mut rng, now);
         let (case, svc, reply) = random_case(&w, &mut rng, hook);
         random_entry(&mut lab, &w, &mut rng, &case, svc, reply, now);
@@ -444,7 +444,7 @@ fn explain_predicts_what_the_kernel_does() {
             dst: case.dst,
             syn: case.fresh_syn(),
         };
-        let e = explain::explain(&maps, &q, monotonic_now_ns(), &names)
+        let e = explain::explain(&maps, &q, lb_user::clock::monotonic_now_ns(), &names)
             .unwrap_or_else(|err| panic!("case {n}: explain failed: {err:#}"));
         let (verdict, reason, to) = kernel(&mut lab, &case);
 

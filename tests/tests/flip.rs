@@ -1,7 +1,7 @@
 //! Atomic table flips under load. One thread hammers the data plane with new
 //! flows through `BPF_PROG_TEST_RUN` while another rewrites and flips the
 //! service's Maglev table thousands of times, the way
-//! `lb_user::table::Writer` does it: fill the inactive half of the service's
+//! `lb_user::dataplane::table::Writer` does it: fill the inactive half of the service's
 //! `MAGLEV` region, then replace the whole `SERVICES` value with
 //! `active_half` pointing at it. Only tables change: every backend stays
 //! `active` in `BACKENDS` throughout, so with the first slot of each flow
@@ -59,7 +59,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use lb_common::{
     reason, Config, Service, ServiceKey, BACKEND_ACTIVE, MAP_MAGLEV, MAP_SERVICES, PROTO_TCP,
 };
-use lb_user::maglev::{build_table, MaglevBackend};
+use lb_user::dataplane::maglev::{build_table, MaglevBackend};
 use tests::packet::*;
 
 const BACKEND_PORT: u16 = 8080;

@@ -1,4 +1,4 @@
-//! Kernel feature probes (`lb_user::probe`): what they find on this kernel,
+//! Kernel feature probes (`lb_user::dataplane::probe`): what they find on this kernel,
 //! and what the real daemon does when a feature is missing. Missing
 //! features are simulated with `XDPLB_PRETEND_MISSING`, since this kernel
 //! has them all.
@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use lb_user::probe::{self, Feature, Probed};
+use lb_user::dataplane::probe::{self, Feature, Probed};
 use tests::testbed::{Mode, Testbed};
 
 /// "6.1.0-37-cloud-amd64" -> (6, 1).

@@ -24,8 +24,8 @@ use std::{
 
 use lb_common::{Backend, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, PROTO_TCP};
 use lb_user::{
-    maps::{DataPlane, LoadOptions},
-    metrics::{self, Scraper},
+    dataplane::maps::{DataPlane, LoadOptions},
+    report::metrics::{self, Scraper},
     status::{self, Status},
 };
 use openmetrics_parser::{OpenMetricsType as O, PrometheusType as P};
@@ -279,14 +279,14 @@ fn lab(pins: &Pins) -> DataPlane {
     dp.set_backend(1, &backend).expect("writing BACKENDS");
 
     let be: SocketAddr = "10.1.0.7:8080".parse().unwrap();
-    let mut latency = status::LatencyHistogram::new(&lb_user::health::LATENCY_BUCKETS_US);
+    let mut latency = status::LatencyHistogram::new(&lb_user::backends::health::LATENCY_BUCKETS_US);
     for us in [400, 900, 520_000] {
         latency.observe(us);
     }
     let st = Status {
         version: status::STATUS_VERSION,
         pid: std::process::id(),
-        written_ms: status::now_ms(),
+        written_ms: lb_user::clock::now_ms(),
         pin_dir: pins.0.clone(),
         interfaces: vec![status::InterfaceStatus {
             name: "eth0".into(),
@@ -525,7 +525,7 @@ fn daemon_publishes_dns_and_health_check_metrics() {
             "{service}: tasks in DNS:\n{body}"
         );
         let last = one(&s, "xdplb_dns_last_success_timestamp_seconds", &l);
-        let now = status::now_ms() as f64 / 1000.0;
+        let now = lb_user::clock::now_ms() as f64 / 1000.0;
         assert!(
             (now - 30.0..=now + 1.0).contains(&last),
             "{service}: last DNS success at {last}, now {now}:\n{body}"

@@ -19,9 +19,11 @@ use lb_common::{
     FAMILY_V4, PROTO_TCP,
 };
 use lb_user::{
-    maps::{DataPlane, LoadOptions},
-    metrics::{self, Scraper},
-    pinned::{monotonic_now_ns, PinnedMaps},
+    dataplane::{
+        maps::{DataPlane, LoadOptions},
+        pinned::PinnedMaps,
+    },
+    report::metrics::{self, Scraper},
 };
 use tests::packet::require_root;
 
@@ -88,7 +90,7 @@ fn load(pins: &Pins) -> DataPlane {
 /// Live flows `from..to` to the backend (`to` at most 10,000): a forward
 /// and a reverse entry each.
 fn add_flows(dp: &mut DataPlane, from: u16, to: u16) {
-    let now = monotonic_now_ns();
+    let now = lb_user::clock::monotonic_now_ns();
     let key = |src: SocketAddrV4, dst: SocketAddrV4| FlowKey {
         src: v4(*src.ip()),
         dst: v4(*dst.ip()),

@@ -1,6 +1,6 @@
 //! Observability against the real kernel: traffic goes through the data
 //! plane with `BPF_PROG_TEST_RUN`, then the real `xdplb` binary (`stats`,
-//! `backends`, `explain`) and `lb_user::metrics::serve` read the lab's
+//! `backends`, `explain`) and `lb_user::report::metrics::serve` read the lab's
 //! pinned maps, and every number must match what was sent, exactly.
 //!
 //! Run as root, after building the binary:
@@ -226,7 +226,7 @@ fn drive(lab: &mut PacketLab) -> World {
     }
     // An entry idle for longer than the UDP timeout (60 s): in the table,
     // not live. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    let now = lb_user::pinned::monotonic_now_ns();
+    let now = lb_user::clock::monotonic_now_ns();
     let idle = 61_000_000_000;
     assert!(
         now > 2 * idle,
@@ -435,7 +435,7 @@ impl Drop for StatusFile {
 }
 
 fn status_for(lab: &PacketLab, w: &World, pid: u32) -> Status {
-    let now = status::now_ms();
+    let now = lb_user::clock::now_ms();
     let backends = w
         .tcp
         .backends
@@ -736,7 +736,7 @@ fn metrics_endpoint_parses_and_matches_the_maps() {
         let addr = probe.local_addr().unwrap();
         drop(probe);
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(lb_user::metrics::serve(addr, pin_dir, rx));
+        let server = tokio::spawn(lb_user::report::metrics::serve(addr, pin_dir, rx));
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
         let url = format!("http://{addr}/metrics");
         let mut got = None;

@@ -17,8 +17,10 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 use lb_user::{
-    attach::{self, Hook, InstanceLock},
-    maps::{DataPlane, LoadOptions},
+    dataplane::{
+        attach::{self, Hook, InstanceLock},
+        maps::{DataPlane, LoadOptions},
+    },
     status::Status,
 };
 use tests::{netns::NetNs, testbed::xdplb_bin};

@@ -35,7 +35,7 @@ use std::{
 };
 
 use lb_common::PROTO_TCP;
-use lb_user::{pinned::PinnedMaps, table::ip_from_bytes};
+use lb_user::dataplane::{pinned::PinnedMaps, table::ip_from_bytes};
 use tests::testbed::{
     backend_addr, wait_for, Daemon, DaemonConfig, DnsMode, LoadReport, Mode, Testbed, Topology,
     HTTP_PORT, PMTU_BACKEND_ADDR, PMTU_HOP_MTU, SERVICE, UDP_PORT, VIP,
@@ -234,7 +234,7 @@ fn s1_spread(mode: Mode) {
         .collect();
 
     let served: Vec<usize> = tb.backends().iter().map(|b| b.requests_since(t0)).collect();
-    let snapshot = lb_user::stats::take_snapshot(tb.pin_dir()).expect("stats snapshot");
+    let snapshot = lb_user::report::snapshot::take_snapshot(tb.pin_dir()).expect("stats snapshot");
     let web = snapshot
         .services
         .iter()

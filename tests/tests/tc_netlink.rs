@@ -2,7 +2,7 @@
 //! program as a clsact ingress filter through netlink, at xdplb's fixed
 //! priority and handle, and it behaves as the pinned tcx link does. This
 //! kernel has tcx, so the daemon is told to do without it
-//! (`XDPLB_PRETEND_MISSING=tcx`, the test knob in `lb_user::probe`).
+//! (`XDPLB_PRETEND_MISSING=tcx`, the test knob in `lb_user::dataplane::probe`).
 //!
 //! - traffic flows through the filter;
 //! - `kill -9`: the filter stays and keeps forwarding;
@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_user::clsact;
+use lb_user::dataplane::clsact;
 use tests::testbed::{backend_addr, Daemon, LoadReport, Mode, Testbed, HTTP_PORT, UDP_PORT};
 
 tests::both_modes!(clsact_filter_lifecycle, sigterm_removes_only_our_filter);

@@ -1,11 +1,11 @@
-//! The map writer (`lb_user::table::Writer`) against the real kernel maps:
+//! The map writer (`lb_user::dataplane::table::Writer`) against the real kernel maps:
 //! what `apply` writes, that it flips only on change, and that a second
 //! writer on the same pins (a restarted daemon) adopts everything.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use lb_common::{BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY};
-use lb_user::{
+use lb_user::dataplane::{
     maglev::{self, MaglevBackend},
     maps::{DataPlane, LoadOptions},
     table::{ServiceSpec, Writer},
@@ -228,7 +228,7 @@ fn maglev_slots_written_through_the_mapping_are_the_kernels() {
     for (n, &i) in slots.iter().enumerate() {
         dp.set_maglev_slot(i, 1000 + n as u32).unwrap();
     }
-    let pinned = lb_user::pinned::PinnedMaps::open(&pins.0).expect("opening the pins");
+    let pinned = lb_user::dataplane::pinned::PinnedMaps::open(&pins.0).expect("opening the pins");
     for (n, &i) in slots.iter().enumerate() {
         assert_eq!(
             pinned.maglev_slot(i).unwrap(),

@@ -26,7 +26,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use lb_user::{pinned::PinnedMaps, stats::take_snapshot, table::ip_from_bytes};
+use lb_user::{
+    dataplane::{pinned::PinnedMaps, table::ip_from_bytes},
+    report::snapshot::take_snapshot,
+};
 use tests::testbed::{
     self, backend_addr, wait_for, Daemon, DaemonConfig, Mode, Testbed, HTTP_PORT, VIP,
 };
@@ -142,7 +145,7 @@ fn s(d: Duration) -> String {
 
 /// `1234` -> `1,234`.
 fn n(v: impl Into<u64>) -> String {
-    lb_user::stats::fmt_count(v.into())
+    lb_user::report::format::fmt_count(v.into())
 }
 
 fn indent(text: &str) -> String {

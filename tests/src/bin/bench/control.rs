@@ -183,7 +183,7 @@ fn reattach(tb: &Testbed) -> Result<(f64, f64, f64)> {
         eth1("missing")
     })?;
     std::thread::sleep(Duration::from_secs(1));
-    let (created_ms, t) = (status::now_ms(), Instant::now());
+    let (created_ms, t) = (lb_user::clock::now_ms(), Instant::now());
     tb.recreate_eth1()?;
     let configured = t.elapsed();
     let first = wait_until(

@@ -4,7 +4,7 @@
 //!
 //! The data plane is loaded with its own pin directory (no namespace, no
 //! traffic: the entries are written with `bpf()`), the endpoint is the real
-//! one (`lb_user::metrics`) on 127.0.0.1, and the client is reqwest.
+//! one (`lb_user::report::metrics`) on 127.0.0.1, and the client is reqwest.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -18,10 +18,14 @@ use lb_common::{
     Backend, Conn, FlowKey, Service, ServiceKey, CONN_F_REVERSE, FAMILY_V4, PROTO_TCP,
 };
 use lb_user::{
-    maps::{DataPlane, LoadOptions},
-    metrics::{self, encode_snapshot, Scraper, WalkAge, CONNTRACK_WALK_EVERY},
-    pinned::{monotonic_now_ns, PinnedMaps},
-    stats::{Daemon, MapsView, Snapshot},
+    dataplane::{
+        maps::{DataPlane, LoadOptions},
+        pinned::PinnedMaps,
+    },
+    report::{
+        metrics::{self, encode_snapshot, Scraper, WalkAge, CONNTRACK_WALK_EVERY},
+        snapshot::{Daemon, MapsView, Snapshot},
+    },
     status::{self, BackendStatus, ServiceStatus, Status},
 };
 
@@ -131,7 +135,7 @@ fn fill_services(dp: &mut DataPlane, pin_dir: &Path) -> Result<()> {
                 index: Some(index),
                 state: "active".into(),
                 reason: "checks passing".into(),
-                since_ms: status::now_ms(),
+                since_ms: lb_user::clock::now_ms(),
                 last_check: None,
                 last_refused_ms: None,
             });
@@ -150,7 +154,7 @@ fn fill_services(dp: &mut DataPlane, pin_dir: &Path) -> Result<()> {
     Status {
         version: status::STATUS_VERSION,
         pid: std::process::id(),
-        written_ms: status::now_ms(),
+        written_ms: lb_user::clock::now_ms(),
         pin_dir: pin_dir.into(),
         services,
         interfaces: Vec::new(),
@@ -161,7 +165,7 @@ fn fill_services(dp: &mut DataPlane, pin_dir: &Path) -> Result<()> {
 /// `FLOWS` live TCP flows spread over every backend: a forward and a
 /// reverse entry each.
 fn fill_conns(dp: &mut DataPlane) -> Result<()> {
-    let now = monotonic_now_ns();
+    let now = lb_user::clock::monotonic_now_ns();
     let snat = Ipv4Addr::new(10, 1, 255, 1);
     let key = |src: SocketAddrV4, dst: SocketAddrV4| FlowKey {
         src: v4(*src.ip()),
@@ -225,8 +229,8 @@ fn full_snapshot(pin_dir: &Path, one_by_one: bool) -> Result<()> {
         &view,
         &daemon,
         pin_dir,
-        status::now_ms(),
-        monotonic_now_ns(),
+        lb_user::clock::now_ms(),
+        lb_user::clock::monotonic_now_ns(),
     );
     encode_snapshot(&s, WalkAge::default())?;
     Ok(())
@@ -370,7 +374,7 @@ pub fn table(r: &ScrapeResults) -> Table {
             "The data plane loaded with its own pins and filled through `bpf()` in {:.1} s: \
              {} CONNS entries ({} live TCP flows, forward and reverse) and {} backends in {} \
              services, with a status file as a running daemon writes it. `/metrics` is the real \
-             endpoint (`lb_user::metrics::serve_with`) on 127.0.0.1, read with reqwest; the \
+             endpoint (`lb_user::report::metrics::serve_with`) on 127.0.0.1, read with reqwest; the \
              body is {:.1} MiB. Medians of the runs shown. The baseline is what every scrape \
              cost before the walk was reused: a full snapshot reading one element per syscall \
              (65,535 BACKENDS slots, two syscalls per CONNS entry), timed in the same run \

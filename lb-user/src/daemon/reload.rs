@@ -226,7 +226,7 @@ pub struct Outcome {
 
 /// Where the daemon owning `pin_dir` publishes reload outcomes.
 pub fn outcome_path(pin_dir: &Path) -> PathBuf {
-    crate::attach::InstanceLock::lock_path(pin_dir).with_extension("reload.json")
+    crate::dataplane::attach::InstanceLock::lock_path(pin_dir).with_extension("reload.json")
 }
 
 impl Outcome {
@@ -278,7 +278,7 @@ pub fn request(pin_dir: &Path, timeout: std::time::Duration) -> Result<String> {
 
 /// The pid of the daemon that holds `pin_dir`'s lock.
 fn daemon_pid(pin_dir: &Path) -> Result<u32> {
-    if !crate::attach::InstanceLock::is_held(pin_dir) {
+    if !crate::dataplane::attach::InstanceLock::is_held(pin_dir) {
         bail!(
             "no xdplb is running with pin directory {} (--pin-dir to name another)",
             pin_dir.display()

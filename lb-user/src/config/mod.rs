@@ -29,9 +29,9 @@
 )]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
@@ -47,19 +47,24 @@ use lb_common::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::maglev::is_prime;
+use crate::dataplane::maglev::is_prime;
 
 // ---- defaults -----------------------------------------------------------------
 
 /// Where maps and program links are pinned unless `pin_dir` says otherwise
-/// (`/sys/fs/bpf/xdplb`; the same constant as the map loader's).
-pub const DEFAULT_PIN_DIR: &str = crate::maps::DEFAULT_PIN_DIR;
-/// Discovery's defaults, defined once there: Docker's embedded DNS server,
-/// how often the backends' name is resolved, and how many consecutive
-/// NXDOMAIN/empty answers make a service empty.
-pub use crate::discovery::{
-    DEFAULT_EMPTY_POLLS, DEFAULT_INTERVAL as DEFAULT_POLL_INTERVAL, DEFAULT_NAMESERVER,
-};
+/// (`/sys/fs/bpf/xdplb`).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
+/// Docker's embedded DNS server, reachable inside every container that is
+/// attached to a user-defined network.
+pub const DEFAULT_NAMESERVER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
+/// Delay between two lookups of a healthy, non-empty service. Docker
+/// answers with a TTL of 600 s, far too slow to notice a task that went
+/// away.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive NXDOMAIN/empty answers before a service counts as empty
+/// (Docker briefly answers NXDOMAIN while a service is updated).
+pub const DEFAULT_EMPTY_POLLS: u32 = 3;
 /// Time between two health checks of one backend.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one health check may take before it counts as failed.
@@ -309,9 +314,66 @@ pub enum Proto {
     Udp,
 }
 
-/// Address family: which DNS records are asked for, and which packets a
-/// service sees (`family = "ipv4"` or `"ipv6"`; see [`parse_family`]).
-pub use crate::discovery::Family;
+/// Address family: which DNS records are asked for (A or AAAA), and which
+/// packets a service sees (`family = "ipv4"` or `"ipv6"`; see
+/// [`parse_family`]).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// IPv4: A records.
+    #[default]
+    #[serde(alias = "ipv4")]
+    V4,
+    /// IPv6: AAAA records.
+    #[serde(alias = "ipv6")]
+    V6,
+}
+
+impl Family {
+    /// Whether `ip` belongs to this family.
+    pub fn matches(self, ip: &IpAddr) -> bool {
+        matches!(
+            (self, ip),
+            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
+    }
+
+    /// The family of an address.
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// As the config file spells it (`family = "ipv4"`); `Display` is the
+    /// human spelling, for logs (`IPv4`).
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The DNS record type asked for: `A` or `AAAA`.
+    pub fn record_type(self) -> &'static str {
+        match self {
+            Family::V4 => "A",
+            Family::V6 => "AAAA",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
 
 /// Where the backends of a service come from: a DNS name resolved over and
 /// over (Swarm's `tasks.<service>` for an `--endpoint-mode dnsrr` service).
@@ -443,6 +505,41 @@ pub struct HostFacts {
     /// Every address of the namespace's interfaces: a configured
     /// `snat_addr` must be one of them.
     pub addresses: Vec<IpAddr>,
+}
+
+/// This host's addresses: every interface address, and the broadcast
+/// address of every IPv4 subnet (a directed broadcast is no backend either).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostAddrs {
+    pub addrs: BTreeSet<IpAddr>,
+    pub broadcasts: BTreeSet<IpAddr>,
+}
+
+impl HostAddrs {
+    /// Reads the addresses of every interface in this network namespace.
+    pub fn read() -> std::io::Result<Self> {
+        let mut out = Self::default();
+        for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+            if let Some(ip) = ifa.address.as_ref().and_then(sockaddr_ip) {
+                out.addrs.insert(ip);
+            }
+            if let Some(ip) = ifa.broadcast.as_ref().and_then(sockaddr_ip) {
+                out.broadcasts.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.addrs.contains(&ip)
+    }
+}
+
+fn sockaddr_ip(a: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(IpAddr::V4(v4.ip()));
+    }
+    a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
 }
 
 // ---- behaviour of the model ----------------------------------------------------
@@ -1004,7 +1101,7 @@ impl HostFacts {
         let text = std::fs::read_to_string(RANGE).with_context(|| format!("reading {RANGE}"))?;
         let local_port_range = parse_local_port_range(&text)
             .with_context(|| format!("{RANGE} holds {text:?}, not two port numbers"))?;
-        let addresses = crate::screen::HostAddrs::read()
+        let addresses = HostAddrs::read()
             .context("listing the host's addresses")?
             .addrs
             .into_iter()
@@ -2408,7 +2505,7 @@ snat_addr = "10.0.1.2"
 
     #[test]
     fn example_file_in_docs_is_valid() {
-        let text = include_str!("../../docs/xdplb.example.toml");
+        let text = include_str!("../../../docs/xdplb.example.toml");
         let cfg = Config::from_toml_str(text, "docs/xdplb.example.toml")
             .unwrap_or_else(|e| panic!("the example config must parse: {e}"));
         cfg.validate(&facts())

@@ -59,9 +59,9 @@ use tokio::{
 };
 
 use crate::{
-    pinned::{monotonic_now_ns, PinnedError, PinnedMaps},
-    stats::{ConnCounts, Daemon, MapsView, Snapshot},
-    status::{self, Status},
+    dataplane::pinned::{PinnedError, PinnedMaps},
+    report::snapshot::{ConnCounts, Daemon, MapsView, Snapshot},
+    status::Status,
 };
 
 /// How long one walk of the connection table serves scrapes.
@@ -981,8 +981,8 @@ impl Scraper {
             &view,
             &daemon,
             &self.pin_dir,
-            status::now_ms(),
-            monotonic_now_ns(),
+            crate::clock::now_ms(),
+            crate::clock::monotonic_now_ns(),
         );
         let body = encode(&snapshot, daemon.status(), walk, Format::OpenMetrics);
         tracing::debug!(
@@ -1187,7 +1187,10 @@ mod tests {
     use lb_common::{reason, Backend, Config, Counters, Service, ServiceKey, BACKEND_DOWN};
 
     use super::*;
-    use crate::stats::{ConnCounts, Daemon, MapsView};
+    use crate::{
+        report::snapshot::{ConnCounts, Daemon, MapsView},
+        status,
+    };
 
     fn snapshot() -> Snapshot {
         let d = Daemon::Missing { path: "/x".into() };
@@ -1258,7 +1261,8 @@ mod tests {
     /// interface attached with TC.
     fn status() -> Status {
         let be: SocketAddr = "10.1.0.9:5353".parse().unwrap();
-        let mut latency = status::LatencyHistogram::new(&crate::health::LATENCY_BUCKETS_US);
+        let mut latency =
+            status::LatencyHistogram::new(&crate::backends::health::LATENCY_BUCKETS_US);
         for us in [300, 800, 800, 504_000] {
             latency.observe(us);
         }

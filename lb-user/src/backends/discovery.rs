@@ -40,7 +40,7 @@ use std::{
     collections::BTreeSet,
     fmt,
     future::Future,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -61,17 +61,8 @@ use hickory_resolver::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-/// Docker's embedded DNS server, reachable inside every container that is
-/// attached to a user-defined network.
-pub const DEFAULT_NAMESERVER: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
-/// Delay between two lookups of a healthy, non-empty service. Docker
-/// answers with a TTL of 600 s, far too slow to notice a task that went
-/// away.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
-/// Consecutive NXDOMAIN/empty answers before a service counts as empty
-/// (Docker briefly answers NXDOMAIN while a service is updated).
-pub const DEFAULT_EMPTY_POLLS: u32 = 3;
+use crate::config::{Family, DEFAULT_EMPTY_POLLS, DEFAULT_POLL_INTERVAL};
+
 /// Longest delay between two lookups after failures or at zero tasks.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A suggested per-query timeout: the embedded DNS answers `tasks.*` from
@@ -91,65 +82,6 @@ pub fn tasks_name(service: &str) -> String {
 /// `name` fully qualified (a trailing dot), so no search list applies.
 pub fn fqdn(name: &str) -> String {
     format!("{}.", name.trim_end_matches('.'))
-}
-
-/// Address family a service is balanced on; decides A or AAAA lookups.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// IPv4: A records.
-    #[default]
-    #[serde(alias = "ipv4")]
-    V4,
-    /// IPv6: AAAA records.
-    #[serde(alias = "ipv6")]
-    V6,
-}
-
-impl Family {
-    /// Whether `ip` belongs to this family.
-    pub fn matches(self, ip: &IpAddr) -> bool {
-        matches!(
-            (self, ip),
-            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
-        )
-    }
-
-    /// The family of an address.
-    pub fn of(addr: IpAddr) -> Self {
-        match addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    /// As the config file spells it (`family = "ipv4"`); `Display` is the
-    /// human spelling, for logs (`IPv4`).
-    pub fn config_name(self) -> &'static str {
-        match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        }
-    }
-
-    /// The DNS record type asked for: `A` or `AAAA`.
-    pub fn record_type(self) -> &'static str {
-        match self {
-            Family::V4 => "A",
-            Family::V6 => "AAAA",
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
 }
 
 /// Why a lookup gave no addresses. [`LookupError::is_negative`] separates the
@@ -397,7 +329,7 @@ impl Tracker {
     /// A tracker with the default interval (1 s) and back-off cap (5 s).
     /// `empty_polls` 0 counts as 1.
     pub fn new(empty_polls: u32) -> Self {
-        Self::with_backoff(empty_polls, DEFAULT_INTERVAL, DEFAULT_MAX_BACKOFF)
+        Self::with_backoff(empty_polls, DEFAULT_POLL_INTERVAL, DEFAULT_MAX_BACKOFF)
     }
 
     /// A tracker polling every `interval` (at least [`MIN_INTERVAL`]) and
@@ -624,7 +556,7 @@ impl QueryStats {
         counter.fetch_add(1, Ordering::Relaxed);
         if !matches!(result, Err(e) if !e.is_negative()) {
             self.last_success_ms
-                .store(crate::status::now_ms(), Ordering::Relaxed);
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
         }
     }
 }
@@ -634,8 +566,8 @@ impl QueryStats {
 /// ```no_run
 /// # async fn f() {
 /// use std::collections::BTreeSet;
-/// use lb_user::discovery::{self, Family, HickoryResolve, Poller};
-/// let resolver = HickoryResolve::new(discovery::DEFAULT_NAMESERVER, discovery::DEFAULT_QUERY_TIMEOUT);
+/// use lb_user::{backends::discovery::{self, HickoryResolve, Poller}, config::{Family, DEFAULT_NAMESERVER}};
+/// let resolver = HickoryResolve::new(DEFAULT_NAMESERVER, discovery::DEFAULT_QUERY_TIMEOUT);
 /// let (tx, rx) = tokio::sync::watch::channel(BTreeSet::new());
 /// let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 /// let poller = Poller::new(resolver, "tasks.web", Family::V4);
@@ -664,7 +596,7 @@ impl<R: Resolve> Poller<R> {
             resolver,
             service: service.into(),
             family,
-            interval: DEFAULT_INTERVAL,
+            interval: DEFAULT_POLL_INTERVAL,
             empty_polls: DEFAULT_EMPTY_POLLS,
             max_backoff: DEFAULT_MAX_BACKOFF,
             stats: Arc::default(),
@@ -828,7 +760,7 @@ pub async fn run<R: Resolve>(
 mod tests {
     use std::{
         collections::VecDeque,
-        net::Ipv6Addr,
+        net::{Ipv4Addr, Ipv6Addr},
         sync::{
             atomic::{AtomicU32, AtomicU64},
             Mutex,
@@ -1435,7 +1367,7 @@ mod tests {
             0,
             "failures set a last success"
         );
-        let before = crate::status::now_ms();
+        let before = crate::clock::now_ms();
         stats.record(&Err(LookupError::NxDomain));
         let at = stats.snapshot().last_success_unix_ms;
         assert!(

@@ -6,7 +6,7 @@
 //! So the directory must be on bpffs (elsewhere pinning fails half-way),
 //! owned by us and writable by nobody else; xdplb creates it mode 0700 and
 //! refuses anything else before it creates a file anywhere. Removal is by
-//! name: the maps in [`crate::maps::PINNED_MAPS`] and the links
+//! name: the maps in [`crate::dataplane::maps::PINNED_MAPS`] and the links
 //! `links/<iface>@xdp|tc`, then `links/` and the directory once empty.
 //! Anything else stays, and the directories that hold it with it.
 

@@ -349,8 +349,8 @@ pub fn decide(f: &Features, needs: Needs) -> Result<Vec<String>, String> {
             "{}: TC programs are attached as clsact ingress filters (netlink, priority {}, \
              handle {:#x}) instead of pinned tcx links",
             f.lacks(Feature::Tcx),
-            crate::clsact::PRIORITY,
-            crate::clsact::HANDLE
+            crate::dataplane::clsact::PRIORITY,
+            crate::dataplane::clsact::HANDLE
         ));
     }
     if !f.has(Feature::XdpLink) {

@@ -18,7 +18,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::config::Family;
+use crate::config::{Family, HostAddrs};
 
 /// Why an address from a DNS answer is not a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,41 +72,6 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// This host's addresses: every interface address, and the broadcast
-/// address of every IPv4 subnet (a directed broadcast is no backend either).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HostAddrs {
-    pub addrs: BTreeSet<IpAddr>,
-    pub broadcasts: BTreeSet<IpAddr>,
-}
-
-impl HostAddrs {
-    /// Reads the addresses of every interface in this network namespace.
-    pub fn read() -> std::io::Result<Self> {
-        let mut out = Self::default();
-        for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
-            if let Some(ip) = ifa.address.as_ref().and_then(sockaddr_ip) {
-                out.addrs.insert(ip);
-            }
-            if let Some(ip) = ifa.broadcast.as_ref().and_then(sockaddr_ip) {
-                out.broadcasts.insert(ip);
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        self.addrs.contains(&ip)
-    }
-}
-
-fn sockaddr_ip(a: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(IpAddr::V4(v4.ip()));
-    }
-    a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
 }
 
 /// What a service accepts.

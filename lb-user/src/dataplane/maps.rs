@@ -27,9 +27,6 @@ use lb_common::{
 /// The eBPF object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Where production pins live.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
-
 /// The maps lb-ebpf pins by name in the pin directory (its `::pinned` maps;
 /// the per-CPU scratch map `SCRATCH` is not pinned).
 pub const PINNED_MAPS: [&str; 13] = [
@@ -96,7 +93,9 @@ impl L4Csum {
     fn global(self) -> u32 {
         match self {
             L4Csum::Probe => {
-                if crate::probe::features().has(crate::probe::Feature::L4CsumIpv6) {
+                if crate::dataplane::probe::features()
+                    .has(crate::dataplane::probe::Feature::L4CsumIpv6)
+                {
                     lb_common::L4_CSUM_IPV6_FLAG
                 } else {
                     lb_common::L4_CSUM_COMPENSATE
@@ -250,7 +249,7 @@ impl DataPlane {
         if EBPF_OBJECT.is_empty() {
             bail!("this xdplb was built with AYA_BUILD_SKIP=1 and embeds no eBPF object; rebuild without it (`cargo xtask build`)");
         }
-        crate::pin_dir::create(&opts.pin_dir)?;
+        crate::dataplane::pin_dir::create(&opts.pin_dir)?;
         check_pinned_abi(&opts.pin_dir)?;
         drop_resized_reason_stats(&opts.pin_dir)?;
         let l4_csum = opts.l4_csum.global();
@@ -709,7 +708,7 @@ impl DataPlane {
     /// which removes the links first).
     pub fn unpin_all(pin_dir: &Path) -> Result<()> {
         Self::unpin_maps(pin_dir)?;
-        crate::pin_dir::remove_dirs(pin_dir)?;
+        crate::dataplane::pin_dir::remove_dirs(pin_dir)?;
         Ok(())
     }
 }
@@ -779,5 +778,5 @@ fn drop_resized_reason_stats(pin_dir: &Path) -> Result<()> {
 /// Summed over CPUs, wrapping like the counters themselves (one rule with
 /// the CLI's readers: `pinned::sum_counters`).
 fn sum(v: &PerCpuValues<Counters>) -> Result<Counters> {
-    Ok(crate::pinned::sum_counters(v.iter()))
+    Ok(crate::dataplane::pinned::sum_counters(v.iter()))
 }

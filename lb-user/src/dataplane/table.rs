@@ -22,9 +22,11 @@ use lb_common::{
 };
 
 use crate::{
-    maglev::{self, MaglevBackend},
-    maps::DataPlane,
-    screen::HostAddrs,
+    config::HostAddrs,
+    dataplane::{
+        maglev::{self, MaglevBackend},
+        maps::DataPlane,
+    },
 };
 
 /// What a service looks like to the writer.

@@ -17,16 +17,20 @@ use anyhow::{bail, Result};
 use lb_common::{
     decide::{self, Lookups, Owned, Unusable},
     hash::flow_hash,
-    reason, AddrKey, Backend, Config, Conn, FlowKey, Service, ServiceKey, BACKEND_ACTIVE,
-    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, CONN_F_REVERSE, CONN_F_UNANSWERED, PROTO_TCP,
-    PROTO_UDP, TCP_STATE_CLOSING, TCP_STATE_RESET,
+    reason, AddrKey, Backend, Config, Conn, FlowKey, Service, ServiceKey, CONN_F_REVERSE,
+    CONN_F_UNANSWERED, PROTO_TCP, TCP_STATE_CLOSING, TCP_STATE_RESET,
 };
 use serde::Serialize;
 
 use crate::{
-    pinned::{monotonic_now_ns, PinnedMaps},
-    stats::{fmt_duration_ms, Daemon},
-    table::{addr_bytes, ip_from_bytes},
+    dataplane::{
+        pinned::PinnedMaps,
+        table::{addr_bytes, ip_from_bytes},
+    },
+    report::{
+        format::{backend_state_name, fmt_duration_ms, listen_of, proto_name},
+        snapshot::Daemon,
+    },
 };
 
 /// Version of the `--json` document (docs/OBSERVABILITY.md).
@@ -84,34 +88,6 @@ impl Tables for PinnedMaps {
 // ---- the data plane's rules, mirrored ---------------------------------------
 
 /// Lower-case name of a `BACKENDS` state.
-pub fn backend_state_name(state: u8) -> String {
-    match state {
-        BACKEND_EMPTY => "empty".into(),
-        BACKEND_ACTIVE => "active".into(),
-        BACKEND_DRAINING => "draining".into(),
-        BACKEND_DOWN => "down".into(),
-        n => format!("unknown({n})"),
-    }
-}
-
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        PROTO_TCP => "tcp".into(),
-        PROTO_UDP => "udp".into(),
-        n => n.to_string(),
-    }
-}
-
-/// `ADDR:PORT/proto` of a `SERVICES` key (the wildcard shows as 0.0.0.0 / [::]).
-pub fn listen_of(key: &ServiceKey) -> String {
-    let ip = ip_from_bytes(&key.addr, key.family);
-    format!(
-        "{}/{}",
-        SocketAddr::new(ip, u16::from_be(key.port_be)),
-        proto_name(key.proto)
-    )
-}
-
 fn backend_sock(b: &Backend) -> SocketAddr {
     SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be))
 }
@@ -791,7 +767,12 @@ pub fn run(args: &crate::cli::ExplainArgs) -> Result<()> {
         dst: args.dst,
         syn: args.syn,
     };
-    let e = explain(&maps, &q, monotonic_now_ns(), &Names::from_daemon(&daemon))?;
+    let e = explain(
+        &maps,
+        &q,
+        crate::clock::monotonic_now_ns(),
+        &Names::from_daemon(&daemon),
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&e)?);
     } else {
@@ -804,7 +785,10 @@ pub fn run(args: &crate::cli::ExplainArgs) -> Result<()> {
 mod tests {
     use std::collections::HashMap;
 
-    use lb_common::{FAMILY_V4, MAGLEV_PROBES, TCP_STATE_OPEN};
+    use lb_common::{
+        BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, MAGLEV_PROBES, PROTO_UDP,
+        TCP_STATE_OPEN,
+    };
 
     use super::*;
 

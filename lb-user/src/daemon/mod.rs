@@ -2,6 +2,8 @@
 //! state), attach, then keep the maps in step with DNS and health checks
 //! until a signal arrives.
 
+pub mod reload;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
@@ -19,19 +21,25 @@ use tokio::{
 use tracing::Instrument as _;
 
 use crate::{
-    attach::{self, Hook, InstanceLock},
+    backends::{
+        discovery::{self, HickoryResolve},
+        health::{self, CheckSpec, HealthEvent, SpecKind},
+        screen::{self, Rejection},
+        state::{self, BackendTracker, Transition},
+    },
     cli::RunArgs,
-    config::{AttachMode, CheckKind, Config, HostFacts, Proto, ServiceConfig, ShortForm},
-    discovery::{self, HickoryResolve},
-    health::{self, CheckSpec, HealthEvent, SpecKind},
-    ifwatch::{self, Interfaces},
-    maps::{DataPlane, LoadOptions},
-    screen::{self, HostAddrs, Rejection},
-    state::{self, BackendTracker, Transition},
+    config::{
+        AttachMode, CheckKind, Config, HostAddrs, HostFacts, Proto, ServiceConfig, ShortForm,
+    },
+    dataplane::{
+        attach::{self, Hook, InstanceLock},
+        ifwatch::{self, Interfaces},
+        maps::{DataPlane, LoadOptions},
+        table::{ServiceSpec, Writer},
+    },
     status::{
         self, BackendStatus, CheckStatus, RejectedStatus, ServiceError, ServiceStatus, Status,
     },
-    table::{ServiceSpec, Writer},
 };
 
 /// The shortest time between two map updates of one service: bursts of
@@ -114,7 +122,7 @@ impl Source {
 /// `xdplb reload`: asks the running daemon to read its config again and
 /// prints the outcome.
 pub fn reload_cli(pin_dir: &Path, timeout: Duration) -> Result<()> {
-    let summary = crate::reload::request(pin_dir, timeout)?;
+    let summary = crate::daemon::reload::request(pin_dir, timeout)?;
     println!("reloaded: {summary}");
     Ok(())
 }
@@ -129,7 +137,7 @@ pub fn down(pin_dir: &Path) -> Result<()> {
     }
     // Before the existence test: under `ip netns exec` the pins are hidden,
     // not gone, and saying "nothing to remove" would be a lie.
-    crate::pin_dir::check(pin_dir)?;
+    crate::dataplane::pin_dir::check(pin_dir)?;
     if !pin_dir.exists() {
         tracing::info!("nothing to remove: {} does not exist", pin_dir.display());
         return Ok(());
@@ -384,12 +392,12 @@ pub async fn run(
     metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {
     // Before the lock file or anything else exists.
-    crate::pin_dir::check(&cfg.pin_dir)?;
+    crate::dataplane::pin_dir::check(&cfg.pin_dir)?;
     let lock = InstanceLock::acquire(&cfg.pin_dir)?;
     // Bound before anything is attached, so a taken port fails start-up cleanly.
     let metrics = match metrics_addr {
         Some(a) => Some(
-            crate::metrics::bind(a)
+            crate::report::metrics::bind(a)
                 .await
                 .with_context(|| format!("binding the metrics endpoint {a}"))?,
         ),
@@ -431,7 +439,7 @@ pub async fn run(
         let (pin, stop) = (cfg.pin_dir.clone(), stop_rx.clone());
         // serve_on logs the address once.
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_on(listener, pin, stop).await {
+            if let Err(e) = crate::report::metrics::serve_on(listener, pin, stop).await {
                 tracing::error!("metrics endpoint stopped: {e:#}");
             }
         }));
@@ -439,7 +447,7 @@ pub async fn run(
     for (i, s) in services.iter_mut().enumerate() {
         spawn_discovery(i, s, &dns_tx, &mut tasks);
     }
-    let reload_file = crate::reload::outcome_path(&cfg.pin_dir);
+    let reload_file = crate::daemon::reload::outcome_path(&cfg.pin_dir);
     let mut reloads = 0u64;
     // Interfaces that vanish and come back (ifwatch.rs).
     let (if_tx, mut if_rx) = mpsc::channel::<ifwatch::Event>(64);
@@ -515,7 +523,7 @@ pub async fn run(
             reloads += 1;
             let outcome = match source.load() {
                 Err(e) => Err(format!("{e:#}")),
-                Ok(new) => match crate::reload::plan(&cfg, &new) {
+                Ok(new) => match crate::daemon::reload::plan(&cfg, &new) {
                     Err(e) => Err(e.to_string()),
                     Ok(plan) => {
                         let mut ctx = ReloadCtx {
@@ -550,12 +558,12 @@ pub async fn run(
                 Ok(m) => (true, m),
                 Err(m) => (false, m),
             };
-            let o = crate::reload::Outcome {
+            let o = crate::daemon::reload::Outcome {
                 generation: reloads,
                 pid: std::process::id(),
                 ok,
                 message,
-                at_ms: status::now_ms(),
+                at_ms: crate::clock::now_ms(),
             };
             if let Err(e) = o.write(&reload_file) {
                 tracing::warn!("cannot publish the reload outcome for `xdplb reload`: {e:#}");
@@ -728,7 +736,7 @@ fn write_config(dp: &mut DataPlane, cfg: &Config) -> Result<()> {
 /// Loads (adopting pinned maps and links), writes CONFIG, attaches.
 async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
     // What this kernel can do: fallbacks logged, or one line and no start.
-    crate::probe::check(cfg)?;
+    crate::dataplane::probe::check(cfg)?;
     let specs: Vec<ServiceSpec> = cfg.services.iter().map(spec_of).collect();
     let maglev_capacity = specs
         .iter()
@@ -740,7 +748,7 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
         conns_capacity: cfg.conntrack.capacity,
         unanswered_capacity: cfg.conntrack.unanswered_capacity,
         maglev_capacity,
-        l4_csum: crate::maps::L4Csum::Probe,
+        l4_csum: crate::dataplane::maps::L4Csum::Probe,
         bench_stop: 0,
     })?;
     // Before attaching: the programs' first lines are read too. The task
@@ -833,7 +841,7 @@ impl ReloadCtx<'_> {
 
     /// Applies `plan` (from the running config to `new`). What can fail is
     /// done first and undone on failure, so a refused reload changes nothing.
-    fn apply(&mut self, plan: &crate::reload::Plan, new: &Config) -> Result<()> {
+    fn apply(&mut self, plan: &crate::daemon::reload::Plan, new: &Config) -> Result<()> {
         // A removed service whose name comes back must be gone first.
         for s in &plan.added {
             if self
@@ -1058,7 +1066,7 @@ fn reconcile_checkers(
 
 /// The daemon's view for `xdplb backends` / `xdplb stats`.
 fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces) -> Status {
-    let (mono_now, unix_now) = (crate::pinned::monotonic_now_ns(), status::now_ms());
+    let (mono_now, unix_now) = (crate::clock::monotonic_now_ns(), crate::clock::now_ms());
     // REFUSED holds CLOCK_MONOTONIC ns; the status file speaks Unix ms.
     let refused_ms = |index: Option<u32>| {
         let at = writer.data_plane().refused_at(index?).ok()?;
@@ -1067,7 +1075,7 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces
     Status {
         version: status::STATUS_VERSION,
         pid: std::process::id(),
-        written_ms: status::now_ms(),
+        written_ms: crate::clock::now_ms(),
         pin_dir: cfg.pin_dir.clone(),
         interfaces: ifaces.status(),
         services: services
@@ -1086,12 +1094,12 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces
                         index: writer.backend_index(&s.cfg.name, b.addr),
                         state: b.state.as_str().to_string(),
                         reason: b.reason.clone(),
-                        since_ms: status::instant_to_ms(b.since),
+                        since_ms: crate::clock::instant_to_ms(b.since),
                         last_check: b.last_check.as_ref().map(|c| CheckStatus {
                             ok: c.ok,
                             latency_us: c.latency.as_micros() as u64,
                             detail: c.detail.clone(),
-                            at_ms: status::instant_to_ms(c.at),
+                            at_ms: crate::clock::instant_to_ms(c.at),
                         }),
                         last_refused_ms: refused_ms(writer.backend_index(&s.cfg.name, b.addr)),
                     })
@@ -1107,7 +1115,7 @@ fn snapshot(cfg: &Config, writer: &Writer, services: &[Svc], ifaces: &Interfaces
                 snat_addr: writer.snat_addr(&s.cfg.name),
                 error: s.failing.as_ref().map(|f| ServiceError {
                     message: f.message.clone(),
-                    since_ms: status::instant_to_ms(f.since),
+                    since_ms: crate::clock::instant_to_ms(f.since),
                     attempts: f.attempts,
                 }),
                 map_write_errors: s.map_write_errors,

@@ -23,7 +23,10 @@ use ratatui::{
 
 use crate::{
     cli::TopArgs,
-    stats::{fmt_bytes, fmt_count, fmt_rate, take_snapshot, BackendStats, Snapshot},
+    report::{
+        format::{fmt_bytes, fmt_count, fmt_rate},
+        snapshot::{take_snapshot, BackendStats, Snapshot},
+    },
 };
 
 /// How long a backend whose state changed stays highlighted.
@@ -265,7 +268,7 @@ impl App {
             gauge,
         );
 
-        let pps = |r: Option<crate::stats::Rates>| r.map(|r| r.packets_per_sec);
+        let pps = |r: Option<crate::report::snapshot::Rates>| r.map(|r| r.packets_per_sec);
         let max_svc = s
             .services
             .iter()
@@ -393,7 +396,7 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::stats::{ConntrackStats, DaemonInfo, ServiceStats};
+    use crate::report::snapshot::{ConntrackStats, DaemonInfo, ServiceStats};
 
     fn backend(addr: &str, state: &str) -> BackendStats {
         BackendStats {
@@ -449,7 +452,7 @@ mod tests {
                 capacity: 100,
                 fill: 0.04,
                 live_flows: 2,
-                unanswered: crate::stats::UnansweredStats {
+                unanswered: crate::report::snapshot::UnansweredStats {
                     entries: 0,
                     capacity: 50,
                     fill: 0.0,

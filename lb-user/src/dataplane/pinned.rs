@@ -175,17 +175,6 @@ pub fn sum_counters<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>) -> Coun
         })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, which
-/// stamps `Conn::last_seen_ns` and `created_ns`.
-pub fn monotonic_now_ns() -> u64 {
-    use nix::time::{clock_gettime, ClockId};
-    // CLOCK_MONOTONIC always exists on Linux.
-    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    (ts.tv_sec() as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec() as u64)
-}
-
 impl PinnedMaps {
     /// Opens every map under `pin_dir` and checks the ABI version.
     pub fn open(pin_dir: &Path) -> Result<Self, PinnedError> {
@@ -633,8 +622,8 @@ mod tests {
 
     #[test]
     fn monotonic_clock_moves_forward() {
-        let a = monotonic_now_ns();
-        let b = monotonic_now_ns();
+        let a = crate::clock::monotonic_now_ns();
+        let b = crate::clock::monotonic_now_ns();
         assert!(b >= a && a > 0, "CLOCK_MONOTONIC went {a} -> {b}");
     }
 }

@@ -29,7 +29,7 @@ use aya::programs::{
     LinkOrder, ProgramInfo, TcAttachType,
 };
 
-use crate::{
+use crate::dataplane::{
     clsact,
     maps::DataPlane,
     probe::{self, Feature},
@@ -507,7 +507,7 @@ pub fn teardown(pin_dir: &Path) -> Result<usize> {
         std::fs::remove_file(p).with_context(|| format!("unpinning {}", p.display()))?;
     }
     let removed = links.len() + DataPlane::unpin_maps(pin_dir)?;
-    crate::pin_dir::remove_dirs(pin_dir)?;
+    crate::dataplane::pin_dir::remove_dirs(pin_dir)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let alive: Vec<u32> = aya::programs::loaded_links()

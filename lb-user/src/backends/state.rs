@@ -51,7 +51,7 @@ use std::{
 
 use lb_common::{BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING};
 
-use crate::health::{CheckResult, HealthEvent};
+use crate::backends::health::{CheckResult, HealthEvent};
 
 /// The state of one backend (a task address and the service's port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -495,7 +495,7 @@ mod tests {
     use lb_common::BACKEND_EMPTY;
 
     use super::*;
-    use crate::health::FailureKind;
+    use crate::backends::health::FailureKind;
 
     const PORT: u16 = 80;
     const DRAIN: Duration = Duration::from_secs(30);

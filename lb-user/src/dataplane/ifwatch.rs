@@ -29,9 +29,11 @@ use tokio::{
 };
 
 use crate::{
-    attach::{self, Hook},
-    maps::DataPlane,
-    status::{self, InterfaceStatus},
+    dataplane::{
+        attach::{self, Hook},
+        maps::DataPlane,
+    },
+    status::InterfaceStatus,
 };
 
 /// How often every interface is re-checked by name, in case link events
@@ -161,7 +163,7 @@ impl Interfaces {
                     State::Missing => Some("removed; waiting for it to come back".into()),
                     State::Error(e) => Some(e.clone()),
                 },
-                since_unix_ms: status::instant_to_ms(f.since),
+                since_unix_ms: crate::clock::instant_to_ms(f.since),
             })
             .collect()
     }
