@@ -87,7 +87,6 @@ impl Tables for PinnedMaps {
 
 // ---- the data plane's rules, mirrored ---------------------------------------
 
-/// Lower-case name of a `BACKENDS` state.
 fn backend_sock(b: &Backend) -> SocketAddr {
     SocketAddr::new(ip_from_bytes(&b.addr, b.family), u16::from_be(b.port_be))
 }

@@ -135,10 +135,7 @@ impl TextTable {
     }
 }
 
-/// The `xdplb stats` text: counters, or with `rates` per-second rates
-/// (`--watch`; `-` until a second reading exists).
-
-/// A `BACKENDS` state as the readers name it.
+/// Lower-case name of a `BACKENDS` state.
 pub fn backend_state_name(state: u8) -> String {
     match state {
         BACKEND_EMPTY => "empty".into(),

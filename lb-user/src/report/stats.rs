@@ -16,6 +16,8 @@ use crate::{
     status::InterfaceStatus,
 };
 
+/// The `xdplb stats` text: counters, or with `rates` per-second rates
+/// (`--watch`; `-` until a second reading exists).
 pub fn render_text(s: &Snapshot, rates: bool) -> String {
     let mut out = String::new();
     let _ = write!(out, "xdplb stats: {}", s.pin_dir.display());
