@@ -19,7 +19,10 @@ use lb_user::{
     backends::discovery::{HickoryResolve, LookupError, Poller, QueryStats, Resolve},
     config::Family,
 };
-use testkit::dns::{DnsMode as Mode, FakeDns};
+use testkit::{
+    dns::{DnsMode as Mode, FakeDns},
+    wait::until,
+};
 use tokio::sync::watch;
 
 const TASKS: &str = "tasks.web";
@@ -116,18 +119,6 @@ impl Loop {
     }
 }
 
-/// Polls `cond` every 5 ms until it holds, or panics after the deadline.
-async fn until(label: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "waited {DEADLINE:?} for {label}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 fn poller(dns: &Dns) -> Poller<HickoryResolve> {
     Poller::new(dns.resolver(TIMEOUT), "tasks.web", Family::V4)
         .interval(INTERVAL)
@@ -217,7 +208,7 @@ async fn servfail_keeps_the_set() {
 
     dns.set_mode(Mode::ServFail);
     let stats = Arc::clone(&lp.stats);
-    until("5 SERVFAILs", || stats.snapshot().servfail >= 5).await;
+    until(DEADLINE, "5 SERVFAILs", || stats.snapshot().servfail >= 5).await;
     assert_eq!(
         *lp.rx.borrow(),
         tasks_v4(4),
@@ -251,7 +242,7 @@ async fn timeouts_keep_the_set() {
 
     dns.set_mode(Mode::Drop);
     let stats = Arc::clone(&lp.stats);
-    until("3 timeouts", || stats.snapshot().timeout >= 3).await;
+    until(DEADLINE, "3 timeouts", || stats.snapshot().timeout >= 3).await;
     assert_eq!(
         *lp.rx.borrow(),
         tasks_v4(4),

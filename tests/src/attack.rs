@@ -17,8 +17,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
-
-use crate::netns::NetNs;
+use testkit::netns::NetNs;
 
 /// Fails with a clear line when hping3 is not installed.
 pub fn require_hping3() -> Result<()> {

@@ -3,7 +3,7 @@
 //! (a Swarm-like host built from namespaces, running the real daemon).
 
 pub mod attack;
-pub mod netns;
+
 pub mod packet;
 pub mod testbed;
 

@@ -43,8 +43,7 @@ use lb_common::{
     PROTO_UDP,
 };
 use lb_user::dataplane::maps::{DataPlane, L4Csum, LoadOptions};
-
-use crate::netns::{self, NetNs, NsGuard};
+use testkit::netns::{self, NetNs, NsGuard};
 
 // ---- the topology -------------------------------------------------------------
 

@@ -90,8 +90,10 @@ pub use dns::{Dns, DnsMode, DnsStats};
 pub use keepalive::{KeepAlive, KeepAliveReport, KeptRequest};
 pub use many::{many_task_addr, ManyTasks, MAX_MANY_TASKS};
 pub use nix::sys::signal::Signal;
-
-use crate::netns::{self, NetNs};
+use testkit::{
+    bin::xdplb_bin,
+    netns::{self, NetNs},
+};
 
 /// Every namespace, pin directory and log directory of a testbed starts with
 /// this (then the pid and a counter).
@@ -155,26 +157,6 @@ impl Mode {
             Mode::Xdp => "xdp",
         }
     }
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`
-/// saying what it waited for.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() >= timeout {
-            bail!("waited {timeout:?} for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// [`wait_until`] for a condition.
-pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
-    wait_until(timeout, what, || cond().then_some(()))
 }
 
 /// The daemon's settings in the testbed: the knobs of
@@ -1141,65 +1123,6 @@ fn sweep() {
             .and_then(|pid| pid.parse::<u32>().ok());
         if pid.is_some_and(|pid| !netns::pid_alive(pid)) {
             let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// The `xdplb` binary next to the test executable: tests run from
-/// `target/<profile>/deps/`, the binary is `target/<profile>/xdplb`.
-/// `XDPLB_BIN` overrides it.
-pub fn xdplb_bin() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("XDPLB_BIN") {
-        return Ok(bin.into());
-    }
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let mut dir = exe
-        .parent()
-        .context("the test executable has no directory")?;
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir = dir.parent().context("deps/ has no parent")?;
-    }
-    let bin = dir.join("xdplb");
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it first: cargo build -p lb-user",
-            bin.display()
-        );
-    }
-    warn_if_stale(&bin);
-    Ok(bin)
-}
-
-/// `cargo test -p tests` does not rebuild the daemon (it belongs to another
-/// package), so say so when its sources are newer than the binary.
-fn warn_if_stale(bin: &Path) {
-    fn newest(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                newest(&path, best);
-            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
-                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
-                    *best = Some((modified, path));
-                }
-            }
-        }
-    }
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut best = None;
-    for krate in ["lb-user/src", "lb-ebpf/src", "lb-common/src"] {
-        newest(&root.join(krate), &mut best);
-    }
-    if let Some((modified, path)) = best {
-        if modified > built {
-            eprintln!(
-                "warning: {} is older than {}: rebuild it (cargo build -p lb-user)",
-                bin.display(),
-                path.display()
-            );
         }
     }
 }

@@ -17,9 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use testkit::wait::wait_for;
 use tests::testbed::{
-    backend_addr, wait_for, Daemon, DnsMode, LoadReport, Mode, Testbed, HTTP_PORT, SERVICE,
-    UDP_PORT,
+    backend_addr, Daemon, DnsMode, LoadReport, Mode, Testbed, HTTP_PORT, SERVICE, UDP_PORT,
 };
 
 tests::both_modes!(

@@ -28,9 +28,10 @@ use std::{
 };
 
 use serde_json::Value;
+use testkit::wait::{wait_for, wait_until};
 use tests::testbed::{
-    backend_addr, signal, wait_for, wait_until, Daemon, DaemonConfig, Mode, Signal, Testbed,
-    Topology, HTTP_PORT, LB_OVERLAY_ADDR, SERVICE, UDP_PORT, VIP,
+    backend_addr, signal, Daemon, DaemonConfig, Mode, Signal, Testbed, Topology, HTTP_PORT,
+    LB_OVERLAY_ADDR, SERVICE, UDP_PORT, VIP,
 };
 
 tests::both_modes!(poisoned_dns, map_write_failure);

@@ -27,7 +27,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::testbed::{backend_addr, wait_until, Mode, Testbed, Topology, HTTP_PORT};
+use testkit::wait::wait_until;
+use tests::testbed::{backend_addr, Mode, Testbed, Topology, HTTP_PORT};
 
 tests::both_modes!(reattach_after_recreate);
 

@@ -9,7 +9,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-use tests::testbed::{xdplb_bin, Mode, Testbed, Topology};
+use testkit::bin::xdplb_bin;
+use tests::testbed::{Mode, Testbed, Topology};
 
 /// `xdplb down` on a pin dir that does not exist: logs one info line and
 /// exits 0. Its stderr goes to a file, RUST_LOG and NO_COLOR unset.

@@ -25,7 +25,7 @@ use tests::packet::*;
 
 /// The binary under test (`XDPLB_BIN`, or `target/<profile>/xdplb`).
 fn xdplb_bin() -> PathBuf {
-    tests::testbed::xdplb_bin().expect("the xdplb binary")
+    testkit::bin::xdplb_bin().expect("the xdplb binary")
 }
 
 fn xdplb(args: &[&str]) -> Output {

@@ -23,7 +23,7 @@ use lb_user::{
     },
     status::Status,
 };
-use tests::{netns::NetNs, testbed::xdplb_bin};
+use testkit::{bin::xdplb_bin, netns::NetNs};
 
 const PREFIX: &str = "xdplb-pd-";
 
@@ -36,7 +36,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(parent: &str, tag: &str) -> Self {
-        tests::netns::sweep_stale_dirs(Path::new(parent), PREFIX);
+        testkit::netns::sweep_stale_dirs(Path::new(parent), PREFIX);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = Path::new(parent).join(format!("{PREFIX}{tag}-{}-{n}", std::process::id()));
         let s = Self(path);

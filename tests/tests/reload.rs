@@ -20,7 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::testbed::{wait_until, Daemon, KeepAlive, Mode, Testbed, Topology, HTTP_PORT, VIP};
+use testkit::wait::wait_until;
+use tests::testbed::{Daemon, KeepAlive, Mode, Testbed, Topology, HTTP_PORT, VIP};
 
 tests::both_modes!(reload_under_load);
 

@@ -36,9 +36,10 @@ use std::{
 
 use lb_common::PROTO_TCP;
 use lb_user::dataplane::{pinned::PinnedMaps, table::ip_from_bytes};
+use testkit::wait::wait_for;
 use tests::testbed::{
-    backend_addr, wait_for, Daemon, DaemonConfig, DnsMode, LoadReport, Mode, Testbed, Topology,
-    HTTP_PORT, PMTU_BACKEND_ADDR, PMTU_HOP_MTU, SERVICE, UDP_PORT, VIP,
+    backend_addr, Daemon, DaemonConfig, DnsMode, LoadReport, Mode, Testbed, Topology, HTTP_PORT,
+    PMTU_BACKEND_ADDR, PMTU_HOP_MTU, SERVICE, UDP_PORT, VIP,
 };
 
 tests::both_modes!(
@@ -949,7 +950,7 @@ fn client_route(tb: &Testbed) -> String {
 }
 
 /// `Icmp: OutDestUnreachs` of a namespace.
-fn icmp_out_unreach(ns: &tests::netns::NetNs) -> u64 {
+fn icmp_out_unreach(ns: &testkit::netns::NetNs) -> u64 {
     let snmp = ns.exec(&["cat", "/proc/net/snmp"]).unwrap_or_default();
     let mut lines = snmp.lines().filter(|l| l.starts_with("Icmp:"));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
@@ -966,7 +967,7 @@ fn icmp_out_unreach(ns: &tests::netns::NetNs) -> u64 {
 /// Martian-source drops of the balancer's own stack (`in_martian_src` of
 /// `/proc/net/stat/rt_cache`, summed over CPUs): rewritten packets handed to
 /// the stack carry the balancer's own address as source, and end there.
-fn martians(ns: &tests::netns::NetNs) -> u64 {
+fn martians(ns: &testkit::netns::NetNs) -> u64 {
     let text = ns
         .exec(&["cat", "/proc/net/stat/rt_cache"])
         .unwrap_or_default();

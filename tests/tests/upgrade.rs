@@ -30,7 +30,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::testbed::{backend_addr, xdplb_bin, KeepAlive, Mode, Testbed, Topology, HTTP_PORT, VIP};
+use testkit::bin::xdplb_bin;
+use tests::testbed::{backend_addr, KeepAlive, Mode, Testbed, Topology, HTTP_PORT, VIP};
 
 tests::both_modes!(upgrade_under_load);
 

@@ -30,9 +30,8 @@ use lb_user::{
     dataplane::{pinned::PinnedMaps, table::ip_from_bytes},
     report::snapshot::take_snapshot,
 };
-use tests::testbed::{
-    self, backend_addr, wait_for, Daemon, DaemonConfig, Mode, Testbed, HTTP_PORT, VIP,
-};
+use testkit::wait::wait_for;
+use tests::testbed::{self, backend_addr, Daemon, DaemonConfig, Mode, Testbed, HTTP_PORT, VIP};
 
 /// Tasks built; the first ten are in DNS at the start.
 const TASKS: usize = 12;
@@ -654,7 +653,7 @@ fn kill_task(demo: &mut Demo) -> Result<()> {
 /// `--keep`: print how to poke at the testbed, then wait for Ctrl-C.
 fn keep(demo: &Demo) -> Result<()> {
     let tb = &demo.tb;
-    let xdplb = testbed::xdplb_bin()?;
+    let xdplb = testkit::bin::xdplb_bin()?;
     let xdplb = xdplb.display();
     let pin = tb.pin_dir().display();
     let client = tb.client_ns().path();

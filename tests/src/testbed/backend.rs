@@ -38,6 +38,7 @@ use hyper::{
     Request, Response,
 };
 use hyper_util::rt::TokioIo;
+use testkit::netns::NetNs;
 use tokio::{
     net::{TcpListener, UdpSocket},
     runtime::Handle,
@@ -45,8 +46,6 @@ use tokio::{
     task::{JoinHandle, JoinSet},
     time::{Instant, Sleep},
 };
-
-use crate::netns::NetNs;
 
 /// The HTTP port of every backend.
 pub const HTTP_PORT: u16 = 80;

@@ -6,9 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::{Context as _, Result};
 pub use testkit::dns::{DnsMode, DnsStats, FakeDns as Dns};
+use testkit::netns::NetNs;
 use tokio::runtime::Handle;
-
-use crate::netns::NetNs;
 
 /// Where Docker's embedded DNS listens inside every container.
 pub const DNS_ADDR: SocketAddr =

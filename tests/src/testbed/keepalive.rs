@@ -22,8 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-
-use crate::netns::NetNs;
+use testkit::netns::NetNs;
 
 /// Connect and per-request timeout.
 const TIMEOUT: Duration = Duration::from_secs(2);

@@ -28,6 +28,7 @@ use hyper::{
     Request, Response,
 };
 use hyper_util::rt::TokioIo;
+use testkit::netns::NetNs;
 use tokio::{
     net::{TcpListener, TcpSocket},
     runtime::Handle,
@@ -36,7 +37,6 @@ use tokio::{
 };
 
 use super::HTTP_PORT;
-use crate::netns::NetNs;
 
 /// The most tasks one [`ManyTasks`] can hold (`10.20.1.1` to `10.20.1.254`).
 pub const MAX_MANY_TASKS: usize = 254;

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use lb_user::status::{self, InterfaceStatus, Status};
+use testkit::wait::wait_until;
 use tests::testbed::{
     client::{Load, LoadReport},
-    wait_until, Mode, Testbed,
+    Mode, Testbed,
 };
 
 use crate::e2e::{wait_backends, Balancer, Haproxy};

@@ -19,7 +19,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use tests::testbed::{wait_until, Mode, Testbed};
+use testkit::wait::wait_until;
+use tests::testbed::{Mode, Testbed};
 
 /// Connections wrk keeps open.
 pub const CONNECTIONS: u32 = 32;

@@ -8,13 +8,13 @@
 use std::{
     fs::File,
     marker::PhantomData,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{bail, Context as _, Result};
+use nix::sched::CloneFlags;
 
 /// Every namespace this crate creates starts with this.
 pub const PREFIX: &str = "xdplb-";
@@ -137,12 +137,7 @@ impl Drop for NetNs {
 }
 
 fn setns(ns: &File) -> Result<()> {
-    // SAFETY: setns only reads the descriptor, which `ns` keeps open.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-    }
-    Ok(())
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")
 }
 
 /// Restores the thread's original network namespace when dropped.
@@ -171,7 +166,8 @@ fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
     parts.next()?.parse().ok()
 }
 
-pub(crate) fn pid_alive(pid: u32) -> bool {
+/// Is process `pid` still running?
+pub fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
