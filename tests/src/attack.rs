@@ -9,7 +9,8 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -17,6 +18,12 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+use nix::{
+    errno::Errno,
+    sys::socket::{
+        sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+    },
+};
 use testkit::netns::NetNs;
 
 /// Fails with a clear line when hping3 is not installed.
@@ -224,11 +231,14 @@ pub fn forged_icmp_sweep(
     proto_tcp: bool,
 ) -> Result<u64> {
     ns.run_in(|| {
-        // SAFETY: plain socket(2); the fd is closed below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            bail!("raw socket: {}", std::io::Error::last_os_error());
-        }
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Raw,
+        )
+        .context("raw socket")?;
+        let dest = SockaddrIn::from(SocketAddrV4::new(to, 0));
         let mut sent = 0u64;
         let mut result = Ok(());
         for p in ports {
@@ -243,38 +253,15 @@ pub fn forged_icmp_sweep(
                 result = Err(anyhow::anyhow!("building an ICMP error: {e}"));
                 break;
             }
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(to.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: `pkt` and `addr` outlive the call; the lengths match.
-            let rc = unsafe {
-                libc::sendto(
-                    fd,
-                    pkt.as_ptr().cast(),
-                    pkt.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS) {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
+            match sendto(fd.as_raw_fd(), &pkt, &dest, MsgFlags::empty()) {
+                Ok(_) => sent += 1,
+                Err(Errno::ENOBUFS) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => {
+                    result = Err(anyhow::anyhow!("sending a forged ICMP error: {e}"));
+                    break;
                 }
-                result = Err(anyhow::anyhow!("sending a forged ICMP error: {e}"));
-                break;
             }
-            sent += 1;
         }
-        // SAFETY: our fd, closed once.
-        unsafe { libc::close(fd) };
         result.map(|()| sent)
     })
 }

@@ -43,6 +43,10 @@ use lb_common::{
     PROTO_UDP,
 };
 use lb_user::dataplane::maps::{DataPlane, L4Csum, LoadOptions};
+use nix::{
+    sched::{sched_setaffinity, CpuSet},
+    unistd::Pid,
+};
 use testkit::netns::{self, NetNs, NsGuard};
 
 // ---- the topology -------------------------------------------------------------
@@ -1112,19 +1116,9 @@ impl PacketLab {
     /// Keeps the calling thread (and so every test run) on one CPU: the
     /// flood guard counts new flows per CPU.
     pub fn stay_on_one_cpu(&self) {
-        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
-        // sched_setaffinity only touch the set we own.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-            assert_eq!(
-                rc,
-                0,
-                "sched_setaffinity: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let mut set = CpuSet::new();
+        set.set(0).expect("CPU 0 is in a CpuSet");
+        sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity to CPU 0");
     }
 
     pub fn dp_mut(&mut self) -> &mut DataPlane {

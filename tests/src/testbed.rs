@@ -61,7 +61,7 @@ use std::{
     fs::File,
     io::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -77,6 +77,7 @@ use lb_common::{
     event, reason, Conn, Counters, FlowKey, MAP_CONNS, MAP_EVENT_STATS, MAP_REASON_STATS,
     MAP_UNANSWERED,
 };
+use nix::sched::CloneFlags;
 
 pub mod backend;
 pub mod client;
@@ -711,14 +712,10 @@ impl Testbed {
         // into the closure, which the Command keeps).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
                 // Killed when the thread that started it exits, so a test run
                 // that dies (even by SIGKILL) leaves no daemon behind.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 Ok(())
             });
         }

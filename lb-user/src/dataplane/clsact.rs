@@ -19,9 +19,11 @@
 //!   `xdplb_tc`, is deleted; the clsact qdisc stays (other tools may have
 //!   filters on it, and an empty one costs nothing).
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+use std::{io, os::fd::AsRawFd as _};
+
+use nix::{
+    errno::Errno,
+    sys::socket::{recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType},
 };
 
 /// Our filter's priority on clsact ingress (`tc filter show` calls it
@@ -81,19 +83,12 @@ const TCMSG_LEN: usize = 20;
 
 /// Every filter on `ifindex`'s clsact ingress (none without a clsact qdisc).
 pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<Filter>> {
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
 
     let mut req = Vec::with_capacity(NLMSG_HDR_LEN + TCMSG_LEN);
     req.extend_from_slice(&((NLMSG_HDR_LEN + TCMSG_LEN) as u32).to_ne_bytes());
@@ -107,25 +102,17 @@ pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<Filter>> {
     req.extend_from_slice(&0u32.to_ne_bytes());
     req.extend_from_slice(&CLSACT_INGRESS.to_ne_bytes());
     req.extend_from_slice(&0u32.to_ne_bytes());
-    // SAFETY: sends `req.len()` initialised bytes from `req`.
-    let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    send(sock.as_raw_fd(), &req, MsgFlags::empty())?;
 
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: receives at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if parse_dump(&buf[..n as usize], &mut out)? {
+        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if parse_dump(&buf[..n], &mut out)? {
             return Ok(out);
         }
     }

@@ -13,7 +13,6 @@ use std::{
     fs::File,
     future::Future,
     net::SocketAddr,
-    os::fd::AsRawFd as _,
     path::PathBuf,
     pin::Pin,
     sync::{
@@ -66,11 +65,8 @@ impl Client {
                 let setup = (|| -> Result<tokio::runtime::Runtime> {
                     let ns = File::open(&ns_path)
                         .with_context(|| format!("opening {}", ns_path.display()))?;
-                    // SAFETY: setns only reads the descriptor, which `ns` keeps open.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error())
-                            .context("setns into the client namespace");
-                    }
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .context("setns into the client namespace")?;
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

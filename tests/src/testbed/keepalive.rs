@@ -12,7 +12,6 @@ use std::{
     fs::File,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -68,9 +67,8 @@ impl KeepAlive {
                 // Reconnects come from the client namespace too: setns moves
                 // only this thread, for its whole life.
                 let ns = File::open(&path).expect("opening the client namespace");
-                // SAFETY: setns(2) only reads the descriptor, which `ns` keeps open.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "entering the client namespace");
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("entering the client namespace");
                 let record = |connection, outcome| {
                     log.lock().expect("keep-alive log").push(KeptRequest {
                         at: Instant::now(),
