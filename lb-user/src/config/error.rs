@@ -437,6 +437,7 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// A document the TOML parser rejects, with the parser's message.
 pub(super) fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let at = match e.span() {
         Some(span) => {
@@ -453,95 +454,8 @@ pub(super) fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> Confi
             column: None,
         },
     };
-    let message = e.message().trim_end();
-    if let Some(better) = e
-        .span()
-        .and_then(|span| typed_value_error(text, span.start, message))
-    {
-        return ConfigError::Syntax {
-            at,
-            message: better,
-        };
+    ConfigError::Syntax {
+        at,
+        message: e.message().trim_end().to_owned(),
     }
-    // serde's wording for `deny_unknown_fields`: "unknown field `x`, expected ...".
-    if let Some((key, rest)) = message
-        .strip_prefix("unknown field `")
-        .and_then(|m| m.split_once('`'))
-    {
-        let expected = rest.trim_start_matches(',').trim();
-        return ConfigError::UnknownKey {
-            at,
-            key: key.to_owned(),
-            expected: expected.to_owned(),
-        };
-    }
-    // serde's wording for a missing required key: "missing field `x`".
-    let message = message.replace("missing field `", "missing key `");
-    ConfigError::Syntax { at, message }
-}
-
-/// Keys whose value is a duration string.
-pub(super) const DURATION_KEYS: &[&str] = &[
-    "interval",
-    "check_interval",
-    "check_timeout",
-    "drain_timeout",
-    "tcp_timeout",
-    "closing_timeout",
-    "udp_timeout",
-];
-
-/// A value of the wrong type, said in terms of the key: serde reports
-/// `invalid type: string "two", expected u32` at the value's position, so
-/// the key is what precedes the `=` on that line.
-pub(super) fn typed_value_error(text: &str, at: usize, message: &str) -> Option<String> {
-    let before = text.get(..at)?;
-    let line = before.rsplit('\n').next()?;
-    let key = line.split_once('=')?.0.trim().trim_matches('"');
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-    {
-        return None;
-    }
-    let found = |m: &str| {
-        m.split_once(", expected")
-            .map(|(f, _)| f.trim().to_owned())
-            .unwrap_or_default()
-    };
-    if let Some(rest) = message.strip_prefix("invalid type: ") {
-        let found = found(rest).replace('`', "");
-        if DURATION_KEYS.contains(&key) {
-            return Some(format!(
-                "`{key}` must be a duration in quotes, like \"1s\", \"500ms\" or \"2m\" (found \
-                 {found})"
-            ));
-        }
-        if rest.ends_with("expected a string") {
-            return Some(format!(
-                "`{key}` must be a string in quotes (found {found})"
-            ));
-        }
-        if rest.contains("expected u") || rest.contains("expected i") {
-            return Some(format!("`{key}` must be a whole number (found {found})"));
-        }
-        return Some(format!("`{key}`: {message}"));
-    }
-    if let Some(rest) = message.strip_prefix("invalid value: integer `") {
-        let n = rest.split('`').next().unwrap_or_default();
-        let range = if rest.ends_with("expected u16") {
-            if key.ends_with("port") {
-                "a port is 1 to 65535"
-            } else {
-                "at most 65535"
-            }
-        } else if rest.ends_with("expected u32") {
-            "at most 4294967295"
-        } else {
-            return Some(format!("`{key}`: {message}"));
-        };
-        return Some(format!("`{key}` = {n} is out of range ({range})"));
-    }
-    None
 }

@@ -7,12 +7,15 @@
               plain fields keep matching on the variants simple"
 )]
 
+use toml::de::{DeTable, DeValue};
+
 use super::*;
 
-/// The file as written. Values with their own syntax stay strings here and
-/// are parsed by [`Converter`], so the error names the key and its line.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The file as written, read from the parsed document key by key
+/// ([`RawConfig::read`]): every key is checked against those its table
+/// allows and every value against its type, so each error names the key,
+/// its line and what was meant. Values with their own syntax stay strings
+/// here and are parsed by [`Converter`].
 pub(super) struct RawConfig {
     interfaces: Spanned<Vec<String>>,
     attach: Option<Spanned<String>>,
@@ -20,12 +23,9 @@ pub(super) struct RawConfig {
     conntrack: Option<RawConntrack>,
     flow_hash_secret: Option<Spanned<String>>,
     backend_slots: Option<Spanned<u32>>,
-    #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawConntrack {
     capacity: Option<Spanned<u32>>,
     tcp_timeout: Option<Spanned<String>>,
@@ -36,8 +36,6 @@ pub(super) struct RawConntrack {
     flood_new_flows_per_second: Option<Spanned<u32>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawService {
     name: Option<Spanned<String>>,
     listen: Spanned<String>,
@@ -58,6 +56,322 @@ pub(super) struct RawService {
     snat_ports: Option<Spanned<String>>,
     snat_addr: Option<Spanned<String>>,
     max_backends: Option<Spanned<u32>>,
+}
+
+const ROOT_KEYS: &[&str] = &[
+    "interfaces",
+    "attach",
+    "pin_dir",
+    "conntrack",
+    "flow_hash_secret",
+    "backend_slots",
+    "service",
+];
+const CONNTRACK_KEYS: &[&str] = &[
+    "capacity",
+    "tcp_timeout",
+    "closing_timeout",
+    "udp_timeout",
+    "unanswered_capacity",
+    "unanswered_timeout",
+    "flood_new_flows_per_second",
+];
+const SERVICE_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "backends",
+    "nameserver",
+    "interval",
+    "family",
+    "empty_polls",
+    "check",
+    "check_interval",
+    "check_timeout",
+    "check_port",
+    "rise",
+    "fall",
+    "expect_status",
+    "drain_timeout",
+    "maglev_size",
+    "snat_ports",
+    "snat_addr",
+    "max_backends",
+];
+
+/// How a duration is written, for the message when it is not.
+const DURATION: &str = "a duration in quotes, like \"1s\", \"500ms\" or \"2m\"";
+
+/// One table of the document, with where it starts.
+struct Table<'t, 'i> {
+    text: &'t str,
+    file: &'t str,
+    entries: &'t DeTable<'i>,
+    at: usize,
+}
+
+impl<'t, 'i> Table<'t, 'i> {
+    /// Fails on the first key that is not in `allowed`.
+    fn new(
+        text: &'t str,
+        file: &'t str,
+        entries: &'t DeTable<'i>,
+        at: usize,
+        allowed: &[&str],
+    ) -> Result<Self, ConfigError> {
+        let t = Self {
+            text,
+            file,
+            entries,
+            at,
+        };
+        if let Some((key, _)) = entries
+            .iter()
+            .find(|(k, _)| !allowed.contains(&k.get_ref().as_ref()))
+        {
+            let expected = allowed
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ConfigError::UnknownKey {
+                at: t.location(key.span().start),
+                key: key.get_ref().to_string(),
+                expected: format!("expected one of {expected}"),
+            });
+        }
+        Ok(t)
+    }
+
+    fn location(&self, offset: usize) -> Location {
+        let (line, column) = line_col(self.text, offset);
+        Location {
+            source: self.file.to_owned(),
+            line: Some(line),
+            column: Some(column),
+        }
+    }
+
+    /// A value of the wrong type or out of range, said in terms of its key.
+    fn wrong(&self, key: &str, v: &Spanned<DeValue<'_>>, what: String) -> ConfigError {
+        ConfigError::Syntax {
+            at: self.location(v.span().start),
+            message: format!("`{key}` {what}"),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'t Spanned<DeValue<'i>>> {
+        self.entries.get(key)
+    }
+
+    fn require<T>(&self, key: &str, v: Option<T>) -> Result<T, ConfigError> {
+        v.ok_or_else(|| ConfigError::Syntax {
+            at: self.location(self.at),
+            message: format!("missing key `{key}`"),
+        })
+    }
+
+    /// A string; `what` says what it should be when it is not one.
+    fn string(&self, key: &str, what: &str) -> Result<Option<Spanned<String>>, ConfigError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        match v.get_ref().as_str() {
+            Some(s) => Ok(Some(Spanned::new(v.span(), s.to_owned()))),
+            None => Err(self.wrong(key, v, format!("must be {what} (found {})", found(v)))),
+        }
+    }
+
+    fn text(&self, key: &str) -> Result<Option<Spanned<String>>, ConfigError> {
+        self.string(key, "a string in quotes")
+    }
+
+    fn duration(&self, key: &str) -> Result<Option<Spanned<String>>, ConfigError> {
+        self.string(key, DURATION)
+    }
+
+    /// A whole number that fits `T`; `range` says which do.
+    fn whole<T: TryFrom<i128>>(
+        &self,
+        key: &str,
+        range: &str,
+    ) -> Result<Option<Spanned<T>>, ConfigError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let Some(n) = v.get_ref().as_integer() else {
+            return Err(self.wrong(
+                key,
+                v,
+                format!("must be a whole number (found {})", found(v)),
+            ));
+        };
+        i128::from_str_radix(n.as_str(), n.radix())
+            .ok()
+            .and_then(|n| T::try_from(n).ok())
+            .map(|n| Some(Spanned::new(v.span(), n)))
+            .ok_or_else(|| self.wrong(key, v, format!("= {n} is out of range ({range})")))
+    }
+
+    fn u32(&self, key: &str) -> Result<Option<Spanned<u32>>, ConfigError> {
+        self.whole(key, "at most 4294967295")
+    }
+
+    fn u16(&self, key: &str) -> Result<Option<Spanned<u16>>, ConfigError> {
+        self.whole(key, "at most 65535")
+    }
+
+    fn port(&self, key: &str) -> Result<Option<Spanned<u16>>, ConfigError> {
+        self.whole(key, "a port is 1 to 65535")
+    }
+
+    /// A list of strings.
+    fn texts(&self, key: &str) -> Result<Option<Spanned<Vec<String>>>, ConfigError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = v.get_ref().as_array().and_then(|items| {
+            items
+                .iter()
+                .map(|i| i.get_ref().as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        });
+        match list {
+            Some(list) => Ok(Some(Spanned::new(v.span(), list))),
+            None => Err(self.wrong(
+                key,
+                v,
+                format!(
+                    "must be a list of strings in quotes, like [\"eth0\"] (found {})",
+                    found(v)
+                ),
+            )),
+        }
+    }
+
+    /// A sub-table (`[conntrack]`).
+    fn table(&self, key: &str, allowed: &[&str]) -> Result<Option<Table<'t, 'i>>, ConfigError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        match v.get_ref().as_table() {
+            Some(t) => Ok(Some(Table::new(
+                self.text,
+                self.file,
+                t,
+                v.span().start,
+                allowed,
+            )?)),
+            None => Err(self.wrong(
+                key,
+                v,
+                format!("must be a table, [{key}] (found {})", found(v)),
+            )),
+        }
+    }
+
+    /// An array of tables (`[[service]]`), each with where it starts.
+    fn tables(&self, key: &str, allowed: &[&str]) -> Result<Vec<Table<'t, 'i>>, ConfigError> {
+        let Some(v) = self.get(key) else {
+            return Ok(Vec::new());
+        };
+        let not_tables = || {
+            self.wrong(
+                key,
+                v,
+                format!("must be [[{key}]] tables (found {})", found(v)),
+            )
+        };
+        let items = v.get_ref().as_array().ok_or_else(not_tables)?;
+        items
+            .iter()
+            .map(|item| match item.get_ref().as_table() {
+                Some(t) => Table::new(self.text, self.file, t, item.span().start, allowed),
+                None => Err(not_tables()),
+            })
+            .collect()
+    }
+}
+
+/// What a value is, for messages: `string "two"`, `integer 5`, `an array`.
+fn found(v: &Spanned<DeValue<'_>>) -> String {
+    match v.get_ref() {
+        DeValue::String(s) => format!("string {s:?}"),
+        DeValue::Integer(n) => format!("integer {n}"),
+        DeValue::Float(f) => format!("float {}", f.as_str()),
+        DeValue::Boolean(b) => format!("boolean {b}"),
+        DeValue::Datetime(d) => format!("datetime {d}"),
+        DeValue::Array(_) => "an array".to_owned(),
+        DeValue::Table(_) => "a table".to_owned(),
+    }
+}
+
+impl RawConfig {
+    /// Parses `text` and reads the document.
+    pub(super) fn read(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let doc = DeTable::parse(text).map_err(|e| syntax_error(file, text, &e))?;
+        let root = Table::new(text, file, doc.get_ref(), 0, ROOT_KEYS)?;
+        let conntrack = root
+            .table("conntrack", CONNTRACK_KEYS)?
+            .map(|t| RawConntrack::read(&t))
+            .transpose()?;
+        let services = root
+            .tables("service", SERVICE_KEYS)?
+            .iter()
+            .map(|t| {
+                let span = t.at..t.at;
+                RawService::read(t).map(|s| Spanned::new(span, s))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            interfaces: root.require("interfaces", root.texts("interfaces")?)?,
+            attach: root.text("attach")?,
+            pin_dir: root.text("pin_dir")?,
+            conntrack,
+            flow_hash_secret: root.text("flow_hash_secret")?,
+            backend_slots: root.u32("backend_slots")?,
+            services,
+        })
+    }
+}
+
+impl RawConntrack {
+    fn read(t: &Table<'_, '_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            capacity: t.u32("capacity")?,
+            tcp_timeout: t.duration("tcp_timeout")?,
+            closing_timeout: t.duration("closing_timeout")?,
+            udp_timeout: t.duration("udp_timeout")?,
+            unanswered_capacity: t.u32("unanswered_capacity")?,
+            unanswered_timeout: t.duration("unanswered_timeout")?,
+            flood_new_flows_per_second: t.u32("flood_new_flows_per_second")?,
+        })
+    }
+}
+
+impl RawService {
+    fn read(t: &Table<'_, '_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            name: t.text("name")?,
+            listen: t.require("listen", t.text("listen")?)?,
+            backends: t.require("backends", t.text("backends")?)?,
+            nameserver: t.text("nameserver")?,
+            interval: t.duration("interval")?,
+            family: t.text("family")?,
+            empty_polls: t.u32("empty_polls")?,
+            check: t.text("check")?,
+            check_interval: t.duration("check_interval")?,
+            check_timeout: t.duration("check_timeout")?,
+            check_port: t.port("check_port")?,
+            rise: t.u32("rise")?,
+            fall: t.u32("fall")?,
+            expect_status: t.u16("expect_status")?,
+            drain_timeout: t.duration("drain_timeout")?,
+            maglev_size: t.u32("maglev_size")?,
+            snat_ports: t.text("snat_ports")?,
+            snat_addr: t.text("snat_addr")?,
+            max_backends: t.u32("max_backends")?,
+        })
+    }
 }
 
 /// Turns the raw file into the model, recording where each key was.

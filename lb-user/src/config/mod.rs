@@ -38,7 +38,6 @@ use lb_common::{
     DEFAULT_TCP_TIMEOUT_NS, DEFAULT_UDP_TIMEOUT_NS, DEFAULT_UNANSWERED_CAPACITY,
     DEFAULT_UNANSWERED_TIMEOUT_NS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
-use serde::Deserialize;
 use toml::Spanned;
 
 use crate::dataplane::maglev::is_prime;
@@ -1417,6 +1416,38 @@ check = "http:/ready"
         );
         let m = msg("name = 5");
         assert!(m.contains("`name` must be a string in quotes"), "{m}");
+        let m = msg("rise = -1");
+        assert!(
+            m.contains("`rise` = -1 is out of range (at most 4294967295)"),
+            "{m}"
+        );
+        let m = msg("fall = 2.5");
+        assert!(
+            m.contains("`fall` must be a whole number (found float 2.5)"),
+            "{m}"
+        );
+        let m = msg("expect_status = 0x10000");
+        assert!(
+            m.contains("`expect_status` = 0x10000 is out of range (at most 65535)"),
+            "{m}"
+        );
+        let m = parse_err("interfaces = \"eth0\"\n", 1).to_string();
+        assert!(
+            m.contains("`interfaces` must be a list of strings in quotes, like [\"eth0\"] (found string \"eth0\")"),
+            "{m}"
+        );
+        let m = parse_err(&format!("conntrack = 5\n{MINIMAL}"), 1).to_string();
+        assert!(
+            m.contains("`conntrack` must be a table, [conntrack] (found integer 5)"),
+            "{m}"
+        );
+        let m = parse_err("interfaces = [\"eth0\"]\nservice = \"web\"\n", 2).to_string();
+        assert!(m.contains("`service` must be [[service]] tables"), "{m}");
+        let m = parse_err("interfaces = [\"eth0\"]\nbackend_slots = true\n", 2).to_string();
+        assert!(
+            m.contains("`backend_slots` must be a whole number (found boolean true)"),
+            "{m}"
+        );
     }
 
     #[test]

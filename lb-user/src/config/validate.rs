@@ -14,7 +14,7 @@ impl Config {
     /// (a path, or something like `"<stdin>"`). The result has passed
     /// [`Config::check_consistency`]; host checks are [`Config::validate`]'s.
     pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let raw = RawConfig::read(text, file)?;
         let cfg = Converter {
             file: Arc::from(file),
             text,
