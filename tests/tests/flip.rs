@@ -36,10 +36,15 @@
 //! reuse a replaced element before an RCU grace period ends, and a run that
 //! read the value field by field was once seen with the Maglev half of one
 //! generation and the SNAT range of another), and reads its one `MAGLEV`
-//! slot soon after. Neither the `Writer` nor this flipper waits for a grace
-//! period before rewriting the half that was live a flip ago, so a program
-//! stalled between the copy and the slot read for a whole generation could
-//! still see a torn table, and this test would count it as torn.
+//! slot from the half that copy names; and the writer does not rewrite the
+//! half a flip retired while a run that read the old value may still be
+//! going. The `Writer` waits for an RCU grace period then
+//! (`table::wait_for_running_programs`); this flipper waits until the
+//! packet thread's run in progress at the flip has returned (its only
+//! reader; a grace period per flip would cut it to about 100 flips a
+//! second). Without that wait, a `BPF_PROG_TEST_RUN` preempted between the
+//! copy and the slot read on a busy machine saw the half rewritten under it
+//! (seen in CI: 1 torn read in 117,760 packets).
 //!
 //! Run as root, one test at a time (the lab moves its thread into its own
 //! network namespace):
@@ -107,7 +112,7 @@ fn pure_flip_between_overlapping_sets() {
         Plan {
             sets: vec![(11..=15).collect(), (14..=20).collect()],
             protocol: Protocol::FillInactiveThenFlip,
-            phases: vec![(Hook::Xdp, 100_000, 5_000), (Hook::Tc, 20_000, 1_000)],
+            phases: vec![(Hook::Xdp, 100_000, 3_000), (Hook::Tc, 20_000, 1_000)],
         },
     );
     outcome.assert_clean();
@@ -121,7 +126,7 @@ fn pure_flip_between_disjoint_sets() {
         Plan {
             sets: vec![(11..=14).collect(), (15..=20).collect()],
             protocol: Protocol::FillInactiveThenFlip,
-            phases: vec![(Hook::Xdp, 100_000, 5_000), (Hook::Tc, 20_000, 1_000)],
+            phases: vec![(Hook::Xdp, 100_000, 3_000), (Hook::Tc, 20_000, 1_000)],
         },
     );
     outcome.assert_clean();
@@ -140,7 +145,7 @@ fn rewrite_inactive_half_with_cycling_sets() {
                 vec![11, 12, 17, 18, 19],
             ],
             protocol: Protocol::FillInactiveThenFlip,
-            phases: vec![(Hook::Xdp, 100_000, 5_000), (Hook::Tc, 20_000, 1_000)],
+            phases: vec![(Hook::Xdp, 100_000, 3_000), (Hook::Tc, 20_000, 1_000)],
         },
     );
     outcome.assert_clean();
@@ -178,6 +183,12 @@ struct Gens {
     writing: AtomicU64,
     /// The generation whose `SERVICES` update has returned.
     published: AtomicU64,
+    /// Packet runs that have returned. The flipper waits for one more
+    /// before it rewrites the half a flip retired: the run that may have
+    /// read the old `SERVICES` value is then over (the `Writer` waits for
+    /// an RCU grace period, `table::wait_for_running_programs`, which
+    /// covers every reader; the packet thread is this test's only one).
+    runs_done: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -240,11 +251,22 @@ fn flip_tables(
     let mut stats = FlipStats::default();
     let start = Instant::now();
     let mut g = gens.published.load(SeqCst);
+    // Runs returned when the last flip's `SERVICES` update had returned.
+    let mut runs_at_flip = None;
     while !gens.stop.load(SeqCst) {
         g += 1;
         gens.writing.store(g, SeqCst);
         let half = match protocol {
-            Protocol::FillInactiveThenFlip => svc.active_half ^ 1,
+            Protocol::FillInactiveThenFlip => {
+                // The half about to be rewritten was live until the last
+                // flip: wait until the run in progress then (if any) is over.
+                if let Some(at) = runs_at_flip {
+                    while gens.runs_done.load(SeqCst) <= at && !gens.stop.load(SeqCst) {
+                        std::thread::yield_now();
+                    }
+                }
+                svc.active_half ^ 1
+            }
             Protocol::OverwriteActive => svc.active_half,
         };
         let base = svc.maglev_base + half * svc.maglev_size;
@@ -258,6 +280,7 @@ fn flip_tables(
         (svc.snat_port_lo, svc.snat_port_hi) = stamp_range(g);
         services.insert(key, svc, 0).context("writing SERVICES")?;
         gens.published.store(g, SeqCst);
+        runs_at_flip = Some(gens.runs_done.load(SeqCst));
         stats.flips += 1;
     }
     stats.elapsed = start.elapsed();
@@ -607,6 +630,7 @@ fn hammer(
 
         let published_before = gens.published.load(SeqCst);
         let (action, out) = lab.run(hook, &frame);
+        gens.runs_done.fetch_add(1, SeqCst);
         let writing_after = gens.writing.load(SeqCst);
         let published_after = gens.published.load(SeqCst);
         t.packets += 1;

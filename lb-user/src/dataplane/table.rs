@@ -92,12 +92,26 @@ struct ServiceState {
     moved_from: Option<(u32, u32)>,
 }
 
-/// How long a half that was just retired by a flip is left alone before it is
-/// rewritten. A packet that read the old `SERVICES` value may still be about
-/// to read a slot of that half; programs run to completion in microseconds
-/// (softirq, no preemption), so this is a wide margin, and it only delays
-/// two changes that come back to back.
+/// A half retired by a flip less than this long ago is rewritten only after
+/// an RCU grace period ([`wait_for_running_programs`]): a packet that read
+/// the old `SERVICES` value may still be about to read a slot of that half.
+/// Programs run to completion in microseconds (softirq, no preemption), so
+/// a half retired longer ago has no reader left; the wait only delays two
+/// changes that come back to back. Without the grace period (the syscall
+/// refused) the writer sleeps out the rest of this instead.
 pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Waits until every BPF program run that began before the call has ended:
+/// an RCU grace period. XDP and TC programs, and `BPF_PROG_TEST_RUN` runs,
+/// are RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` is
+/// `synchronize_rcu()` when more than one CPU is online
+/// (kernel/sched/membarrier.c; the BPF selftests' `kern_sync_rcu` relies on
+/// it the same way). With one CPU it returns at once, which is enough for
+/// XDP and TC: they run in softirq and are never preempted while this
+/// thread runs. It fails on `nohz_full` kernels.
+pub fn wait_for_running_programs() -> std::io::Result<()> {
+    rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global).map_err(Into::into)
+}
 
 pub struct Writer {
     dp: DataPlane,
@@ -519,7 +533,7 @@ impl Writer {
             let inactive = 1 - active;
             if let Some(at) = st.retired_at {
                 let wait = RETIRE_GRACE.saturating_sub(at.elapsed());
-                if !wait.is_zero() {
+                if !wait.is_zero() && wait_for_running_programs().is_err() {
                     std::thread::sleep(wait);
                 }
             }
