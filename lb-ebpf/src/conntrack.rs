@@ -704,16 +704,13 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
         oldest_port_be: 0,
         got: 0,
     };
-    // The flow's first port if it is free or the flow's own (a flow
-    // re-created after losing an entry gets its port back); then the next
-    // ports free in both tables; then, among the first RECLAIM_PROBES,
-    // stale reservations of other flows. In passes because a staleness
-    // check costs the verifier about 15,000 instructions per probe: on all
-    // SNAT_PROBES probes it would take most of its budget of 1,000,000.
-    // The first port of another live flow costs one lookup, not two: its
-    // holder is checked only when no port is free (each check is a lookup
-    // of a random key, a cache miss, and the chance of meeting a holder is
-    // the range's occupancy).
+    // The flow's own first port, reclaimed if its reservation went stale
+    // (the flow's own, lost half, included: a flow re-created after losing
+    // an entry gets its port back); then the next ports free in both
+    // tables; then, among the first RECLAIM_PROBES, stale reservations. In
+    // passes because a staleness check costs the verifier about 15,000
+    // instructions per probe: on all SNAT_PROBES probes it would take most
+    // of its budget of 1,000,000.
     // Under the flood guard the free-port pass stops early: with the range
     // full of a flood's reservations, 32 probes of two tables each would
     // cost every flood SYN more than the rest of its path.
@@ -722,7 +719,7 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     } else {
         SNAT_PROBES
     };
-    if !probe_port(s, cfg, 0, false) {
+    if !probe_port(s, cfg, 0) {
         let mut i = 1;
         while i < free_probes && i < range {
             if probe_free_port(s, i) {
@@ -730,9 +727,9 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
             }
             i += 1;
         }
-        let mut i = 0;
+        let mut i = 1;
         while s.probe.got == 0 && i < RECLAIM_PROBES && i < range {
-            if probe_port(s, cfg, i, true) {
+            if probe_port(s, cfg, i) {
                 break;
             }
             i += 1;
@@ -758,10 +755,6 @@ fn reserve(s: &mut Scratch, svc: &Service, cfg: &Config, now: u64) -> u32 {
     s.conn.new_sport_be = got;
     0
 }
-
-/// `holder_seen` of a reservation held by another flow, not checked: seen
-/// now, so it is never the longest idle.
-const UNCHECKED: u64 = u64::MAX;
 
 /// Under the flood guard: how many ports the free-port pass probes.
 const FLOOD_FREE_PROBES: u32 = 4;
@@ -808,16 +801,14 @@ fn probe_free_port(s: &mut Scratch, i: u32) -> bool {
     false
 }
 
-/// The `i`th probe with holders checked: takes the port when it is free or
-/// its reservation is stale (true), or notes the longest-idle unanswered
-/// holder and goes on. Without `full` (the first port, before the free
-/// ports), only the flow's own reservation counts as stale: another flow's
-/// holds the port unchecked, and is not noted.
+/// The `i`th probe of the second pass: takes the port from a stale
+/// reservation (true), or notes the longest-idle unanswered holder and
+/// goes on.
 #[inline(always)]
-fn probe_port(s: &mut Scratch, cfg: &Config, i: u32, full: bool) -> bool {
+fn probe_port(s: &mut Scratch, cfg: &Config, i: u32) -> bool {
     let port_be = probed_port(s, i);
     let now = s.probe.now;
-    if held_by_established(s, cfg, now, full) {
+    if held_by_established(s, cfg, now) {
         return false;
     }
     if UNANSWERED
@@ -827,32 +818,31 @@ fn probe_port(s: &mut Scratch, cfg: &Config, i: u32, full: bool) -> bool {
         s.probe.got = port_be;
         return true;
     }
-    let seen = unanswered_holder(s, cfg, now, full);
+    let seen = unanswered_holder(s, cfg, now);
     if seen == 0 {
         if UNANSWERED.insert(&s.key2, &s.other, 0).is_ok() {
             s.probe.got = port_be;
             return true;
         }
-    } else if full && seen < s.probe.oldest_seen {
+    } else if seen < s.probe.oldest_seen {
         s.probe.oldest_seen = seen;
         s.probe.oldest_port_be = port_be;
     }
     false
 }
 
-/// Is the port of `s.key2` held by a live established flow (by another
-/// flow, unchecked, without `full`)? A stale reservation there (its forward
-/// entry gone, expired, moved to another port, or the flow being picked
-/// again) is removed.
+/// Is the port of `s.key2` held by a live established flow? A stale
+/// reservation there (its forward entry gone, expired, moved to another
+/// port, or the flow being picked again) is removed.
 #[inline(always)]
-fn held_by_established(s: &mut Scratch, cfg: &Config, now: u64, full: bool) -> bool {
+fn held_by_established(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
     // SAFETY: read-only, copied at once.
     let Some(r) = (unsafe { CONNS.get(&s.key2) }) else {
         return false;
     };
     // SAFETY: a whole entry from the lookup just made.
     unsafe { copy_conn(&mut s.peek, r) };
-    if holder_seen(&CONNS, s, cfg, now, full) != 0 {
+    if holder_seen(&CONNS, s, cfg, now) != 0 {
         return true;
     }
     let _ = CONNS.remove(&s.key2);
@@ -860,17 +850,16 @@ fn held_by_established(s: &mut Scratch, cfg: &Config, now: u64, full: bool) -> b
 }
 
 /// The unanswered holder of the port of `s.key2`: 0 if its reservation is
-/// stale (free for the taking), else when its forward entry was last seen
-/// (see `holder_seen` for `full`).
+/// stale (free for the taking), else when its forward entry was last seen.
 #[inline(always)]
-fn unanswered_holder(s: &mut Scratch, cfg: &Config, now: u64, full: bool) -> u64 {
+fn unanswered_holder(s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
     // SAFETY: read-only, copied at once.
     let Some(r) = (unsafe { UNANSWERED.get(&s.key2) }) else {
         return 0;
     };
     // SAFETY: a whole entry from the lookup just made.
     unsafe { copy_conn(&mut s.peek, r) };
-    let seen = holder_seen(&UNANSWERED, s, cfg, now, full);
+    let seen = holder_seen(&UNANSWERED, s, cfg, now);
     // Stale, and not the flow being picked again: an unanswered flow that
     // expired (or lost its forward entry to the LRU).
     if seen == 0 && !s.key3.same(&s.key) {
@@ -882,17 +871,13 @@ fn unanswered_holder(s: &mut Scratch, cfg: &Config, now: u64, full: bool) -> u64
 /// For the reverse entry `s.peek` found at `s.key2` in `t`: when its flow's
 /// forward entry was last seen (at least 1), or 0 if the reservation is
 /// stale: no forward entry, one that expired or moved to another port, or
-/// the flow of `s.key` itself, which is being picked again. Without
-/// `full`, another flow's reservation is not checked: `UNCHECKED`. Leaves
-/// the forward key in `s.key3`.
+/// the flow of `s.key` itself, which is being picked again. Leaves the
+/// forward key in `s.key3`.
 #[inline(always)]
-fn holder_seen(t: &Table, s: &mut Scratch, cfg: &Config, now: u64, full: bool) -> u64 {
+fn holder_seen(t: &Table, s: &mut Scratch, cfg: &Config, now: u64) -> u64 {
     mirror_key(&s.peek, s.key2.proto, s.key2.family, &mut s.key3);
     if s.key3.same(&s.key) {
         return 0;
-    }
-    if !full {
-        return UNCHECKED;
     }
     // SAFETY: read-only, copied at once.
     let Some(f) = (unsafe { t.get(&s.key3) }) else {
