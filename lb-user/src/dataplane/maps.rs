@@ -638,24 +638,18 @@ impl DataPlane {
     /// entries went. For tests: the daemon never empties the tables (flows
     /// outlive it by design).
     pub fn clear_flows(&mut self) -> Result<usize> {
-        let mut n = 0;
-        for (table, name) in [
-            (&mut self.conns, "CONNS"),
-            (&mut self.unanswered, "UNANSWERED"),
-        ] {
-            let keys: Vec<FlowKey> = table
-                .keys()
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("listing {name}"))?;
-            for k in keys {
-                match table.remove(&k) {
-                    Ok(()) => n += 1,
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e).with_context(|| format!("removing from {name}")),
-                }
-            }
-        }
-        Ok(n)
+        Ok(self.clear_established()? + self.clear_unanswered()?)
+    }
+
+    /// Removes every flow from `CONNS` (see [`DataPlane::clear_flows`]).
+    pub fn clear_established(&mut self) -> Result<usize> {
+        clear_table(&mut self.conns, "CONNS")
+    }
+
+    /// Removes every flow from `UNANSWERED`, as their timeout would (see
+    /// [`DataPlane::clear_flows`]).
+    pub fn clear_unanswered(&mut self) -> Result<usize> {
+        clear_table(&mut self.unanswered, "UNANSWERED")
     }
 
     /// Every event's count, indexed like `lb_common::event::NAMES`.
@@ -779,4 +773,21 @@ fn drop_resized_reason_stats(pin_dir: &Path) -> Result<()> {
 /// the CLI's readers: `pinned::sum_counters`).
 fn sum(v: &PerCpuValues<Counters>) -> Result<Counters> {
     Ok(crate::dataplane::pinned::sum_counters(v.iter()))
+}
+
+/// Removes every entry of a connection table; returns how many went.
+fn clear_table(table: &mut HashMap<MapData, FlowKey, Conn>, name: &str) -> Result<usize> {
+    let keys: Vec<FlowKey> = table
+        .keys()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("listing {name}"))?;
+    let mut n = 0;
+    for k in keys {
+        match table.remove(&k) {
+            Ok(()) => n += 1,
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing from {name}")),
+        }
+    }
+    Ok(n)
 }
