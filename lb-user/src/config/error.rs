@@ -16,6 +16,18 @@ pub struct Location {
     pub column: Option<usize>,
 }
 
+impl Location {
+    /// The position of byte `offset` of `text`, the contents of `file`.
+    pub(super) fn in_text(file: &str, text: &str, offset: usize) -> Self {
+        let (line, column) = line_col(text, offset);
+        Self {
+            source: file.to_owned(),
+            line: Some(line),
+            column: Some(column),
+        }
+    }
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)?;
@@ -440,14 +452,7 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// A document the TOML parser rejects, with the parser's message.
 pub(super) fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let at = match e.span() {
-        Some(span) => {
-            let (line, column) = line_col(text, span.start);
-            Location {
-                source: file.to_owned(),
-                line: Some(line),
-                column: Some(column),
-            }
-        }
+        Some(span) => Location::in_text(file, text, span.start),
         None => Location {
             source: file.to_owned(),
             line: None,

@@ -58,7 +58,7 @@ pub(super) struct RawService {
     max_backends: Option<Spanned<u32>>,
 }
 
-const ROOT_KEYS: &[&str] = &[
+pub(super) const ROOT_KEYS: &[&str] = &[
     "interfaces",
     "attach",
     "pin_dir",
@@ -67,7 +67,7 @@ const ROOT_KEYS: &[&str] = &[
     "backend_slots",
     "service",
 ];
-const CONNTRACK_KEYS: &[&str] = &[
+pub(super) const CONNTRACK_KEYS: &[&str] = &[
     "capacity",
     "tcp_timeout",
     "closing_timeout",
@@ -76,7 +76,7 @@ const CONNTRACK_KEYS: &[&str] = &[
     "unanswered_timeout",
     "flood_new_flows_per_second",
 ];
-const SERVICE_KEYS: &[&str] = &[
+pub(super) const SERVICE_KEYS: &[&str] = &[
     "name",
     "listen",
     "backends",
@@ -143,12 +143,7 @@ impl<'t, 'i> Table<'t, 'i> {
     }
 
     fn location(&self, offset: usize) -> Location {
-        let (line, column) = line_col(self.text, offset);
-        Location {
-            source: self.file.to_owned(),
-            line: Some(line),
-            column: Some(column),
-        }
+        Location::in_text(self.file, self.text, offset)
     }
 
     /// A value of the wrong type or out of range, said in terms of its key.
