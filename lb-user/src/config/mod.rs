@@ -1072,6 +1072,37 @@ check = "http:/ready"
         );
     }
 
+    /// Every key a table allows is read, and type-checked: a value of the
+    /// wrong type is named by its key (the allowed lists and the reads in
+    /// `file.rs` cannot drift apart unseen).
+    #[test]
+    fn every_allowed_key_is_read() {
+        let wrong = "[[1]]";
+        for key in ROOT_KEYS
+            .iter()
+            .filter(|k| !["interfaces", "service"].contains(k))
+        {
+            let m = parse_err(&format!("{key} = {wrong}\n{MINIMAL}"), 1).to_string();
+            assert!(m.contains(&format!("`{key}` must be")), "{key}: {m}");
+        }
+        for key in SERVICE_KEYS
+            .iter()
+            .filter(|k| !["listen", "backends"].contains(k))
+        {
+            let m = parse_err(&format!("{MINIMAL}{key} = {wrong}\n"), 5).to_string();
+            assert!(m.contains(&format!("`{key}` must be")), "{key}: {m}");
+        }
+        for key in ["listen", "backends"] {
+            let text = MINIMAL.replace(&format!("{key} = "), &format!("{key} = {wrong}\n# "));
+            let m = parse_err(&text, if key == "listen" { 3 } else { 4 }).to_string();
+            assert!(m.contains(&format!("`{key}` must be")), "{key}: {m}");
+        }
+        for key in CONNTRACK_KEYS {
+            let m = parse_err(&format!("{MINIMAL}[conntrack]\n{key} = {wrong}\n"), 6).to_string();
+            assert!(m.contains(&format!("`{key}` must be")), "{key}: {m}");
+        }
+    }
+
     #[test]
     fn unknown_keys_are_named_with_their_line() {
         let e = parse_err(&format!("{MINIMAL}chek = \"tcp\"\n"), 5);
