@@ -14,8 +14,9 @@
 use core::ops::Deref;
 
 use crate::{
-    refused_within_hold, same_addr, Backend, Config, Conn, Service, ServiceKey, BACKEND_ACTIVE,
-    BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES, TCP_STATE_OPEN,
+    is_zero_addr, refused_within_hold, same_addr, Backend, Config, Conn, FlowKey, Service,
+    ServiceAt, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING, CONN_F_REVERSE, MAGLEV_PROBES,
+    SERVICE_AT_LIVE, SERVICE_AT_SHADOWED, TCP_STATE_OPEN,
 };
 
 /// How a packet's destination matched its service.
@@ -40,6 +41,51 @@ pub fn find_service<S, E>(
     }
     key.clear_addr();
     Ok(lookup(key)?.map(|s| (s, Matched::Wildcard)))
+}
+
+/// Does `exact`, an exact-address service, take packets that the wildcard
+/// service `wildcard` would take otherwise? Only at one address, but
+/// [`still_at`] does not know which: every flow of a shadowed wildcard
+/// takes the `SERVICES` lookup.
+pub fn shadows(exact: &ServiceKey, wildcard: &ServiceKey) -> bool {
+    !is_zero_addr(&exact.addr)
+        && is_zero_addr(&wildcard.addr)
+        && exact.port_be == wildcard.port_be
+        && exact.proto == wildcard.proto
+        && exact.family == wildcard.family
+}
+
+/// The `SERVICE_AT` entry of the live service at `key`, among the services
+/// at `all` (`key` itself may be among them).
+pub fn service_at<'a>(
+    key: &ServiceKey,
+    all: impl IntoIterator<Item = &'a ServiceKey>,
+) -> ServiceAt {
+    let shadowed = all.into_iter().any(|other| shadows(other, key));
+    ServiceAt {
+        key: *key,
+        flags: SERVICE_AT_LIVE | if shadowed { SERVICE_AT_SHADOWED } else { 0 },
+    }
+}
+
+/// Is the service whose `SERVICE_AT` entry is `at` the one
+/// [`find_service`] gives a packet of the flow `key`? Yes when the entry is
+/// live and at the packet's address, port, protocol and family; or a
+/// wildcard of its port, protocol and family that no exact-address service
+/// shadows (the exact lookup would miss, the wildcard's would find it).
+/// The established path's shortcut past the `SERVICES` lookup: `false`
+/// is never wrong, only slower (the packet takes the lookup).
+#[inline(always)]
+pub fn still_at(at: &ServiceAt, key: &FlowKey) -> bool {
+    if at.flags & SERVICE_AT_LIVE == 0
+        || at.key.port_be != key.dport_be
+        || at.key.proto != key.proto
+        || at.key.family != key.family
+    {
+        return false;
+    }
+    same_addr(&at.key.addr, &key.dst)
+        || (is_zero_addr(&at.key.addr) && at.flags & SERVICE_AT_SHADOWED == 0)
 }
 
 /// The map lookups the rules make.
@@ -110,8 +156,9 @@ pub enum Unusable {
 }
 
 /// Can the forward entry `c`, found under the packet's key, carry the
-/// packet on? Not when it is a reverse entry, belongs to another service,
-/// has expired, or the packet is a fresh SYN on a closed one; and not when
+/// packet on (`service`: the id of the packet's service)? Not when it is
+/// a reverse entry, belongs to another service, has expired, or the packet
+/// is a fresh SYN on a closed one; and not when
 /// its backend may not keep it: gone, neither active nor draining (a
 /// draining backend keeps its flows, but a fresh SYN, always the start of a
 /// connection, goes elsewhere), reused for another service or address, or
@@ -121,7 +168,7 @@ pub enum Unusable {
 pub fn usable<L: Lookups>(
     t: &L,
     c: &Conn,
-    svc: &Service,
+    service: u32,
     cfg: &Config,
     proto: u8,
     fresh_syn: bool,
@@ -130,7 +177,7 @@ pub fn usable<L: Lookups>(
     if c.flags & CONN_F_REVERSE != 0 {
         return Ok(Err(Unusable::Reverse));
     }
-    if c.service != svc.id {
+    if c.service != service {
         return Ok(Err(Unusable::OtherService { service: c.service }));
     }
     if c.expired(proto, cfg, now) {
@@ -148,7 +195,7 @@ pub fn usable<L: Lookups>(
     if b.state != BACKEND_ACTIVE && b.state != BACKEND_DRAINING {
         return Ok(Err(Unusable::NotActive { state: b.state }));
     }
-    if b.service != svc.id {
+    if b.service != service {
         return Ok(Err(Unusable::BackendMoved { service: b.service }));
     }
     if !same_addr(&b.addr, &c.new_dst) || b.port_be != c.new_dport_be {
@@ -468,12 +515,102 @@ mod tests {
         infallible(usable(
             t,
             c,
-            svc,
+            svc.id,
             &Config::with_defaults(),
             PROTO_TCP,
             syn,
             NOW,
         ))
+    }
+
+    /// Every set of services over two addresses and the wildcard, two
+    /// ports and both protocols (4,096 sets), and every packet to those
+    /// ports at those addresses and a third: the established path's
+    /// shortcut (`still_at` on the flow's service) never names another
+    /// service than the `SERVICES` lookup (`find_service`), and it is
+    /// taken whenever that service is at the packet's own address or is an
+    /// unshadowed wildcard.
+    #[test]
+    fn still_at_agrees_with_the_services_lookup() {
+        use crate::{FAMILY_V4, PROTO_UDP};
+        let addr = |last: u8| {
+            let mut a = [0u8; 16];
+            if last != 0 {
+                a[..4].copy_from_slice(&[10, 0, 0, last]);
+            }
+            a
+        };
+        let mut keys = Vec::new();
+        for a in [0, 1, 2] {
+            for port in [80u16, 81] {
+                for proto in [PROTO_TCP, PROTO_UDP] {
+                    keys.push(ServiceKey {
+                        addr: addr(a),
+                        port_be: port.to_be(),
+                        proto,
+                        family: FAMILY_V4,
+                    });
+                }
+            }
+        }
+        let (mut shortcuts, mut lookups) = (0u32, 0u32);
+        for set in 0u32..1 << keys.len() {
+            let live: Vec<(u32, ServiceKey)> = (0..keys.len())
+                .filter(|i| set & 1 << i != 0)
+                .map(|i| (i as u32 + 1, keys[i]))
+                .collect();
+            let all: Vec<ServiceKey> = live.iter().map(|(_, k)| *k).collect();
+            let at: Vec<(u32, ServiceAt)> = live
+                .iter()
+                .map(|(id, k)| (*id, service_at(k, &all)))
+                .collect();
+            for dst in [1, 2, 3] {
+                for port in [80u16, 81] {
+                    for proto in [PROTO_TCP, PROTO_UDP] {
+                        let flow = FlowKey {
+                            dst: addr(dst),
+                            dport_be: port.to_be(),
+                            proto,
+                            family: FAMILY_V4,
+                            ..Default::default()
+                        };
+                        let mut skey = ServiceKey {
+                            addr: flow.dst,
+                            port_be: flow.dport_be,
+                            proto,
+                            family: FAMILY_V4,
+                        };
+                        let found = infallible(find_service(&mut skey, |k| {
+                            Ok(live.iter().find(|(_, l)| l == k).map(|(id, _)| *id))
+                        }));
+                        for (id, entry) in &at {
+                            let short = still_at(entry, &flow);
+                            if short {
+                                assert_eq!(found.map(|(s, _)| s), Some(*id), "{entry:?} {flow:?}");
+                                shortcuts += 1;
+                            }
+                            let unshadowed = all.iter().all(|k| !shadows(k, &entry.key));
+                            if found == Some((*id, Matched::Exact))
+                                || (found == Some((*id, Matched::Wildcard)) && unshadowed)
+                            {
+                                assert!(short, "{entry:?} {flow:?}: the lookup was not needed");
+                            }
+                            if found.is_some_and(|(s, _)| s == *id) && !short {
+                                lookups += 1;
+                            }
+                            let dead = ServiceAt { flags: 0, ..*entry };
+                            assert!(!still_at(&dead, &flow));
+                        }
+                    }
+                }
+            }
+        }
+        // Both ways are taken: the shortcut, and the lookup (a wildcard
+        // with an exact service on its port).
+        assert!(
+            shortcuts > 10_000 && lookups > 1_000,
+            "{shortcuts} {lookups}"
+        );
     }
 
     #[test]

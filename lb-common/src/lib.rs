@@ -60,6 +60,12 @@ pub fn service_port_bit(proto: u8, port: u16) -> (u32, u32) {
     (i >> 5, 1 << (i & 31))
 }
 
+/// Per service id: the `SERVICES` key the service is at, and whether an
+/// established flow of it may skip the `SERVICES` lookup
+/// ([`decide::still_at`]). Not pinned: rebuilt from `SERVICES` at every
+/// load, like `SERVICE_PORTS`.
+pub const MAP_SERVICE_AT: &str = "SERVICE_AT";
+
 pub const PROG_XDP: &str = "xdplb_xdp";
 pub const PROG_TC: &str = "xdplb_tc";
 /// The log programs (never attached; see [`MAP_LOG_XDP`]).
@@ -366,6 +372,29 @@ pub struct Service {
 }
 const _: () = assert!(size_of::<Service>() == 40);
 
+/// `SERVICE_AT` value, by service id: where the service is, so the packet
+/// of an established flow finds its service through the flow's id (an
+/// array slot) instead of the `SERVICES` hash ([`decide::still_at`]).
+/// Written by the daemon only, a byte of `flags` at a time once the key
+/// is in place (see `DataPlane::set_service`), so a reader racing a write
+/// never sees a torn `SERVICE_AT_LIVE` entry.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceAt {
+    pub key: ServiceKey,
+    /// `SERVICE_AT_*` bits, all in the lowest byte.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<ServiceAt>() == 24);
+
+/// The service is in `SERVICES` at `key` (0: the slot is free, or being
+/// rewritten).
+pub const SERVICE_AT_LIVE: u32 = 1;
+/// A wildcard service some exact-address service of the same port,
+/// protocol and family may take packets from (an exact match wins):
+/// its flows' packets take the `SERVICES` lookup.
+pub const SERVICE_AT_SHADOWED: u32 = 2;
+
 /// `BACKENDS` value, indexed by backend index (0 is never a backend).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -398,6 +427,13 @@ const _: () = assert!(size_of::<AddrKey>() == 20);
 #[inline(always)]
 pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     addr_diff(a, b) == 0
+}
+
+/// Is the address all zero (a wildcard service's)? Without an early exit,
+/// like [`same_addr`].
+#[inline(always)]
+pub fn is_zero_addr(a: &[u8; 16]) -> bool {
+    addr_diff(a, &[0; 16]) == 0
 }
 
 /// Zero exactly when the addresses are equal (see [`same_addr`]).
@@ -767,6 +803,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Service {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceAt {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.

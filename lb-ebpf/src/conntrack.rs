@@ -29,7 +29,10 @@ use crate::{
     clock::now,
     ctx::Packet,
     fwd,
-    maps::{BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, SYN_PENDING, SYN_SOURCES, UNANSWERED},
+    maps::{
+        BACKENDS, CONNS, FLOOD_UNTIL, MAGLEV, REFUSED, SERVICE_AT, SYN_PENDING, SYN_SOURCES,
+        UNANSWERED,
+    },
     note,
     out::{stop_after, Out},
     parse::{TCP_ACK, TCP_RST, TCP_SYN},
@@ -283,16 +286,83 @@ impl Lookups for Maps {
     }
 }
 
-/// Can the forward entry `c` carry this packet on (`decide::usable`)?
+/// Can the forward entry `c` carry this packet of the service `service`
+/// on (`decide::usable`)?
 #[inline(always)]
-fn usable(c: &Conn, svc: &Service, cfg: &Config, proto: u8, fresh_syn: bool, now: u64) -> bool {
-    infallible(decide::usable(&Maps, c, svc, cfg, proto, fresh_syn, now)).is_ok()
+fn usable(c: &Conn, service: u32, cfg: &Config, proto: u8, fresh_syn: bool, now: u64) -> bool {
+    infallible(decide::usable(
+        &Maps, c, service, cfg, proto, fresh_syn, now,
+    ))
+    .is_ok()
+}
+
+/// What [`established`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fast {
+    /// The flow carries the packet on: `s.conn` holds its forward entry,
+    /// refreshed; the packet is still to be routed.
+    Hit,
+    /// `CONNS` has no entry for the packet: [`forward`] need not look again.
+    Miss,
+    /// An entry the shortcut does not decide on (its service may have
+    /// moved, or the flow may not carry the packet on), or a packet whose
+    /// TTL runs out: the full path decides, from the `SERVICES` lookup on.
+    Unsure,
+}
+
+/// The established path's shortcut: the packet's `CONNS` entry, and its
+/// service through the id the entry holds (`SERVICE_AT`, an array slot)
+/// instead of the `SERVICES` hash lookup, where `decide::still_at` says
+/// that lookup would find the same service. Then what [`forward`] does
+/// with an entry it can use: refresh it and follow the TCP state.
+#[inline(always)]
+pub fn established(s: &mut Scratch, cfg: &Config, flags: u8) -> Fast {
+    if s.l3.ttl <= 1 {
+        return Fast::Unsure;
+    }
+    let now = now();
+    let Some(p) = CONNS.get_ptr_mut(&s.key) else {
+        return Fast::Miss;
+    };
+    // SAFETY: a successful lookup's pointer, read at once (see the module).
+    unsafe { copy_conn(&mut s.conn, p) };
+    let Some(at) = SERVICE_AT.get(s.conn.service) else {
+        return Fast::Unsure;
+    };
+    let proto = s.key.proto;
+    let fresh_syn = proto == PROTO_TCP && is_fresh_syn(flags);
+    if !decide::still_at(at, &s.key) || !usable(&s.conn, s.conn.service, cfg, proto, fresh_syn, now)
+    {
+        return Fast::Unsure;
+    }
+    // SAFETY: the same pointer; array lookups only since (no helper call).
+    // A plain store, as in `forward`.
+    unsafe { (*p).last_seen_ns = now };
+    follow_state(s, flags);
+    Fast::Hit
+}
+
+/// The flow in `s.conn` (at `s.key` in `CONNS`) carries a packet with TCP
+/// `flags` on: a FIN or RST moves its state, and a RST its reverse entry's.
+#[inline(always)]
+fn follow_state(s: &mut Scratch, flags: u8) {
+    let state = tcp_state_after(s.conn.tcp_state, flags);
+    if state != s.conn.tcp_state {
+        // FIN or RST: rare enough for a second lookup.
+        set_state(&CONNS, &s.key, state);
+        s.conn.tcp_state = state;
+        if state == TCP_STATE_RESET {
+            reset_reverse(s);
+        }
+    }
 }
 
 /// Forward path: copies the entry for `s.key` into `s.conn`, creating the
 /// flow if needed. `Ok(true)`: a new flow, already routed (`s.fib`);
 /// `Ok(false)`: an existing one, still to be routed. `Err`: the verdict for
 /// a packet that cannot be forwarded; a new flow then leaves no state.
+/// `in_conns`: `CONNS` may hold the flow (false: [`established`] just
+/// missed there).
 #[inline(always)]
 pub fn forward<C: Packet>(
     ctx: &mut C,
@@ -300,6 +370,7 @@ pub fn forward<C: Packet>(
     svc: &Service,
     cfg: &Config,
     flags: u8,
+    in_conns: bool,
 ) -> Result<bool, Out> {
     let now = now();
     // For `choose`, read back from the scratch: a register would carry what
@@ -309,23 +380,20 @@ pub fn forward<C: Packet>(
     let proto = s.key.proto;
     let fresh_syn = proto == PROTO_TCP && is_fresh_syn(flags);
     let mut found = false;
-    if let Some(p) = CONNS.get_ptr_mut(&s.key) {
+    let conns = if in_conns {
+        CONNS.get_ptr_mut(&s.key)
+    } else {
+        None
+    };
+    if let Some(p) = conns {
         // SAFETY: a successful lookup's pointer, read and refreshed at once
         // (see the module); plain stores, a racing CPU can at worst lose a
         // refresh. An entry about to be released gets one it won't need.
         unsafe { copy_conn(&mut s.conn, p) };
         // SAFETY: as above.
         unsafe { (*p).last_seen_ns = now };
-        if usable(&s.conn, svc, cfg, proto, fresh_syn, now) {
-            let state = tcp_state_after(s.conn.tcp_state, flags);
-            if state != s.conn.tcp_state {
-                // FIN or RST: rare enough for a second lookup.
-                set_state(&CONNS, &s.key, state);
-                s.conn.tcp_state = state;
-                if state == TCP_STATE_RESET {
-                    reset_reverse(s);
-                }
-            }
+        if usable(&s.conn, svc.id, cfg, proto, fresh_syn, now) {
+            follow_state(s, flags);
             return Ok(false);
         }
         // Expired, a reused 5-tuple, or its backend is down or gone: give
@@ -337,7 +405,7 @@ pub fn forward<C: Packet>(
         unsafe { copy_conn(&mut s.conn, p) };
         // SAFETY: as above.
         unsafe { (*p).last_seen_ns = now };
-        if usable(&s.conn, svc, cfg, proto, fresh_syn, now) {
+        if usable(&s.conn, svc.id, cfg, proto, fresh_syn, now) {
             if flags & TCP_RST != 0 {
                 // The client gave up: no TIME_WAIT follows, free the port.
                 release(&UNANSWERED, s);

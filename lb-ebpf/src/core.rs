@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Fast},
     ctx::Packet,
     fwd, icmp,
     maps::{self, CONFIG, SERVICES, SNAT_ADDRS},
@@ -103,24 +103,35 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
         return Ok(fwd::send(ctx, s));
     }
 
-    let svc = service(s).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
-    stop_after(lb_common::BENCH_STOP_SERVICE)?;
-    if s.l3.ttl <= 1 {
-        return Err(Out::pass(reason::PASS_TTL_EXPIRED));
-    }
-    if conntrack::forward(ctx, s, svc, cfg, tcp_flags)? {
-        // Routed before it was created: a packet XDP cannot send leaves no
-        // state, and TC, which gets it untouched, creates and counts it.
-        stats::new_flow(svc.id, s.conn.backend);
-    } else {
+    // An established flow's packet, most of what is forwarded, finds its
+    // service through its flow (`conntrack::established`); the rest, and
+    // any the shortcut does not decide on, look the service up.
+    let fast = conntrack::established(s, cfg, tcp_flags);
+    if fast == Fast::Hit {
         stop_after(lb_common::BENCH_STOP_CONNS)?;
         fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;
+    } else {
+        let svc = service(s).ok_or(Out::pass(reason::PASS_NO_SERVICE))?;
+        stop_after(lb_common::BENCH_STOP_SERVICE)?;
+        if s.l3.ttl <= 1 {
+            return Err(Out::pass(reason::PASS_TTL_EXPIRED));
+        }
+        if conntrack::forward(ctx, s, svc, cfg, tcp_flags, fast == Fast::Unsure)? {
+            // Routed before it was created: a packet XDP cannot send leaves
+            // no state, and TC, which gets it untouched, creates and counts
+            // it.
+            stats::new_flow(svc.id, s.conn.backend);
+        } else {
+            stop_after(lb_common::BENCH_STOP_CONNS)?;
+            fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;
+        }
     }
     stop_after(lb_common::BENCH_STOP_ROUTE)?;
     let c = &s.conn;
     rewritten(nat::rewrite(ctx, &s.l3, s.key.sport_be, s.key.dport_be, c))?;
     stop_after(lb_common::BENCH_STOP_REWRITE)?;
-    stats::flow(svc.id, c.backend, len);
+    // The flow's service: the packet's, whichever way it was found.
+    stats::flow(c.service, c.backend, len);
     Ok(fwd::send(ctx, s))
 }
 

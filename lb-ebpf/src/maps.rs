@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceKey, DEFAULT_CONNS_CAPACITY,
-    DEFAULT_MAGLEV_CAPACITY, DEFAULT_UNANSWERED_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS, MAX_TX_PORTS,
+    AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceAt, ServiceKey,
+    DEFAULT_CONNS_CAPACITY, DEFAULT_MAGLEV_CAPACITY, DEFAULT_UNANSWERED_CAPACITY, MAX_BACKENDS,
+    MAX_SERVICES, MAX_SNAT_ADDRS, MAX_TX_PORTS,
 };
 
 #[map(name = "CONFIG")]
@@ -27,6 +27,14 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> =
     HashMap::pinned(MAX_SERVICES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Where each service is, by id (`lb_common::ServiceAt`): an established
+/// flow's packet finds its service here, through the id its entry holds,
+/// instead of the `SERVICES` hash lookup (`conntrack::established`).
+/// Written by the daemon beside `SERVICES` (`DataPlane::set_service`); not
+/// pinned, rebuilt from `SERVICES` at every load.
+#[map(name = "SERVICE_AT")]
+pub static SERVICE_AT: Array<ServiceAt> = Array::with_max_entries(MAX_SERVICES, 0);
 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);

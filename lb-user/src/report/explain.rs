@@ -332,7 +332,7 @@ pub fn explain(t: &impl Tables, q: &Query, now_ns: u64, names: &Names) -> Result
     // Connection tables (conntrack.rs `forward`, `usable`).
     let entry = lookup(t, &key)?;
     if let Some(c) = entry {
-        let why_not = decide::usable(&Read(t), &c, &svc, &cfg, key.proto, q.syn, now_ns)?
+        let why_not = decide::usable(&Read(t), &c, svc.id, &cfg, key.proto, q.syn, now_ns)?
             .err()
             .map(|u| unusable(u, &c, &svc, t, now_ns))
             .transpose()?;

@@ -1,8 +1,110 @@
-//! Forwarding corner cases: the next-hop cache, no neighbour, oversized packets, XDP hairpin, and the harness checksum verifier.
+//! Forwarding corner cases: an established flow's way to its service, the next-hop cache, no neighbour, oversized packets, XDP hairpin, and the harness checksum verifier.
 
-use super::*;
+use std::net::Ipv4Addr;
 
-both_hooks!(next_hops_are_cached_briefly, no_neighbour_and_oversized,);
+use lb_common::{BENCH_STOP_SERVICE, SERVICE_AT_LIVE, SERVICE_AT_SHADOWED};
+
+use super::{
+    unanswered::{ack_of_synack, handshake, sent_on},
+    *,
+};
+
+both_hooks!(
+    established_flows_find_their_service,
+    next_hops_are_cached_briefly,
+    no_neighbour_and_oversized,
+);
+
+// ---- an established flow's service ------------------------------------------------------------
+
+/// An established flow's packet finds its service through its flow
+/// (`SERVICE_AT`), without the `SERVICES` lookup, while that lookup would
+/// find the same service; when it might not (a wildcard's flow once an
+/// exact service shares its port, a service removed), the packet takes the
+/// lookup and follows what it finds. The shortcut is seen from a lab whose
+/// runs end right after the `SERVICES` lookup (`BENCH_STOP_SERVICE`): a
+/// packet that takes the lookup passes there, one that skips it is
+/// forwarded.
+fn established_flows_find_their_service(hook: Hook) {
+    let other = Ipv4Addr::new(10, 0, 0, 77);
+    let wild_at = sock(Ipv4Addr::UNSPECIFIED, 8443);
+    let wild_backends = backends_v4(&[17, 18], 443);
+    let to_exact = Pkt::tcp(client(CLIENT_V4, 38100), sock(VIP_V4, 80), TCP_SYN);
+    let to_wild = Pkt::tcp(client(CLIENT_V4, 38101), sock(other, 8443), TCP_SYN);
+    let (ack_exact, ack_wild) = (ack_of_synack(&to_exact), ack_of_synack(&to_wild));
+
+    // The whole path: both flows established, then an exact service at the
+    // wildcard flow's own address takes its next packet (an exact match
+    // wins, for established flows too).
+    let conns = {
+        let mut lab = lab(hook, "at");
+        let exact = tcp_v4_service(&mut lab);
+        let wild = lab.add_service(wild_at, PROTO_TCP, 44000..=44999, &wild_backends);
+        handshake(&mut lab, hook, &exact, &to_exact);
+        handshake(&mut lab, hook, &wild, &to_wild);
+        let conns = lab.dp().conns().expect("reading CONNS");
+        assert_eq!(conns.len(), 4, "{}", lab.dump_conns());
+        let here = lab.add_service(
+            sock(other, 8443),
+            PROTO_TCP,
+            45000..=45999,
+            &backends_v4(&[19], 443),
+        );
+        new_flow(&mut lab, hook, &here, &ack_wild);
+        sent_on(&mut lab, hook, "the exact service's flow", &ack_exact);
+        conns
+    };
+
+    // The shortcut, with the same services (same ids) and flows.
+    let mut lab = PacketLab::with_bench_stop("at-stop", 65536, BENCH_STOP_SERVICE)
+        .expect("loading the stopped lab");
+    let exact = tcp_v4_service(&mut lab);
+    let wild = lab.add_service(wild_at, PROTO_TCP, 44000..=44999, &wild_backends);
+    for (k, c) in &conns {
+        lab.dp_mut().insert_conn(k, c).expect("copying CONNS");
+    }
+    let at = |lab: &PacketLab, id| lab.dp().service_at(id).expect("reading SERVICE_AT");
+    let shortcut = |lab: &mut PacketLab, what: &str, p: &Pkt, want: bool| {
+        let (action, _) = lab.run(hook, &p.build());
+        let want_action = if want { hook.redirect() } else { hook.pass() };
+        assert_eq!(
+            action,
+            want_action,
+            "{what} ({hook:?}): expected {} (the SERVICES lookup {}), saw {}",
+            hook.action_name(want_action),
+            if want { "skipped" } else { "taken" },
+            hook.action_name(action),
+        );
+    };
+    assert_eq!(at(&lab, wild.id()).flags, SERVICE_AT_LIVE);
+    shortcut(&mut lab, "an exact service's flow", &ack_exact, true);
+    shortcut(&mut lab, "an unshadowed wildcard's flow", &ack_wild, true);
+
+    let here = lab.add_service(
+        sock(other, 8443),
+        PROTO_TCP,
+        45000..=45999,
+        &backends_v4(&[19], 443),
+    );
+    assert_eq!(
+        at(&lab, wild.id()).flags,
+        SERVICE_AT_LIVE | SERVICE_AT_SHADOWED
+    );
+    shortcut(&mut lab, "a shadowed wildcard's flow", &ack_wild, false);
+    shortcut(&mut lab, "the exact service's flow", &ack_exact, true);
+
+    lab.dp_mut()
+        .remove_service(&here.key)
+        .expect("removing a service");
+    assert_eq!(at(&lab, wild.id()).flags, SERVICE_AT_LIVE);
+    shortcut(&mut lab, "the wildcard's flow, unshadowed", &ack_wild, true);
+
+    lab.dp_mut()
+        .remove_service(&exact.key)
+        .expect("removing a service");
+    assert_eq!(at(&lab, exact.id()).flags, 0);
+    shortcut(&mut lab, "a removed service's flow", &ack_exact, false);
+}
 
 // ---- forwarding corner cases ------------------------------------------------------------------------
 

@@ -29,13 +29,13 @@ fn synack_for(svc: &Svc, syn: &Pkt, backend: u32, port: u16) -> Pkt {
 }
 
 /// The client's ACK of [`synack_for`].
-fn ack_of_synack(syn: &Pkt) -> Pkt {
+pub(super) fn ack_of_synack(syn: &Pkt) -> Pkt {
     syn.clone().with_flags(TCP_ACK).with_seq_ack(1001, 5001)
 }
 
 /// Runs `p` and checks the hook sent it on (its bytes are checked elsewhere).
 #[track_caller]
-fn sent_on(lab: &mut PacketLab, hook: Hook, what: &str, p: &Pkt) {
+pub(super) fn sent_on(lab: &mut PacketLab, hook: Hook, what: &str, p: &Pkt) {
     let before = lab.reasons();
     let (action, _) = lab.run(hook, &p.build());
     assert_eq!(
@@ -51,7 +51,7 @@ fn sent_on(lab: &mut PacketLab, hook: Hook, what: &str, p: &Pkt) {
 
 /// A TCP handshake through the balancer: the client's SYN, the backend's
 /// SYN-ACK, the client's ACK. Returns (backend, SNAT port).
-fn handshake(lab: &mut PacketLab, hook: Hook, svc: &Svc, syn: &Pkt) -> (u32, u16) {
+pub(super) fn handshake(lab: &mut PacketLab, hook: Hook, svc: &Svc, syn: &Pkt) -> (u32, u16) {
     let (backend, port) = new_flow(lab, hook, svc, syn);
     sent_on(lab, hook, "SYN-ACK", &synack_for(svc, syn, backend, port));
     sent_on(lab, hook, "the ACK of the SYN-ACK", &ack_of_synack(syn));

@@ -548,14 +548,16 @@ pub struct Step {
 
 /// §1b's stages: the established IPv4 TCP packet's run ends after each in
 /// turn (`lb_common::BENCH_STOP_*`; 0 runs the whole path).
-pub const STEPS: [(&str, u32); 6] = [
+/// An established flow's packet finds its service through its flow
+/// (`SERVICE_AT`), so it has no stage of its own for the `SERVICES`
+/// lookup.
+pub const STEPS: [(&str, u32); 5] = [
     (
         "parse: service-port filter, scratch, Ethernet, IP, TCP",
         lb_common::BENCH_STOP_PARSE,
     ),
-    ("service lookup", lb_common::BENCH_STOP_SERVICE),
     (
-        "connection table: CONNS, backend state",
+        "connection table: CONNS, the flow's service and backend",
         lb_common::BENCH_STOP_CONNS,
     ),
     (
@@ -617,9 +619,12 @@ fn staged(
 
 /// §1c's stages: a new flow's SYN (IPv4) ends after each in turn.
 pub const SYN_STEPS: [(&str, u32); 8] = [
-    ("parse and service lookup", lb_common::BENCH_STOP_SERVICE),
     (
-        "table misses: CONNS, UNANSWERED, flood guard",
+        "parse, the CONNS miss, service lookup",
+        lb_common::BENCH_STOP_SERVICE,
+    ),
+    (
+        "the UNANSWERED miss, flood guard",
         lb_common::BENCH_STOP_MISS,
     ),
     (
