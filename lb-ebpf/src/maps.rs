@@ -57,10 +57,8 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::pinned(DEFAULT_CONNS_C
 /// Flows not established yet (`CONN_F_UNANSWERED`): an LRU of their own.
 /// A SYN flood churns this table, never `CONNS`.
 #[map(name = "UNANSWERED")]
-pub static UNANSWERED: LruHashMap<FlowKey, Conn> = LruHashMap::pinned(
-    DEFAULT_UNANSWERED_CAPACITY,
-    aya_ebpf::bindings::BPF_F_NO_COMMON_LRU,
-);
+pub static UNANSWERED: LruHashMap<FlowKey, Conn> =
+    LruHashMap::pinned(DEFAULT_UNANSWERED_CAPACITY, 0);
 
 #[map(name = "SNAT_ADDRS")]
 pub static SNAT_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SNAT_ADDRS, 0);
