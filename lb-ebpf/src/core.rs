@@ -8,7 +8,7 @@ use ::core::{
 };
 use lb_common::{
     decide::{self, infallible},
-    is_fresh_syn, reason, Config, Service, ServiceKey, PROTO_TCP,
+    reason, Config, Service, ServiceKey,
 };
 
 use crate::{
@@ -106,13 +106,7 @@ fn process<C: Packet>(ctx: &mut C, s: &mut Scratch, len: u64) -> Result<Out, Out
     // An established flow's packet, most of what is forwarded, finds its
     // service through its flow (`conntrack::established`); the rest, and
     // any the shortcut does not decide on, look the service up.
-    // A fresh SYN starts a flow far more often than it belongs to one: it
-    // takes the whole path at once.
-    let fast = if s.key.proto == PROTO_TCP && is_fresh_syn(tcp_flags) {
-        Fast::Unsure
-    } else {
-        conntrack::established(s, cfg, tcp_flags)
-    };
+    let fast = conntrack::established(s, cfg, tcp_flags);
     if fast == Fast::Hit {
         stop_after(lb_common::BENCH_STOP_CONNS)?;
         fwd::route(ctx, &s.l3, &mut s.fib, &s.conn)?;

@@ -54,11 +54,7 @@ impl DataPlane {
     /// not live (a map update is a plain copy, not atomic for readers);
     /// the flags, one byte, follow.
     fn write_service_at(&mut self, id: u32, at: &ServiceAt) -> Result<()> {
-        let cur = self
-            .service_at
-            .get(&id, 0)
-            .with_context(|| format!("reading SERVICE_AT[{id}]"))?;
-        if cur.key != at.key {
+        if self.service_at(id)?.key != at.key {
             let quiet = ServiceAt { flags: 0, ..*at };
             self.service_at
                 .set(id, quiet, 0)
@@ -72,16 +68,13 @@ impl DataPlane {
     /// Marks the `SERVICE_AT` entry of `id` not live (its flags, one byte;
     /// the key stays): its flows take the `SERVICES` lookup.
     fn clear_service_at(&mut self, id: u32) -> Result<()> {
-        let cur = self
-            .service_at
-            .get(&id, 0)
-            .with_context(|| format!("reading SERVICE_AT[{id}]"))?;
+        let cur = self.service_at(id)?;
         self.service_at
             .set(id, ServiceAt { flags: 0, ..cur }, 0)
             .with_context(|| format!("writing SERVICE_AT[{id}]"))
     }
 
-    /// `SERVICE_AT[id]`, for tests and `explain`.
+    /// `SERVICE_AT[id]`.
     pub fn service_at(&self, id: u32) -> Result<ServiceAt> {
         self.service_at
             .get(&id, 0)
