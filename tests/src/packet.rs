@@ -986,10 +986,19 @@ impl PacketLab {
         Self::try_new(tag).unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
     }
 
+    /// Like [`Self::new`] for a test that runs only `hook`: the other hook's
+    /// programs are not loaded (a verifier pass each, seconds under the VM
+    /// layer's emulation).
+    pub fn for_hook(tag: &str, hook: Hook) -> Self {
+        require_root();
+        Self::try_new_with(tag, 65536, L4Csum::Probe, 0, Some(hook))
+            .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
+    }
+
     /// Like [`Self::new`] with a custom connection-table capacity.
     pub fn with_conns_capacity(tag: &str, conns_capacity: u32) -> Self {
         require_root();
-        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, 0)
+        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, 0, None)
             .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
     }
 
@@ -997,18 +1006,18 @@ impl PacketLab {
     /// fallback for kernels without `BPF_F_IPV6`, or fault injection).
     pub fn with_l4_csum(tag: &str, l4_csum: L4Csum) -> Self {
         require_root();
-        Self::try_new_with(tag, 65536, l4_csum, 0)
+        Self::try_new_with(tag, 65536, l4_csum, 0, None)
             .unwrap_or_else(|e| panic!("setting up the packet lab failed: {e:#}"))
     }
 
     /// For the bench's per-step breakdown: forwarded packets end their run
     /// after stage `stop` (`lb_common::BENCH_STOP_*`).
     pub fn with_bench_stop(tag: &str, conns_capacity: u32, stop: u32) -> Result<Self> {
-        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, stop)
+        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, stop, None)
     }
 
     pub fn try_new(tag: &str) -> Result<Self> {
-        Self::try_new_with(tag, 65536, L4Csum::Probe, 0)
+        Self::try_new_with(tag, 65536, L4Csum::Probe, 0, None)
     }
 
     fn try_new_with(
@@ -1016,6 +1025,7 @@ impl PacketLab {
         conns_capacity: u32,
         l4_csum: L4Csum,
         bench_stop: u32,
+        only: Option<Hook>,
     ) -> Result<Self> {
         netns::sweep_leftovers(netns::PREFIX);
         ensure_bpffs()?;
@@ -1040,6 +1050,10 @@ impl PacketLab {
             maglev_capacity: MAX_TEST_SERVICES * 2 * MAGLEV_SIZE,
             l4_csum,
             bench_stop,
+            only: only.map(|hook| match hook {
+                Hook::Xdp => lb_user::dataplane::attach::Hook::Xdp,
+                Hook::Tc => lb_user::dataplane::attach::Hook::Tc,
+            }),
         };
         let dp = match DataPlane::load(&opts) {
             Ok(dp) => dp,

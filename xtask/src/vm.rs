@@ -146,6 +146,13 @@ struct StepResult {
     failures_listed: Option<Vec<String>>,
     checks_ok: Vec<String>,
     checks_failed: Vec<String>,
+    /// When the last libtest "test NAME ..." line arrived (or the step began).
+    last_test_at: Option<Instant>,
+    /// Each test's time in the guest: from the line before it to its own
+    /// (one test thread, so that is the test's run plus libtest's printing).
+    test_secs: Vec<(String, f64)>,
+    /// The test whose "test NAME ... " line the step's kill cut short.
+    killed_in: Option<(String, f64)>,
 }
 
 impl StepResult {
@@ -168,10 +175,17 @@ impl StepResult {
             ),
             None => "no result line".into(),
         };
-        match self.rc {
-            Some(137) => s.push_str("; killed at its time limit"),
-            Some(0) | None => {}
-            Some(rc) => {
+        match (self.rc, &self.killed_in) {
+            (Some(137), Some((test, secs))) => {
+                let _ = write!(
+                    s,
+                    "; killed at its time limit in `{test}` ({secs:.0} s in it, {} tests before)",
+                    self.test_secs.len()
+                );
+            }
+            (Some(137), None) => s.push_str("; killed at its time limit"),
+            (Some(0) | None, _) => {}
+            (Some(rc), _) => {
                 let _ = write!(s, "; exit {rc}");
             }
         }
@@ -179,6 +193,19 @@ impl StepResult {
             s.push_str("; did not finish");
         }
         s
+    }
+
+    /// The slowest tests, longest first, for the summary: where a step's
+    /// time goes, so a limit can be set (or a test shortened) knowingly.
+    fn slowest(&self, n: usize) -> Option<String> {
+        let mut by_time: Vec<&(String, f64)> = self.test_secs.iter().collect();
+        by_time.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shown: Vec<String> = by_time
+            .iter()
+            .take(n)
+            .map(|(name, secs)| format!("{name} {secs:.0} s"))
+            .collect();
+        (!shown.is_empty()).then(|| shown.join(", "))
     }
 }
 
@@ -243,6 +270,9 @@ impl Report {
             );
             for t in &s.failed_tests {
                 println!("            failed: {t}");
+            }
+            if let Some(slowest) = s.slowest(5) {
+                println!("            slowest: {slowest}");
             }
             for c in &s.checks_ok {
                 println!("            ok      {c}");
@@ -609,11 +639,19 @@ fn boot(
                 current = report.steps.iter().position(|s| s.name == name);
                 if let Some(i) = current {
                     report.steps[i].started = Some(Instant::now());
+                    report.steps[i].last_test_at = report.steps[i].started;
                 }
             }
             Some(("XDPLB-VM-END", rest)) => {
                 if let Some(i) = current.take() {
                     let s = &mut report.steps[i];
+                    // A test cut short leaves "test NAME ... " unfinished,
+                    // and the marker lands on the end of that line.
+                    let before = &line[..line.len() - marker.map_or(0, str::len)];
+                    if let Some(name) = test_line_name(before) {
+                        let secs = s.last_test_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                        s.killed_in = Some((name.to_string(), secs));
+                    }
                     s.rc = rest
                         .split_whitespace()
                         .find_map(|w| w.strip_prefix("rc="))
@@ -640,7 +678,7 @@ fn boot(
             Some(("XDPLB-VM-DONE", _)) => done = true,
             _ => {
                 if let Some(i) = current {
-                    libtest_line(&line, &mut report.steps[i]);
+                    libtest_line(&line, &mut report.steps[i], Instant::now());
                 }
             }
         }
@@ -672,8 +710,23 @@ fn boot(
 /// list of failed tests before it ("failures:", then one indented name a
 /// line). "test NAME ... FAILED" is no use: a test's own output often comes
 /// between the name and the verdict.
-fn libtest_line(line: &str, step: &mut StepResult) {
-    if line.trim_end() == "failures:" {
+/// NAME, from libtest's "test NAME ... " (with or without its verdict).
+fn test_line_name(line: &str) -> Option<&str> {
+    let (name, _) = line.strip_prefix("test ")?.split_once(" ... ")?;
+    (!name.is_empty() && !name.contains(' ')).then_some(name)
+}
+
+fn libtest_line(line: &str, step: &mut StepResult, now: Instant) {
+    if let Some(name) = test_line_name(line) {
+        let since = step.last_test_at.replace(now).unwrap_or(now);
+        let secs = (now - since).as_secs_f64();
+        // The guest's shell reports the step's kill on the test's own line.
+        if line.ends_with(" ... Killed") {
+            step.killed_in = Some((name.to_string(), secs));
+        } else {
+            step.test_secs.push((name.to_string(), secs));
+        }
+    } else if line.trim_end() == "failures:" {
         step.failures_listed = Some(Vec::new());
     } else if let (Some(names), Some(name)) = (
         step.failures_listed.as_mut(),
@@ -720,15 +773,49 @@ mod tests {
             "    basic::tc",
             "",
         ] {
-            libtest_line(line, &mut s);
+            libtest_line(line, &mut s, Instant::now());
         }
         libtest_line(
             "test result: FAILED. 31 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; \
              finished in 290.12s",
             &mut s,
+            Instant::now(),
         );
         assert_eq!(s.libtest, Some((31, 1, 2)));
         assert_eq!(s.failed_tests, ["basic::tc"]);
+    }
+
+    #[test]
+    fn each_test_is_timed_from_the_line_before_it() {
+        let began = Instant::now();
+        let mut s = StepResult {
+            last_test_at: Some(began),
+            ..StepResult::default()
+        };
+        let at = |secs| began + Duration::from_secs(secs);
+        libtest_line("test parse::short ... ok", &mut s, at(2));
+        libtest_line("some output the test printed", &mut s, at(3));
+        libtest_line("test forward::long ... ok", &mut s, at(40));
+        libtest_line("test states::ignored ... ignored", &mut s, at(41));
+        libtest_line("test reply::reply_path::xdp ... Killed", &mut s, at(61));
+        assert_eq!(s.killed_in, Some(("reply::reply_path::xdp".to_string(), 20.0)));
+        let secs: Vec<(&str, u64)> = s
+            .test_secs
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.round() as u64))
+            .collect();
+        assert_eq!(
+            secs,
+            [("parse::short", 2), ("forward::long", 38), ("states::ignored", 1)]
+        );
+        assert_eq!(
+            s.slowest(2).as_deref(),
+            Some("forward::long 38 s, parse::short 2 s")
+        );
+        // What the step's kill leaves: the unfinished line, then the marker.
+        assert_eq!(test_line_name("test nat::slow ... "), Some("nat::slow"));
+        assert_eq!(test_line_name("test result: ok. 3 passed"), None);
+        assert_eq!(test_line_name("tests ran ... fine"), None);
     }
 
     #[test]

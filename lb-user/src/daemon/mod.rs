@@ -521,6 +521,7 @@ async fn start(cfg: &Config) -> Result<(Writer, Vec<Svc>, Interfaces)> {
         maglev_capacity,
         l4_csum: crate::dataplane::maps::L4Csum::Probe,
         bench_stop: 0,
+        only: None,
     })?;
     // Before attaching: the programs' first lines are read too. The task
     // ends with the runtime.

@@ -16,6 +16,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
+use super::attach::Hook;
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceAt, ServiceKey,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_LOG_TC,
@@ -59,6 +60,11 @@ pub struct LoadOptions {
     /// The bench's per-step breakdown only (`lb_common::GLOBAL_BENCH_STOP`):
     /// 0, a normal data plane, everywhere else.
     pub bench_stop: u32,
+    /// Load only this hook's programs (tests that run one hook: each load is
+    /// a verifier pass, which takes seconds under the VM layer's emulation).
+    /// None, as the daemon needs: both. Running an unloaded program fails
+    /// with aya's "not loaded" error.
+    pub only: Option<Hook>,
 }
 
 impl LoadOptions {
@@ -70,6 +76,7 @@ impl LoadOptions {
             maglev_capacity: lb_common::DEFAULT_MAGLEV_CAPACITY,
             l4_csum: L4Csum::Probe,
             bench_stop: 0,
+            only: None,
         }
     }
 }
@@ -268,7 +275,16 @@ impl DataPlane {
             .override_global(lb_common::GLOBAL_BENCH_STOP, &opts.bench_stop, true)
             .load(EBPF_OBJECT)
             .context("loading the xdplb eBPF object (are you root, is bpffs mounted?)")?;
-        for name in [PROG_XDP, PROG_TC, PROG_XDP_LOG, PROG_TC_LOG] {
+        // Each hook with the log program its log lines go to.
+        let hooks: &[(&str, &str, &str)] = match opts.only {
+            None => &[
+                (PROG_XDP, MAP_LOG_XDP, PROG_XDP_LOG),
+                (PROG_TC, MAP_LOG_TC, PROG_TC_LOG),
+            ],
+            Some(Hook::Xdp) => &[(PROG_XDP, MAP_LOG_XDP, PROG_XDP_LOG)],
+            Some(Hook::Tc) => &[(PROG_TC, MAP_LOG_TC, PROG_TC_LOG)],
+        };
+        for name in hooks.iter().flat_map(|&(hook, _, log)| [hook, log]) {
             let prog = ebpf
                 .program_mut(name)
                 .with_context(|| format!("eBPF object has no program {name}"))?;
@@ -283,7 +299,7 @@ impl DataPlane {
         // call; lb-ebpf/src/note.rs). The arrays keep their entries while
         // this process holds them: without a reader the lines stop too.
         let mut log_progs = Vec::new();
-        for (map, prog) in [(MAP_LOG_XDP, PROG_XDP_LOG), (MAP_LOG_TC, PROG_TC_LOG)] {
+        for &(_, map, prog) in hooks {
             let mut array: ProgramArray<MapData> = take(&mut ebpf, map)?;
             let fd = match ebpf.program(prog) {
                 Some(aya::programs::Program::Xdp(p)) => p.fd()?,

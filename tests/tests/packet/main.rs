@@ -89,7 +89,7 @@ fn lab(hook: Hook, tag: &str) -> PacketLab {
         Hook::Xdp => "x",
         Hook::Tc => "t",
     };
-    PacketLab::new(&format!("{tag}-{t}"))
+    PacketLab::for_hook(&format!("{tag}-{t}"), hook)
 }
 
 // ---- assertions -------------------------------------------------------------------------
