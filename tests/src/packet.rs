@@ -1011,9 +1011,15 @@ impl PacketLab {
     }
 
     /// For the bench's per-step breakdown: forwarded packets end their run
-    /// after stage `stop` (`lb_common::BENCH_STOP_*`).
-    pub fn with_bench_stop(tag: &str, conns_capacity: u32, stop: u32) -> Result<Self> {
-        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, stop, None)
+    /// after stage `stop` (`lb_common::BENCH_STOP_*`). `only`: as in
+    /// [`Self::for_hook`] (None: both hooks).
+    pub fn with_bench_stop(
+        tag: &str,
+        conns_capacity: u32,
+        stop: u32,
+        only: Option<Hook>,
+    ) -> Result<Self> {
+        Self::try_new_with(tag, conns_capacity, L4Csum::Probe, stop, only)
     }
 
     pub fn try_new(tag: &str) -> Result<Self> {

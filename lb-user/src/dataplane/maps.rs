@@ -16,7 +16,6 @@ use aya::{
     programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
-use super::attach::Hook;
 use lb_common::{
     AddrKey, Backend, Config, Conn, Counters, FlowKey, Service, ServiceAt, ServiceKey,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_CONFIG, MAP_CONNS, MAP_EVENT_STATS, MAP_LOG_TC,
@@ -24,6 +23,8 @@ use lb_common::{
     MAP_SERVICE_PORTS, MAP_SERVICE_STATS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_UNANSWERED, PROG_TC,
     PROG_TC_LOG, PROG_XDP, PROG_XDP_LOG,
 };
+
+use super::attach::Hook;
 
 /// The eBPF object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

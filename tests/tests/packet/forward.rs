@@ -56,7 +56,7 @@ fn established_flows_find_their_service(hook: Hook) {
     };
 
     // The shortcut, with the same services (same ids) and flows.
-    let mut lab = PacketLab::with_bench_stop("at-stop", 65536, BENCH_STOP_SERVICE)
+    let mut lab = PacketLab::with_bench_stop("at-stop", 65536, BENCH_STOP_SERVICE, Some(hook))
         .expect("loading the stopped lab");
     let exact = tcp_v4_service(&mut lab);
     let wild = lab.add_service(wild_at, PROTO_TCP, 44000..=44999, &wild_backends);

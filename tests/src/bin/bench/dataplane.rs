@@ -608,7 +608,7 @@ fn staged(
     let mut steps = Vec::new();
     for &(name, stop) in stages {
         progress(&format!("{name} ({hook:?})"));
-        let mut lab = PacketLab::with_bench_stop("bench-steps", conns_capacity, stop)?;
+        let mut lab = PacketLab::with_bench_stop("bench-steps", conns_capacity, stop, Some(hook))?;
         lab.stay_on_one_cpu();
         setup(&mut lab)?;
         let (stats, empty) = measure(&mut lab, hook, frames, runs, After::Nothing)?;
