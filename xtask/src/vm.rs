@@ -109,7 +109,7 @@ const STEPS: &[Step] = &[
         program: "",
         args: &["--test-threads=1"],
         env: &[("XDPLB_FUZZ_PACKETS", "20000")],
-        // Measured: 37 s, and 47 s on a slow day.
+        // Measured: 37 s; 47 and 67 s on the slow days of 2026-12-04.
         limit: 120,
         what: "random packets, shortened (20,000 XDP + 4,000 TC)",
     },
