@@ -709,16 +709,17 @@ fn boot(
     Ok(())
 }
 
-/// libtest's "test result: ok. 32 passed; 0 failed; 1 ignored; ..." and the
-/// list of failed tests before it ("failures:", then one indented name a
-/// line). "test NAME ... FAILED" is no use: a test's own output often comes
-/// between the name and the verdict.
 /// NAME, from libtest's "test NAME ... " (with or without its verdict).
 fn test_line_name(line: &str) -> Option<&str> {
     let (name, _) = line.strip_prefix("test ")?.split_once(" ... ")?;
     (!name.is_empty() && !name.contains(' ')).then_some(name)
 }
 
+/// libtest's "test result: ok. 32 passed; 0 failed; 1 ignored; ..." and the
+/// list of failed tests before it ("failures:", then one indented name a
+/// line). "test NAME ... FAILED" is no use: a test's own output often comes
+/// between the name and the verdict. Also times each test (`test_secs`)
+/// and notes the one a kill cut short (`killed_in`).
 fn libtest_line(line: &str, step: &mut StepResult, now: Instant) {
     if let Some(name) = test_line_name(line) {
         let since = step.last_test_at.replace(now).unwrap_or(now);
